@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU suite: on a GPU machine with no network (torch, triton, nvcc, ninja
+# present; nothing installable) build ctmq, run the GPU tests and every GPU
+# benchmark, and print one short table. Logs and JSON go to $OUT (or a temp dir).
+#   bash benchmarks/gpu_suite.sh            # everything
+#   SUITE_SKIP_TESTS=1 bash benchmarks/gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+status=0
+step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "== $name: $*"
+  if "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - t0)) s)"
+  else
+    echo "   FAILED ($((SECONDS - t0)) s); last lines:"; tail -n 25 "$OUT/$name.log"; status=1
+  fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step build python3 setup.py build_ext --inplace
+if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
+  step tests python3 -m pytest tests -q -x -p no:cacheprovider
+  grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
+fi
+step bench_fake_quant python3 benchmarks/bench_fake_quant.py --device cuda --json "$OUT/fake_quant.json"
+
+python3 benchmarks/summarize.py "$OUT"
+exit $status

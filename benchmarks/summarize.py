@@ -1,0 +1,36 @@
+"""Print the short table of a GPU suite run from the JSON files in a folder."""
+import json
+import pathlib
+import sys
+
+
+def fake_quant(data):
+    rows = data["rows"]
+    by = {(r["case"], r["impl"]): r for r in rows}
+    print(f"\nfake-quant fwd+bwd, {data['device']}, {data['dtype']}, {data['numel']} elements; "
+          f"copy {data['copy_gbps']:.0f} GB/s")
+    print(f"{'case':26s} {'ctmq GB/s':>9s} {'of copy':>8s} {'vs eager':>9s} {'vs compile':>10s} "
+          f"{'vs torch op':>11s}")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours = by[(case, "ctmq")]
+        comp = by.get((case, "torch.compile(eager)"))
+        op = by[(case, "torch.fake_quantize")]
+        vs_comp = f"{comp['ms'] / ours['ms']:9.2f}x" if comp else f"{'-':>10s}"
+        print(f"{case:26s} {ours['gbps']:9.0f} {ours['of_copy']:7.0%} {ours['vs_eager']:8.2f}x "
+              f"{vs_comp} {op['ms'] / ours['ms']:10.2f}x")
+
+
+def main(folder):
+    folder = pathlib.Path(folder)
+    shown = False
+    for name, fn in (("fake_quant.json", fake_quant),):
+        path = folder / name
+        if path.exists():
+            fn(json.loads(path.read_text()))
+            shown = True
+    if not shown:
+        print(f"no benchmark results in {folder}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,0 +1,73 @@
+"""Lazy access to the optional backends: Triton kernels and the C++ extension.
+
+`import ctmq` never imports triton nor requires ctmq._C; an op that needs one
+of them asks here and gets a RuntimeError that says what is missing and how
+to get it.
+"""
+import contextlib
+import importlib
+import os
+import threading
+
+_state = threading.local()
+_cache = {}
+
+
+def _load(name, hint):
+    if name not in _cache:
+        try:
+            _cache[name] = (importlib.import_module(name), None)
+        except Exception as e:  # ImportError, or a broken triton install
+            _cache[name] = (None, f"{type(e).__name__}: {e}")
+    mod, err = _cache[name]
+    if mod is None:
+        raise RuntimeError(f"ctmq: this op needs {name}, which failed to import ({err}). {hint}")
+    return mod
+
+
+def triton_kernels(module):
+    """ctmq_kernels.<module>, importing triton on first use."""
+    return _load(f"ctmq_kernels.{module}",
+                 "Install triton (`pip install triton`); on CPU tensors it runs only "
+                 "under TRITON_INTERPRET=1, set before triton is first imported.")
+
+
+def extension():
+    """The compiled C++/CUDA extension ctmq._C."""
+    return _load("ctmq._C",
+                 "Build it with `pip install -e .` (needs a C++ compiler and ninja; "
+                 "CUDA kernels also need nvcc and a CUDA build of torch).")
+
+
+def has_extension():
+    try:
+        extension()
+        return True
+    except RuntimeError:
+        return False
+
+
+def triton_forced():
+    """True when Triton kernels should also run on CPU tensors (interpreter)."""
+    forced = getattr(_state, "force_triton", None)
+    if forced is None:
+        forced = os.environ.get("CTMQ_FORCE_TRITON", "0") not in ("", "0")
+    return forced
+
+
+@contextlib.contextmanager
+def force_triton(enabled=True):
+    """Run ctmq's Triton kernels on CPU tensors too (needs TRITON_INTERPRET=1).
+
+    The same switch as the environment variable CTMQ_FORCE_TRITON=1; this one
+    is scoped to the `with` block and the current thread.
+    """
+    if enabled and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("force_triton(): Triton runs on CPU tensors only under the "
+                           "interpreter; set TRITON_INTERPRET=1 before triton is imported")
+    previous = getattr(_state, "force_triton", None)
+    _state.force_triton = enabled
+    try:
+        yield
+    finally:
+        _state.force_triton = previous

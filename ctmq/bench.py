@@ -1,0 +1,174 @@
+"""Quantizer benchmark shared by `ctmq bench` and benchmarks/bench_fake_quant.py.
+
+Each quantizer runs forward+backward on one large tensor and is compared with
+(a) the eager torch expression of the same quantizer with the usual detach()
+STE, (b) torch's own fake_quantize op with the same number of levels, (c)
+torch.compile of (a). Bandwidth counts the minimum bytes of fwd+bwd (read x,
+write y, read dy, write dx) and is shown as a fraction of a plain device copy
+measured in the same run. Every ratio is between numbers of one run.
+"""
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from . import quant
+from ._io import atomic_open
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    impl: str
+    ms: float
+    gbps: float
+    of_copy: float
+    vs_eager: float
+
+
+def timeit(fn, device, min_time=0.5, max_reps=1000):
+    """Median seconds per call: CUDA events via triton's do_bench on GPU,
+    perf_counter on CPU; warm-up calls are not timed."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    for _ in range(2):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------- eager baselines
+def _levels(c, bits):
+    if bits == 1:
+        return torch.where(c >= 0, 1.0, -1.0).to(c.dtype)
+    n = 2**bits - 1
+    return (torch.floor(c * (n / 2)) * 2 + 1) / n
+
+
+def eager_act(x, bits):
+    c = x.clamp(-1, 1)
+    return c + (_levels(c, bits) - c).detach()
+
+
+def eager_weight(w, bits):
+    a = w.detach().abs().flatten(1)
+    alpha = (a.mean(1) if bits == 1 else a.amax(1)).view((-1,) + (1,) * (w.dim() - 1))
+    c = (w / alpha).clamp(-1, 1)
+    return alpha * (c + (_levels(c, bits) - c).detach())
+
+
+def eager_affine(x, scale, zp, qmin, qmax):
+    q = torch.round(x * (1.0 / scale)) + zp
+    mask = (q >= qmin) & (q <= qmax)
+    y = (q.clamp(qmin, qmax) - zp) * scale
+    return y.detach() + (x - x.detach()) * mask
+
+
+def torch_op_act(x, bits):  # same number of levels, integer zero point
+    n = 2**bits - 1
+    return torch.fake_quantize_per_tensor_affine(x, 2.0 / n, 0, -(n + 1) // 2, (n - 1) // 2)
+
+
+def torch_op_weight(w, bits):
+    n = 2**bits - 1
+    a = w.detach().abs().flatten(1)
+    alpha = (a.mean(1) if bits == 1 else a.amax(1)).float()
+    zeros = torch.zeros_like(alpha, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, alpha * 2 / n, zeros, 0,
+                                                  -(n + 1) // 2, (n - 1) // 2)
+
+
+def cases(numel):
+    """(name, make_input(shape source), {impl: fn}) for each quantizer."""
+    wshape = (max(1, numel // 4608), 512, 3, 3)
+    return [
+        ("act W4A4 clipped", (numel,), {
+            "ctmq": lambda x: quant.quantize_act(x, 4),
+            "eager": lambda x: eager_act(x, 4),
+            "torch.fake_quantize": lambda x: torch_op_act(x, 4)}),
+        ("act 1-bit approx_sign", (numel,), {
+            "ctmq": lambda x: quant.quantize_act(x, 1, ste="approx_sign"),
+            "eager": lambda x: eager_act(x, 1),
+            "torch.fake_quantize": lambda x: torch_op_act(x, 1)}),
+        ("weight 4-bit per-channel", wshape, {
+            "ctmq": lambda w: quant.quantize_weight(w, 4),
+            "eager": lambda w: eager_weight(w, 4),
+            "torch.fake_quantize": lambda w: torch_op_weight(w, 4)}),
+        ("weight 1-bit per-channel", wshape, {
+            "ctmq": lambda w: quant.quantize_weight(w, 1),
+            "eager": lambda w: eager_weight(w, 1),
+            "torch.fake_quantize": lambda w: torch_op_weight(w, 1)}),
+        ("affine per-tensor int8", (numel,), {
+            "ctmq": lambda x: quant.fake_quant_affine(x, 0.02, 3, -128, 127),
+            "eager": lambda x: eager_affine(x, 0.02, 3, -128, 127),
+            "torch.fake_quantize": lambda x: torch.fake_quantize_per_tensor_affine(
+                x, 0.02, 3, -128, 127)}),
+    ]
+
+
+def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, only=None):
+    """Benchmark every case; returns (copy GB/s, [Row])."""
+    device = torch.device(device)
+    src = torch.randn(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    esize = src.element_size()
+    copy_gbps = 2 * numel * esize / timeit(lambda: dst.copy_(src), device) / 1e9
+    rows = []
+    for name, shape, impls in cases(numel):
+        if only and only not in name:
+            continue
+        x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
+        g = torch.randn(shape, device=device, dtype=dtype)
+        nbytes = 4 * x.numel() * esize
+        fns = dict(impls)
+        if compile:
+            fns["torch.compile(eager)"] = torch.compile(impls["eager"])
+        times = {}
+        for impl, fn in fns.items():
+            def step(fn=fn):
+                return torch.autograd.grad(fn(x), x, g)
+            times[impl] = timeit(step, device)
+        for impl, t in times.items():
+            gbps = nbytes / t / 1e9
+            rows.append(Row(name, impl, t * 1e3, gbps, gbps / copy_gbps, times["eager"] / t))
+        del x, g
+    return copy_gbps, rows
+
+
+def format_table(copy_gbps, rows, device_name):
+    lines = [f"fake-quant fwd+bwd on {device_name}; copy {copy_gbps:.0f} GB/s "
+             "(bytes read + written) in this run",
+             f"{'case':26s} {'impl':22s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs eager':>9s}"]
+    for r in rows:
+        lines.append(f"{r.case:26s} {r.impl:22s} {r.ms:9.3f} {r.gbps:8.0f} "
+                     f"{r.of_copy:7.0%} {r.vs_eager:8.2f}x")
+    return "\n".join(lines)
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def write_json(path, copy_gbps, rows, device_name, **meta):
+    payload = {"device": device_name, "copy_gbps": copy_gbps, **meta,
+               "rows": [dataclasses.asdict(r) for r in rows]}
+    with atomic_open(path) as f:
+        json.dump(payload, f, indent=1)

@@ -1,0 +1,41 @@
+"""Builds ctmq._C from csrc/ with torch's BuildExtension (ninja).
+
+C++ sources (csrc/**/*.cpp) always; CUDA sources (csrc/**/*.cu) only where a
+CUDA toolkit and a CUDA build of torch are present and CTMQ_SKIP_CUDA_BUILD is
+not set. Metadata and dependencies live in pyproject.toml.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None \
+        and not _flag("CTMQ_SKIP_CUDA_BUILD")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    if not with_cuda:
+        return [CppExtension("ctmq._C", cpp, extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"])]
+    nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90", "--fmad=false"]
+    return [CUDAExtension("ctmq._C", cpp + cu, define_macros=[("CTMQ_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                          extra_link_args=["-fopenmp"])]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})

@@ -1,0 +1,31 @@
+"""The ctmq command line: bench runs end to end, bad flags exit 2 with a message."""
+import json
+import subprocess
+import sys
+
+from ctmq import cli
+
+
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--device", "cpu", "--numel", "9216", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "act W4A4 clipped" in text and "vs eager" in text
+    data = json.loads(out.read_text())
+    impls = {r["impl"] for r in data["rows"]}
+    assert impls == {"ctmq", "eager", "torch.fake_quantize"}
+    assert len(data["rows"]) == 15 and data["copy_gbps"] > 0
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in data["rows"])
+
+
+def test_bench_rejects_bad_flags(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--numel", "10"]) == 2
+    assert "--numel must be >= 4608" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--numel", "9216", "--only", "nope"]) == 2
+    assert "--only 'nope' matches no case" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "ctmq.cli", "bench", "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--numel" in res.stdout

@@ -1,0 +1,22 @@
+"""Every csrc/**/*.cu compiles with nvcc for sm_80 and sm_90 (where nvcc exists)."""
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CU_FILES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/**/*.cu"))
+NVCC = shutil.which("nvcc")
+ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", CU_FILES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no .cu sources yet"))])
+def test_cu_compiles_for_sm80_and_sm90(source, tmp_path):
+    obj = tmp_path / "out.o"
+    cmd = [NVCC, "-std=c++17", "-O3", "-Icsrc", *ARCHS, "-c", source, "-o", str(obj)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+    assert obj.stat().st_size > 0
