@@ -1,5 +1,8 @@
-"""The `ctmq` command line: `ctmq bench` (more subcommands arrive with the engine)."""
+"""The `ctmq` command line: `ctmq train` (CTMQ vs direct) and `ctmq bench`."""
 import argparse
+import dataclasses
+import json
+import os
 import sys
 
 import torch
@@ -39,9 +42,96 @@ def _bench(args):
         print(f"wrote {args.json}")
 
 
+def _read_config_file(path):
+    if not os.path.isfile(path):
+        raise CliError(f"--config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise CliError("--config: YAML files need PyYAML (pip install pyyaml); "
+                           "or use a .json file") from e
+        values = yaml.safe_load(text)
+    elif path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        raise CliError(f"--config {path}: expected a .json, .yaml or .yml file")
+    if not isinstance(values, dict):
+        raise CliError(f"--config {path}: expected a mapping of option names to values")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    from .engine import RunConfig
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CliError(f"--config {path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+def _train(args):
+    from . import data as data_mod
+    from .engine import RunConfig, RunConfigError, StageDiverged, run
+    from .engine import report as report_mod
+
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("command", "func", "config", "restart") and v is not None})
+    cfg = RunConfig(**values)
+    try:
+        rep = run(cfg, restart=args.restart)
+    except (RunConfigError, data_mod.DataError, StageDiverged) as e:
+        raise CliError(str(e)) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report_mod.format_table(rep))
+        print(f"reports: {cfg.out}/report.json, report.csv, report.png")
+
+
+def _add_train(sub):
+    from .data import DATASETS
+    from .engine.run import SCHEDULES
+    t = sub.add_parser("train", help="train with CTMQ and the direct baseline; resumable",
+                       description="Train a binarizable CNN with CTMQ (and the direct "
+                       "baseline). Flags override --config; running the same command again "
+                       "resumes from the last completed stage.")
+    a = t.add_argument
+    a("--config", help="a .json or .yaml file of options (flag names with _ or -)")
+    a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
+    a("--data-root", help="folder of the dataset files (all but digits)")
+    a("--model", help="default: resnet18")
+    a("--stem", choices=["auto", "imagenet", "cifar"], help="default: auto")
+    a("--block", choices=["bireal", "basic"], help="default: bireal")
+    a("--width", type=float, help="channel width multiplier (default 1.0)")
+    a("--schedule", choices=SCHEDULES, help="default: both")
+    a("--start-bits", type=int, help="first low-bit stage (default 4)")
+    a("--target-bits", type=int, help="last stage (default 1)")
+    a("--cycles", type=int, help="CTMQ cycles (default 2)")
+    a("--epochs-per-stage", type=int, help="epochs of each low-bit stage (default 2)")
+    a("--fp-epochs", type=int, help="epochs of FP stages (default: --epochs-per-stage; "
+      "0 with --fp-checkpoint)")
+    a("--fp-checkpoint", help="FP starting point: a torchvision resnet18 state dict or a "
+      "ctmq stage checkpoint")
+    a("--optimizer", choices=["adam", "sgd"])
+    a("--lr", type=float)
+    a("--weight-decay", type=float)
+    a("--batch-size", type=int)
+    a("--label-smoothing", type=float)
+    a("--out", help="run directory (default runs/ctmq)")
+    a("--device", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int)
+    a("--workers", type=int, help="data loader workers")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
+    a("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+      help="SyncBatchNorm under torchrun")
+    a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    a("--restart", action="store_true", help="discard an existing run in --out")
+    t.set_defaults(func=_train)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="ctmq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
     b = sub.add_parser("bench", help="benchmark the fused quantizers (fwd+bwd) against "
                        "eager torch, torch.fake_quantize and torch.compile")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")

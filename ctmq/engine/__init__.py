@@ -1,0 +1,7 @@
+"""The CTMQ training engine: schedules, stage runner, checkpoints, resume, reports."""
+from .run import RunConfig, RunConfigError, build_model, load_checkpoint, run, save_checkpoint
+from .schedule import Schedule, Stage
+from .trainer import StageDiverged, TrainConfig, evaluate, train_stage
+
+__all__ = ["RunConfig", "RunConfigError", "Schedule", "Stage", "StageDiverged", "TrainConfig",
+           "build_model", "evaluate", "load_checkpoint", "run", "save_checkpoint", "train_stage"]

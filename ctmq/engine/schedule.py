@@ -1,0 +1,110 @@
+"""CTMQ and direct schedules: lists of stages, printable and JSON-serializable.
+
+    ctmq   cycle 1: FP -> W{s}A{s} -> ... -> W{t}A{t}
+           cycle c > 1: FP (from the last low-bit stage) -> W{s}A{s} -> ... -> W{t}A{t}
+    direct FP -> W{t}A{t}, the same total epochs
+
+The first FP stage (cycle 1) is the shared starting point: a run trains it once
+for both schedules, or skips it when an FP checkpoint is given (epochs = 0).
+"""
+import dataclasses
+
+from ..quant import FULL_PRECISION
+
+_LOW_BITS = range(1, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    cycle: int
+    w_bits: int
+    a_bits: int
+    epochs: int
+
+    @property
+    def label(self):
+        if self.w_bits == FULL_PRECISION and self.a_bits == FULL_PRECISION:
+            return "FP"
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def is_fp(self):
+        return self.label == "FP"
+
+
+def _check_int(name, value, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+@dataclasses.dataclass
+class Schedule:
+    name: str
+    stages: list
+
+    @classmethod
+    def ctmq(cls, start_bits=4, target_bits=1, cycles=2, epochs_per_stage=1, fp_epochs=None):
+        """Cyclic multi-step schedule; fp_epochs defaults to epochs_per_stage
+        (0: the first FP stage is skipped, e.g. when an FP checkpoint is given;
+        later cycles then retrain FP for epochs_per_stage)."""
+        _check_int("start_bits", start_bits, 1, 8)
+        _check_int("target_bits", target_bits, 1, 8)
+        if start_bits < target_bits:
+            raise ValueError(f"start_bits ({start_bits}) must be >= target_bits ({target_bits}): "
+                             "each step lowers the bit depth by one")
+        _check_int("cycles", cycles, 1)
+        _check_int("epochs_per_stage", epochs_per_stage, 1)
+        fp_epochs = epochs_per_stage if fp_epochs is None else fp_epochs
+        _check_int("fp_epochs", fp_epochs, 0)
+        stages = []
+        for cycle in range(1, cycles + 1):
+            fp = fp_epochs if cycle == 1 else (fp_epochs or epochs_per_stage)
+            if fp:
+                stages.append(Stage(cycle, FULL_PRECISION, FULL_PRECISION, fp))
+            stages += [Stage(cycle, b, b, epochs_per_stage)
+                       for b in range(start_bits, target_bits - 1, -1)]
+        return cls("ctmq", stages)
+
+    @classmethod
+    def direct(cls, target_bits=1, epochs=1, fp_epochs=1):
+        """FP (fp_epochs, 0 to skip) then straight to target_bits for epochs."""
+        _check_int("target_bits", target_bits, 1, 8)
+        _check_int("epochs", epochs, 1)
+        _check_int("fp_epochs", fp_epochs, 0)
+        stages = [Stage(1, FULL_PRECISION, FULL_PRECISION, fp_epochs)] if fp_epochs else []
+        return cls("direct", stages + [Stage(1, target_bits, target_bits, epochs)])
+
+    @classmethod
+    def direct_matching(cls, ctmq):
+        """The direct baseline with ctmq's first FP stage and total epochs."""
+        first = ctmq.stages[0]
+        fp = first.epochs if first.is_fp and first.cycle == 1 else 0
+        last = ctmq.stages[-1]
+        return cls.direct(last.w_bits, ctmq.total_epochs - fp, fp)
+
+    @property
+    def total_epochs(self):
+        return sum(s.epochs for s in self.stages)
+
+    def stage_key(self, index):
+        """File name of a stage's checkpoint; the first FP stage is shared."""
+        s = self.stages[index]
+        if index == 0 and s.is_fp and s.cycle == 1:
+            return f"init-FP-e{s.epochs}"
+        return f"{self.name}-{index:02d}-c{s.cycle}-{s.label}"
+
+    def to_dict(self):
+        return {"name": self.name, "stages": [dataclasses.asdict(s) for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["name"], [Stage(**s) for s in d["stages"]])
+
+    def __str__(self):
+        lines = [f"{self.name} schedule, {self.total_epochs} epochs:"]
+        lines += [f"  {i:2d}  cycle {s.cycle}  {s.label:6s} {s.epochs} epoch(s)"
+                  for i, s in enumerate(self.stages)]
+        return "\n".join(lines)

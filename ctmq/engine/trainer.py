@@ -1,0 +1,194 @@
+"""Training and evaluation of one stage, on one process or under torchrun (DDP)."""
+import contextlib
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import data as data_mod
+from ..nn import set_bits
+
+OPTIMIZERS = ("sgd", "adam")
+_CHECK_EVERY = 16  # steps between finiteness checks of the loss on CUDA (one sync)
+
+
+class StageDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the stage and the step."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    workers: int = 0
+    amp: bool = True            # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("lr", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+# ------------------------------------------------------------------ processes
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_type):
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def make_loaders(data, batch_size, info, seed, workers=0):
+    """(train, test) loaders; under DDP each rank reads its DistributedSampler shard."""
+    sampler = None
+    if info.enabled:
+        sampler = torch.utils.data.DistributedSampler(data.train, info.world_size, info.rank,
+                                                      shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    train = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=sampler is None,
+                                        sampler=sampler, generator=g, num_workers=workers,
+                                        drop_last=len(data.train) > batch_size * info.world_size)
+    test = torch.utils.data.DataLoader(data.test, batch_size=max(batch_size, 256), shuffle=False,
+                                       num_workers=workers)
+    return train, test
+
+
+# ---------------------------------------------------------------- one stage
+def _optimizer(params, cfg):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _autocast(device, cfg):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x, y, device, cfg):
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, forward=None):
+    """Train `model` (already at the stage's weights) for stage.epochs with a
+    fresh optimizer and a cosine LR; `forward` is the (DDP/compiled) callable.
+    Returns {"train_loss": mean loss of the last epoch, "seconds": wall time}."""
+    base = model.module if hasattr(model, "module") else model
+    set_bits(base, stage.w_bits, stage.a_bits)
+    forward = forward or model
+    train_loader, _ = loaders
+    opt = _optimizer(model.parameters(), cfg)
+    total = max(1, stage.epochs * len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    t0 = time.time()
+    step = 0
+    last_loss = float("nan")
+    model.train()
+    for epoch in range(stage.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        bar = tqdm(train_loader, desc=f"{label} epoch {epoch + 1}/{stage.epochs}", leave=False,
+                   disable=None if (cfg.progress and info.is_main) else True,  # None: off unless a TTY
+                   dynamic_ncols=True)
+        running = torch.zeros((), device=device)
+        window = []
+        seen = 0
+        for x, y in bar:
+            x, y = _to_device(x, y, device, cfg)
+            if augment:
+                x = data_mod.augment_batch(x)
+            with _autocast(device, cfg):
+                loss = F.cross_entropy(forward(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            seen += 1
+            running += loss.detach().float()
+            window.append(loss.detach().float())
+            if device.type != "cuda" or len(window) == _CHECK_EVERY:
+                _check_finite(window, step, label)
+                window = []
+                bar.set_postfix(loss=f"{running.item() / seen:.4f}")
+        if window:
+            _check_finite(window, step, label)
+        if info.enabled:
+            dist.all_reduce(running)
+            running /= info.world_size
+        last_loss = running.item() / max(seen, 1)
+    return {"train_loss": last_loss, "seconds": time.time() - t0}
+
+
+def _check_finite(window, step, label):
+    losses = torch.stack(window).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        at = step - len(window) + 1 + int(bad[0])
+        raise StageDiverged(f"stage {label}: loss is {losses[int(bad[0])].item()} at step {at}; "
+                            "lower --lr or check the data")
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, cfg):
+    """(top1, top5) in percent on the loader's full set (every rank sees all of it)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = n = 0
+    for x, y in loader:
+        x, y = _to_device(x, y, device, cfg)
+        with _autocast(device, cfg):
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)

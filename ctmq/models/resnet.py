@@ -1,0 +1,162 @@
+"""ResNet-18 with quantized 3x3 convolutions and real-valued shortcuts.
+
+* stem: FP conv (7x7/2 + max pool for "imagenet", 3x3/1 for "cifar") + BN,
+  no ReLU (as Bi-Real: the next quantized conv takes the signed activation);
+* 3x3 convs: QConv2d (bit depths set with ctmq.nn.set_bits);
+* shortcuts: identity, or average pool + FP 1x1 conv + BN where the shape
+  changes; "bireal" blocks put one around every 3x3 conv, "basic" blocks one
+  around each pair;
+* at full precision (a_bits = 32) a 3x3 conv's input passes through hardtanh,
+  the real-valued limit of the quantizer family (Q_k clamps to [-1, 1]), so
+  the FP "accurate" model has its nonlinearity and every stage sees the same
+  function up to quantization;
+* FP average pool + FC.
+Module names follow torchvision's resnet18 so its state dict loads.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import QConv2d
+from ..quant import FULL_PRECISION
+
+STEMS = ("imagenet", "cifar")
+BLOCKS = ("bireal", "basic")
+
+
+def _act_input(x, conv):
+    return F.hardtanh(x) if conv.a_bits == FULL_PRECISION else x
+
+
+def _shortcut(cin, cout, stride):
+    if stride == 1 and cin == cout:
+        return None
+    pool = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False) if stride == 2 else nn.Identity()
+    return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class BiRealBlock(nn.Module):
+    """Two units x -> BN(QConv(x)) + shortcut(x), a shortcut around each conv."""
+
+    def __init__(self, cin, cout, stride, **qkw):
+        super().__init__()
+        self.conv1 = QConv2d(cin, cout, 3, stride=stride, padding=1, bias=False, **qkw)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.downsample = _shortcut(cin, cout, stride)
+        self.conv2 = QConv2d(cout, cout, 3, padding=1, bias=False, **qkw)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        short = x if self.downsample is None else self.downsample(x)
+        x = self.bn1(self.conv1(_act_input(x, self.conv1))) + short
+        return self.bn2(self.conv2(_act_input(x, self.conv2))) + x
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block with hardtanh for ReLU: one shortcut per two convs."""
+
+    def __init__(self, cin, cout, stride, **qkw):
+        super().__init__()
+        self.conv1 = QConv2d(cin, cout, 3, stride=stride, padding=1, bias=False, **qkw)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = QConv2d(cout, cout, 3, padding=1, bias=False, **qkw)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = _shortcut(cin, cout, stride)
+
+    def forward(self, x):
+        short = x if self.downsample is None else self.downsample(x)
+        y = F.hardtanh(self.bn1(self.conv1(_act_input(x, self.conv1))))
+        return F.hardtanh(self.bn2(self.conv2(_act_input(y, self.conv2))) + short)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes=1000, stem="imagenet", block="bireal", width=1.0,
+                 in_channels=3, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
+                 act_ste="approx_sign"):
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if not (isinstance(width, (int, float)) and width > 0):
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.config = dict(num_classes=num_classes, stem=stem, block=block, width=width,
+                           in_channels=in_channels)
+        chans = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, chans[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, chans[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(chans[0])
+        block_cls = BiRealBlock if block == "bireal" else BasicBlock
+        qkw = dict(w_bits=w_bits, a_bits=a_bits, act_ste=act_ste)
+        cin = chans[0]
+        for i, cout in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            layer = nn.Sequential(block_cls(cin, cout, stride, **qkw), block_cls(cout, cout, 1, **qkw))
+            self.add_module(f"layer{i + 1}", layer)
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.maxpool(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes=1000, stem="imagenet", block="bireal", width=1.0, **kwargs):
+    """ResNet-18 with quantized 3x3 convs; FP first conv, shortcuts and FC."""
+    return ResNet18(num_classes, stem=stem, block=block, width=width, **kwargs)
+
+
+def _torchvision_key(key):
+    # torchvision: downsample = (1x1 conv stride 2, BN); ours: (avg pool, 1x1 conv, BN)
+    if ".downsample.0." in key:
+        return key.replace(".downsample.0.", ".downsample.1.")
+    if ".downsample.1." in key:
+        return key.replace(".downsample.1.", ".downsample.2.")
+    return key
+
+
+def load_torchvision_weights(model, source):
+    """Initialize model from a torchvision resnet18 state dict (a dict, or a
+    file: safetensors, or torch.save loaded with weights_only=True). Tensors
+    whose shape differs (another stem, width or class count) are skipped.
+    Returns the list of skipped or missing parameter names."""
+    if isinstance(source, dict):
+        state = source
+    else:
+        path = str(source)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{source!r}: expected a state dict of tensors (torchvision resnet18)")
+    own = model.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        ours = _torchvision_key(key.removeprefix("module."))
+        if ours in own and own[ours].shape == value.shape:
+            loaded[ours] = value
+        else:
+            skipped.append(key)
+    if not loaded:
+        raise ValueError(f"{source!r}: no tensor matches this model (is it a resnet18 state dict?)")
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
+    return skipped + missing

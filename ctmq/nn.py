@@ -1,0 +1,141 @@
+"""Quantized layers: drop-in QConv2d / QLinear with run-time bit depths.
+
+A quantized layer quantizes its *input* activation with quantize_act and its
+weight with quantize_weight (per output channel) at the bit depths it holds;
+32 means full precision for either. CTMQ changes the depths in place between
+stages with set_bits(model, w_bits, a_bits).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import FULL_PRECISION, check_bits, quantize_act, quantize_weight
+
+__all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_layers"]
+
+
+class _QMixin:
+    def _init_q(self, w_bits, a_bits, act_ste, weight_ste):
+        self.w_bits = check_bits("w_bits", w_bits)
+        self.a_bits = check_bits("a_bits", a_bits)
+        self.act_ste = act_ste
+        self.weight_ste = weight_ste
+
+    def set_bits(self, w_bits, a_bits):
+        self.w_bits = check_bits("w_bits", w_bits)
+        self.a_bits = check_bits("a_bits", a_bits)
+
+    def _ste(self, ste, bits):
+        # approx_sign is a 1-bit STE; at other depths the clipped STE applies
+        return ste if bits == 1 else "clipped"
+
+    def quantized_input(self, x):
+        return quantize_act(x, self.a_bits, self._ste(self.act_ste, self.a_bits))
+
+    def quantized_weight(self):
+        return quantize_weight(self.weight, self.w_bits, self._ste(self.weight_ste, self.w_bits))
+
+    def _q_repr(self):
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class QConv2d(_QMixin, nn.Conv2d):
+    """nn.Conv2d whose input and weight are quantized to a_bits / w_bits.
+
+    act_ste: STE of the 1-bit activation quantizer ("approx_sign", Bi-Real's,
+    by default; "clipped"); weight_ste likewise for 1-bit weights.
+    """
+
+    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
+                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_q(w_bits, a_bits, act_ste, weight_ste)
+
+    def forward(self, x):
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._q_repr()}"
+
+
+class QLinear(_QMixin, nn.Linear):
+    """nn.Linear whose input and weight are quantized to a_bits / w_bits."""
+
+    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
+                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_q(w_bits, a_bits, act_ste, weight_ste)
+
+    def forward(self, x):
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._q_repr()}"
+
+
+def quantized_layers(model):
+    """The QConv2d/QLinear modules of model, in module order."""
+    return [m for m in model.modules() if isinstance(m, _QMixin)]
+
+
+def set_bits(model, w_bits, a_bits):
+    """Set the bit depths of every quantized layer of model (32 = full precision)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("set_bits: model has no QConv2d/QLinear layers (see ctmq.nn.convert)")
+    for m in layers:
+        m.set_bits(w_bits, a_bits)
+    return model
+
+
+def get_bits(model):
+    """(w_bits, a_bits) shared by all quantized layers; ValueError if they differ."""
+    depths = {(m.w_bits, m.a_bits) for m in quantized_layers(model)}
+    if len(depths) != 1:
+        raise ValueError(f"get_bits: quantized layers hold {sorted(depths) or 'no'} depths")
+    return depths.pop()
+
+
+def _swap(module, w_bits, a_bits, **kw):
+    if isinstance(module, nn.Conv2d):
+        q = QConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                    stride=module.stride, padding=module.padding, dilation=module.dilation,
+                    groups=module.groups, bias=module.bias is not None,
+                    padding_mode=module.padding_mode, w_bits=w_bits, a_bits=a_bits, **kw)
+    else:
+        q = QLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                    w_bits=w_bits, a_bits=a_bits, **kw)
+    q = q.to(device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        q.weight.copy_(module.weight)
+        if module.bias is not None:
+            q.bias.copy_(module.bias)
+    return q
+
+
+def convert(model, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, keep_first=True,
+            keep_last=True, **kwargs):
+    """Swap model's nn.Conv2d/nn.Linear (not already quantized) for QConv2d/QLinear
+    in place, copying their parameters. The first conv and the last linear stay
+    full precision unless keep_first/keep_last is False (standard for binarized
+    nets). kwargs go to the quantized layers (act_ste, weight_ste)."""
+    check_bits("w_bits", w_bits)
+    check_bits("a_bits", a_bits)
+    names = [n for n, m in model.named_modules()
+             if type(m) in (nn.Conv2d, nn.Linear)]
+    if not names:
+        raise ValueError("convert: model has no nn.Conv2d or nn.Linear to quantize")
+    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    skip = set()
+    if keep_first and convs:
+        skip.add(convs[0])
+    if keep_last and linears:
+        skip.add(linears[-1])
+    for name in names:
+        if name in skip:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _swap(getattr(parent, child), w_bits, a_bits, **kwargs))
+    return model
