@@ -20,10 +20,20 @@ def fake_quant(data):
               f"{vs_comp} {op['ms'] / ours['ms']:10.2f}x")
 
 
+def qat_step(data):
+    print(f"\nResNet-18 train step, {data['device']}, batch {data['batch']}, "
+          f"{data['image_size']}x{data['image_size']}, bf16 autocast, channels_last")
+    print(f"{'mode':9s} {'stage':6s} {'quantizers':10s} {'ms':>8s} {'img/s':>8s} {'vs FP':>7s}")
+    for r in data["rows"]:
+        stage = "FP" if r["bits"] == 32 else f"W{r['bits']}A{r['bits']}"
+        print(f"{r['mode']:9s} {stage:6s} {r['quantizers']:10s} {r['ms']:8.2f} {r['img_s']:8.0f} "
+              f"{r['vs_fp']:6.3f}x")
+
+
 def main(folder):
     folder = pathlib.Path(folder)
     shown = False
-    for name, fn in (("fake_quant.json", fake_quant),):
+    for name, fn in (("fake_quant.json", fake_quant), ("qat_step.json", qat_step)):
         path = folder / name
         if path.exists():
             fn(json.loads(path.read_text()))

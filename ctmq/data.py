@@ -41,14 +41,14 @@ class Data:
 
 def _tensor_data(name, xtr, ytr, xte, yte, num_classes, class_names, augment=False):
     """Normalize uint8/float images (N, C, H, W) per channel with train statistics."""
-    xtr = torch.as_tensor(xtr, dtype=torch.float32)
-    xte = torch.as_tensor(xte, dtype=torch.float32)
+    xtr = torch.as_tensor(np.array(xtr), dtype=torch.float32)
+    xte = torch.as_tensor(np.array(xte), dtype=torch.float32)
     mean = xtr.mean(dim=(0, 2, 3))
     std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6)
     norm = lambda x: (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # noqa: E731
     ds = torch.utils.data.TensorDataset
-    return Data(name, ds(norm(xtr), torch.as_tensor(ytr, dtype=torch.long)),
-                ds(norm(xte), torch.as_tensor(yte, dtype=torch.long)), num_classes,
+    return Data(name, ds(norm(xtr), torch.as_tensor(np.array(ytr), dtype=torch.long)),
+                ds(norm(xte), torch.as_tensor(np.array(yte), dtype=torch.long)), num_classes,
                 xtr.shape[1], xtr.shape[-1], tuple(mean.tolist()), tuple(std.tolist()),
                 class_names, augment)
 

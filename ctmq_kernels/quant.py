@@ -130,7 +130,7 @@ def _approx_sign_grad_kernel(g_ptr, x_ptr, out_ptr, numel, SOFT_BF16: tl.constex
 
 # --------------------------------------------------------------------- weights
 @triton.jit
-def _quantize_weight_kernel(w_ptr, out_ptr, alpha_ptr, K, n,
+def _quantize_weight_kernel(w_ptr, out_ptr, alpha_ptr, K, K_float, n,
                             BINARY: tl.constexpr, SOFT_BF16: tl.constexpr,
                             BLOCK: tl.constexpr):
     # One program per output channel: pass 1 reduces alpha (mean|w| at 1 bit,
@@ -147,7 +147,7 @@ def _quantize_weight_kernel(w_ptr, out_ptr, alpha_ptr, K, n,
         else:
             acc = tl.maximum(acc, a)
     if BINARY:
-        alpha = tl.div_rn(tl.sum(acc, axis=0), K.to(tl.float32))
+        alpha = tl.div_rn(tl.sum(acc, axis=0), K_float)  # K == 1 would be a constexpr
     else:
         alpha = tl.max(acc, axis=0)
     alpha = tl.where(tl.max(nan, axis=0) > 0, float("nan"), alpha)  # as torch's amax/mean
@@ -185,6 +185,11 @@ def _soft_bf16(t):
     return t.device.type == "cpu"  # CPU tensors reach Triton only under the interpreter
 
 
+# No FMA contraction: x * inv - floor(x * inv) fused would round differently
+# from torch's nearbyint(x * inv); every kernel keeps torch's op-by-op rounding.
+_EXACT = {"enable_fp_fusion": False}
+
+
 def _grid(numel):
     return (triton.cdiv(numel, ROWS * 8),)
 
@@ -200,7 +205,7 @@ def fake_quant_affine(x, scale, inv_scale, zero_point, qmin, qmax, ch_stride, nc
     _fake_quant_affine_kernel[_grid(x.numel())](
         x, out, mask, scale, inv_scale, zero_point, x.numel(), ch_stride, nch,
         float(qmin), float(qmax), PER_CHANNEL=per_channel, SOFT_BF16=_soft_bf16(x),
-        R=ROWS, num_warps=NUM_WARPS)
+        R=ROWS, num_warps=NUM_WARPS, **_EXACT)
     return out, mask
 
 
@@ -208,7 +213,7 @@ def masked_grad(grad, mask):
     out = torch.empty_like(grad)
     _masked_grad_kernel[_grid(grad.numel())](grad, mask, out, grad.numel(),
                                              SOFT_BF16=_soft_bf16(grad), R=ROWS,
-                                             num_warps=NUM_WARPS)
+                                             num_warps=NUM_WARPS, **_EXACT)
     return out
 
 
@@ -216,7 +221,7 @@ def quantize_act(x, bits):
     out, mask = torch.empty_like(x), _mask_like(x)
     _quantize_act_kernel[_grid(x.numel())](x, out, mask, x.numel(), float(2**bits - 1),
                                            BINARY=bits == 1, SOFT_BF16=_soft_bf16(x),
-                                           R=ROWS, num_warps=NUM_WARPS)
+                                           R=ROWS, num_warps=NUM_WARPS, **_EXACT)
     return out, mask
 
 
@@ -224,7 +229,7 @@ def approx_sign_grad(grad, x):
     out = torch.empty_like(grad)
     _approx_sign_grad_kernel[_grid(grad.numel())](grad, x, out, grad.numel(),
                                                   SOFT_BF16=_soft_bf16(grad), R=ROWS,
-                                                  num_warps=NUM_WARPS)
+                                                  num_warps=NUM_WARPS, **_EXACT)
     return out
 
 
@@ -234,9 +239,9 @@ def quantize_weight(w, bits):
     alpha = w.new_empty(w.shape[0], dtype=torch.float32)
     K = w.numel() // w.shape[0]
     block = min(WEIGHT_BLOCK, triton.next_power_of_2(K))
-    _quantize_weight_kernel[(w.shape[0],)](w, out, alpha, K, float(2**bits - 1),
+    _quantize_weight_kernel[(w.shape[0],)](w, out, alpha, K, float(K), float(2**bits - 1),
                                            BINARY=bits == 1, SOFT_BF16=_soft_bf16(w),
-                                           BLOCK=block, num_warps=4)
+                                           BLOCK=block, num_warps=4, **_EXACT)
     return out, alpha
 
 
@@ -244,5 +249,5 @@ def quantize_weight_grad(grad, w, alpha, approx_sign):
     out = torch.empty_like(grad)
     _quantize_weight_grad_kernel[_grid(grad.numel())](
         grad, w, alpha, out, grad.numel(), grad.numel() // grad.shape[0],
-        APPROX_SIGN=approx_sign, SOFT_BF16=_soft_bf16(grad), R=ROWS, num_warps=NUM_WARPS)
+        APPROX_SIGN=approx_sign, SOFT_BF16=_soft_bf16(grad), R=ROWS, num_warps=NUM_WARPS, **_EXACT)
     return out

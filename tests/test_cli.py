@@ -29,3 +29,18 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "ctmq.cli", "bench", "--help"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "--numel" in res.stdout
+
+
+def test_qat_step_benchmark_runs_small(tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qat_step.py"
+    spec = importlib.util.spec_from_file_location("bench_qat_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "qat.json"
+    mod.main(["--device", "cpu", "--batch", "2", "--image-size", "32", "--width", "0.125",
+              "--steps", "1", "--bits", "32", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["bits"], r["quantizers"]) for r in rows] == [(32, "-"), (1, "ctmq"), (1, "torch")]
+    assert all(r["ms"] > 0 for r in rows)

@@ -74,6 +74,8 @@ class RunConfig:
             raise RunConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RunConfigError("device cuda: no CUDA device is available here")
+        if self.sync_bn and self.torch_device().type != "cuda":
+            raise RunConfigError("sync_bn: SyncBatchNorm runs on CUDA only; drop --sync-bn on CPU")
         if self.fp_checkpoint and not os.path.isfile(self.fp_checkpoint):
             raise RunConfigError(f"fp_checkpoint {self.fp_checkpoint} is not a file")
         try:
@@ -169,12 +171,22 @@ def _prepare_dir(cfg, restart, info):
     info.barrier()
 
 
+def _notify(callback, name, *args):
+    fn = getattr(callback, name, None)
+    if fn is not None:
+        fn(*args)
+
+
 def _stage_seed(seed, key):
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
 
 
-def run(cfg, restart=False, log=print):
-    """Train every schedule of cfg; returns the report dict."""
+def run(cfg, restart=False, log=print, callback=None):
+    """Train every schedule of cfg; returns the report dict.
+
+    callback: an object with optional methods stage_start(schedule, index,
+    model) and stage_end(schedule, index, model, metrics), called around each
+    stage this call trains (not around complete stages it skips)."""
     cfg.check()
     device = cfg.torch_device()
     info = init_distributed(device.type)
@@ -230,6 +242,7 @@ def run(cfg, restart=False, log=print):
                     load_checkpoint(pending, model)
                     pending = None
                 torch.manual_seed(_stage_seed(cfg.seed, key))
+                _notify(callback, "stage_start", sched, i, model)
                 metrics = train_stage(model, stage, label, loaders, tcfg, device, info,
                                       augment=data.augment, forward=forward)
                 metrics["top1"], metrics["top5"] = evaluate(model, loaders[1], device, tcfg)
@@ -240,6 +253,7 @@ def run(cfg, restart=False, log=print):
                                                       schedule=sched.name, key=key))
                     _write_json(metrics_path, metrics)
                 info.barrier()
+                _notify(callback, "stage_end", sched, i, model, metrics)
             rows.append(dict(schedule=sched.name, index=i, key=key, cycle=stage.cycle,
                              label=stage.label, w_bits=stage.w_bits, a_bits=stage.a_bits,
                              epochs=stage.epochs, top1=metrics["top1"], top5=metrics["top5"],

@@ -162,6 +162,11 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, 
             dist.all_reduce(running)
             running /= info.world_size
         last_loss = running.item() / max(seen, 1)
+    if info.enabled:
+        # Each rank's last forward updated its own BN statistics: take rank 0's,
+        # which its checkpoint holds, so that every rank goes on from the same state.
+        for buf in base.buffers():
+            dist.broadcast(buf, 0)
     return {"train_loss": last_loss, "seconds": time.time() - t0}
 
 

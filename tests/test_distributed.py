@@ -1,0 +1,36 @@
+"""Under torchrun, 2 CPU processes (gloo) finish a CTMQ run with identical weights;
+rank 0 alone writes checkpoints and reports."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_processes_finish_with_identical_weights(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(WORKER), str(out), "0"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    last = load_file(str(out / "stages" / "ctmq-02-c1-W1A1.safetensors"))
+    for k in last:
+        assert torch.equal(last[k], r0[k]), k
+    assert (out / "report.json").exists()
+    assert not list((out / "stages").glob("*.tmp"))
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    from ctmq.engine import RunConfig, RunConfigError
+    with pytest.raises(RunConfigError, match="sync_bn"):
+        RunConfig(device="cpu", sync_bn=True, out=str(tmp_path)).check()
