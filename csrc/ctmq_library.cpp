@@ -9,9 +9,16 @@
 TORCH_LIBRARY(ctmq, m) {
   m.def("quantize_act_fused(Tensor x, int bits) -> (Tensor, Tensor)");
   m.def("masked_grad_fused(Tensor grad, Tensor mask) -> Tensor");
+  m.def("pack_bits(Tensor x) -> Tensor");
+  m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, int[2] stride, int[2] padding, "
+        "int[2] dilation, Tensor? scale, Tensor? bias, bool packed_out) -> Tensor");
+  m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
 }
 
-TORCH_LIBRARY_IMPL(ctmq, CPU, m) { ctmq::register_quant_cpu(m); }
+TORCH_LIBRARY_IMPL(ctmq, CPU, m) {
+  ctmq::register_quant_cpu(m);
+  ctmq::register_binary_cpu(m);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ctmq C++/CUDA kernels; the ops are registered under torch.ops.ctmq";

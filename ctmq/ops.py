@@ -411,3 +411,53 @@ def _weight_backward(ctx, grad_out, _grad_alpha):
 
 torch.library.register_autograd("ctmq::quantize_weight", _weight_backward,
                                 setup_context=_weight_setup)
+
+
+# ------------------------------------------------------------- binary kernels
+# Packed format (DESIGN.md): NHWC int32 words, bit j of word w = channel 32w+j,
+# bit 1 = +1. The kernels are C++ (csrc/cpu) on the CPU.
+def _binary_backend(t: Tensor, what: str):
+    if t.device.type != "cpu":
+        raise NotImplementedError(f"{what}: ctmq's binary kernels run on CPU tensors so far "
+                                  f"(got a {t.device.type} tensor); move it with .cpu()")
+    _backend.extension()  # a clear error when ctmq._C is not built
+
+
+def pack_bits(x: Tensor) -> Tensor:
+    """float (N, C, H, W), any strides -> int32 (N, H, W, ceil(C/32))."""
+    _binary_backend(x, "pack_bits")
+    return torch.ops.ctmq.pack_bits(x)
+
+
+def binary_conv2d(x: Tensor, in_channels: int, weight: Tensor, stride, padding, dilation,
+                  scale: Optional[Tensor], bias: Optional[Tensor], packed_out: bool) -> Tensor:
+    _binary_backend(x, "binary_conv2d")
+    return torch.ops.ctmq.binary_conv2d(x, in_channels, weight, stride, padding, dilation,
+                                        scale, bias, packed_out)
+
+
+def binary_cpu_path(request: str = "") -> str:
+    """The CPU binary kernels' code path ("avx2" or "scalar"); request "scalar"
+    forces the portable one, "auto" restores run-time detection."""
+    _backend.extension()
+    return torch.ops.ctmq.set_cpu_path(request)
+
+
+def conv_output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+if _backend.has_extension():
+
+    @torch.library.register_fake("ctmq::pack_bits")
+    def _(x):
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[3], (x.shape[1] + 31) // 32),
+                           dtype=torch.int32)
+
+    @torch.library.register_fake("ctmq::binary_conv2d")
+    def _(x, in_channels, weight, stride, padding, dilation, scale, bias, packed_out):
+        oh = conv_output_size(x.shape[1], weight.shape[1], stride[0], padding[0], dilation[0])
+        ow = conv_output_size(x.shape[2], weight.shape[2], stride[1], padding[1], dilation[1])
+        if packed_out:
+            return x.new_empty((x.shape[0], oh, ow, (weight.shape[0] + 31) // 32))
+        return x.new_empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.float32)

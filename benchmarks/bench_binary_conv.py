@@ -1,0 +1,71 @@
+"""Binary convolution throughput on ResNet-18's 7 binarizable 3x3 shapes (224x224
+input): ctmq's XNOR-popcount kernel (activation packing included, weights
+pre-packed) against torch's float32 F.conv2d on the same shapes, measured in
+the same run; per-shape and total ratios and binary GOPS (2 ops per MAC).
+
+    python benchmarks/bench_binary_conv.py [--batch 1 8] [--json out.json]
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ctmq import bench, binary
+from ctmq._io import atomic_open
+
+# (in, out, spatial size, stride): the 3x3 convs of ResNet-18 at 224x224
+SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
+          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+
+
+def run_cpu(batch, min_time=0.3):
+    rows = []
+    for cin, cout, size, stride in SHAPES:
+        x = torch.randn(batch, cin, size, size)
+        w = torch.randn(cout, cin, 3, 3)
+        wb = binary.pack_weight(w)
+        t_bin = bench.timeit(lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1),
+                             torch.device("cpu"), min_time=min_time)
+        t_f32 = bench.timeit(lambda: F.conv2d(x, w, stride=stride, padding=1),
+                             torch.device("cpu"), min_time=min_time)
+        out = (size + 2 - 3) // stride + 1
+        macs = batch * cout * out * out * cin * 9
+        rows.append({"shape": f"{cin}x{cout}@{size}" + ("/s2" if stride == 2 else ""),
+                     "batch": batch, "ctmq_ms": t_bin * 1e3, "torch_f32_ms": t_f32 * 1e3,
+                     "speedup": t_f32 / t_bin, "binary_gops": 2 * macs / t_bin / 1e9})
+    return rows
+
+
+def format_rows(rows, title):
+    lines = [title, f"{'shape':16s} {'batch':>5s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
+             f"{'speedup':>8s} {'bin GOPS':>9s}"]
+    for r in rows:
+        lines.append(f"{r['shape']:16s} {r['batch']:5d} {r['ctmq_ms']:9.3f} {r['torch_f32_ms']:12.3f} "
+                     f"{r['speedup']:7.2f}x {r['binary_gops']:9.0f}")
+    for b in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == b]
+        tb, tf = sum(r["ctmq_ms"] for r in mine), sum(r["torch_f32_ms"] for r in mine)
+        lines.append(f"{'total':16s} {b:5d} {tb:9.3f} {tf:12.3f} {tf / tb:7.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    rows = [r for b in a.batch for r in run_cpu(b, a.min_time)]
+    name = bench.device_name("cpu")
+    info = binary.backend_info()
+    print(format_rows(rows, f"binary conv 3x3, {name}; ctmq CPU path: {info['cpu']}; "
+                            f"torch {torch.__version__} float32 F.conv2d in the same run"))
+    if a.json:
+        with atomic_open(a.json) as f:
+            import json
+            json.dump({"device": name, "cpu_path": info["cpu"], "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Bit packing and XNOR-popcount binary convolution (user-facing).
+
+    xb = pack_activation(x)              # float NCHW -> PackedActivation (NHWC int32 words)
+    wb = pack_weight(conv.weight)        # float OIHW -> PackedWeight, packed once
+    y  = binary_conv2d(x, wb, stride=1, padding=1)              # == F.conv2d(sign(x), sign(w))
+    y  = binary_conv2d(x, wb, padding=1, scale=s, bias=b)       # ... * s[c] + b[c]
+    yb = binary_conv2d(xb, wb, padding=1, scale=s, bias=b, out="packed")  # sign of that, packed
+
+sign maps x >= 0 to +1 (and -0.0 to +1, NaN to -1). With out="float" the result
+equals F.conv2d(sign(x), sign(w), stride, padding, dilation) exactly (zero
+padding at the border, as in the training model), in float32; scale and bias,
+when given, are applied as `y * scale[c] + bias[c]` in float32. out="packed"
+returns the next layer's input: bit = (that float value >= 0), so a chain of
+binary layers never materializes floats.
+"""
+import dataclasses
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["PackedActivation", "PackedWeight", "pack_bits", "unpack_bits", "pack_activation",
+           "pack_weight",
+           "binary_conv2d", "backend_info"]
+
+
+@dataclasses.dataclass
+class PackedActivation:
+    """Sign bits of an (N, C, H, W) tensor: `bits` is int32 (N, H, W, ceil(C/32))."""
+    bits: Tensor
+    channels: int
+
+    @property
+    def shape(self):
+        n, h, w, _ = self.bits.shape
+        return (n, self.channels, h, w)
+
+
+@dataclasses.dataclass
+class PackedWeight:
+    """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))."""
+    bits: Tensor
+    in_channels: int
+
+    @property
+    def out_channels(self):
+        return self.bits.shape[0]
+
+    @property
+    def kernel_size(self):
+        return tuple(self.bits.shape[1:3])
+
+
+def _check_float(name, t, dims=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (sign-binarized inside), got {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def pack_bits(x: Tensor, dim: int = 1) -> Tensor:
+    """Sign-binarize x (x >= 0 -> bit 1) and pack `dim` into int32 words, moved
+    last: the result has x's shape without `dim`, plus ceil(C/32) words."""
+    _check_float("x", x)
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {dim}")
+    dim %= x.dim()
+    if x.dim() == 4 and dim == 1:
+        return ops.pack_bits(x)
+    moved = x.movedim(dim, -1)
+    c = moved.shape[-1]
+    rows = moved.reshape(-1, c)  # (M, C): a view where possible
+    packed = ops.pack_bits(rows.t().unsqueeze(0).unsqueeze(2))  # (1, C, 1, M), channels innermost
+    return packed.reshape(moved.shape[:-1] + (packed.shape[-1],))
+
+
+def unpack_bits(bits: Tensor, channels: int, dim: int = 1, dtype=torch.float32) -> Tensor:
+    """Inverse of pack_bits on +-1 data: float +-1 with the channels put back at `dim`."""
+    if not isinstance(bits, Tensor) or bits.dtype != torch.int32:
+        raise TypeError(f"bits must be an int32 tensor from pack_bits, got "
+                        f"{getattr(bits, 'dtype', type(bits).__name__)}")
+    if not (isinstance(channels, numbers.Integral) and 1 <= channels <= 32 * bits.shape[-1]):
+        raise ValueError(f"channels must be in 1..{32 * bits.shape[-1]} for "
+                         f"{bits.shape[-1]} words, got {channels}")
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    b = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :channels]
+    out = (b.to(dtype) * 2 - 1)
+    return out.movedim(-1, dim)
+
+
+def pack_activation(x: Tensor) -> PackedActivation:
+    """Pack a float (N, C, H, W) activation for binary_conv2d (keeps C)."""
+    _check_float("x", x, 4)
+    return PackedActivation(ops.pack_bits(x), x.shape[1])
+
+
+def pack_weight(w: Tensor) -> PackedWeight:
+    """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls."""
+    _check_float("weight", w, 4)
+    return PackedWeight(pack_bits(w, dim=1).contiguous(), w.shape[1])
+
+
+def _pair(name, v, low):
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (int(v), int(v))
+    if not (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < low:
+        raise ValueError(f"{name} must be >= {low}, got {tuple(v)}")
+    return [int(v[0]), int(v[1])]
+
+
+def _check_vector(name, v, n):
+    if v is None:
+        return None
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != (n,):
+        raise ValueError(f"{name} must be a float tensor of shape ({n},) (one per output "
+                         f"channel), got {getattr(v, 'shape', type(v).__name__)}")
+    return v.detach().to(torch.float32)
+
+
+def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float"):
+    """XNOR-popcount convolution of sign(x) with sign(weight); see the module doc.
+
+    x: float (N, C, H, W) tensor (any strides) or a PackedActivation;
+    weight: float (O, C, KH, KW) tensor or a PackedWeight. Returns a float32
+    (N, O, OH, OW) tensor, or with out="packed" a PackedActivation."""
+    if out not in ("float", "packed"):
+        raise ValueError(f"out must be 'float' or 'packed', got {out!r}")
+    if isinstance(x, PackedActivation):
+        xb, channels = x.bits.contiguous(), x.channels
+    elif isinstance(x, Tensor) and x.dtype == torch.int32:
+        raise TypeError("x is int32: pass packed activations as a PackedActivation "
+                        "(ctmq.binary.pack_activation), which keeps the channel count")
+    else:
+        _check_float("x", x, 4)
+        xb, channels = ops.pack_bits(x), x.shape[1]
+    if not isinstance(weight, PackedWeight):
+        weight = pack_weight(weight)
+    if weight.in_channels != channels:
+        raise ValueError(f"weight expects {weight.in_channels} input channels, x has {channels}")
+    stride, padding, dilation = (_pair("stride", stride, 1), _pair("padding", padding, 0),
+                                 _pair("dilation", dilation, 1))
+    scale = _check_vector("scale", scale, weight.out_channels)
+    bias = _check_vector("bias", bias, weight.out_channels)
+    for i, name in ((0, "height"), (1, "width")):
+        k = weight.kernel_size[i]
+        if ops.conv_output_size(xb.shape[1 + i], k, stride[i], padding[i], dilation[i]) < 1:
+            raise ValueError(f"kernel {weight.kernel_size} (dilation {tuple(dilation)}) does not fit "
+                             f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
+    y = ops.binary_conv2d(xb, channels, weight.bits.to(xb.device), stride, padding, dilation,
+                          scale, bias, out == "packed")
+    return PackedActivation(y, weight.out_channels) if out == "packed" else y
+
+
+def backend_info():
+    """Which binary kernel runs on each device: {"cpu": "avx2" | "scalar" | reason}."""
+    try:
+        cpu = ops.binary_cpu_path("")
+    except RuntimeError as e:
+        cpu = f"unavailable: {e}"
+    return {"cpu": cpu, "cuda": "not available yet (CPU kernels only)"}

@@ -1,0 +1,159 @@
+"""ctmq.binary on the CPU: packing and XNOR-popcount conv against the float
+reference F.conv2d(sign(x), sign(w)), exactly, on both code paths."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctmq
+from ctmq import binary, ops
+
+pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
+
+
+def sign(t):
+    return torch.where(t >= 0, 1.0, -1.0)
+
+
+@pytest.fixture(params=["auto", "scalar"])
+def cpu_path(request):
+    ops.binary_cpu_path(request.param)
+    yield ops.binary_cpu_path("")
+    ops.binary_cpu_path("auto")
+
+
+def _grid():
+    for c, hw, k, s, p, b in itertools.product([1, 3, 31, 32, 33, 64, 65, 130], [(7, 7), (8, 5)],
+                                               [1, 3], [1, 2], [0, 1], [1, 3]):
+        if k == 1 and p == 1 and c not in (1, 33):
+            continue  # keep the grid small; the border logic is the same
+        yield c, hw, k, s, p, b
+
+
+@pytest.mark.parametrize("c,hw,k,stride,pad,batch", list(_grid()))
+def test_binary_conv_matches_float_reference(cpu_path, c, hw, k, stride, pad, batch):
+    o = 5 if c < 64 else 37
+    x = torch.randn(batch, c, *hw)
+    w = torch.randn(o, c, k, k)
+    ref = F.conv2d(sign(x), sign(w), stride=stride, padding=pad)
+    y = binary.binary_conv2d(x, binary.pack_weight(w), stride=stride, padding=pad)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    # scale/bias epilogue, and the packed output = sign of that float result
+    scale = torch.randn(o)
+    bias = torch.randn(o) * 3
+    ref_sb = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    y_sb = binary.binary_conv2d(x, w, stride=stride, padding=pad, scale=scale, bias=bias)
+    assert torch.equal(y_sb, ref_sb)
+    packed = binary.binary_conv2d(binary.pack_activation(x), w, stride=stride, padding=pad, scale=scale,
+                                  bias=bias, out="packed")
+    assert isinstance(packed, binary.PackedActivation) and packed.channels == o
+    assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref_sb))
+
+
+def test_border_pixels_and_dilation(cpu_path):
+    x = torch.randn(2, 40, 6, 6)
+    w = torch.randn(9, 40, 3, 3)
+    for dil, pad in [(1, 1), (2, 2), (2, 1), (2, 0)]:
+        ref = F.conv2d(sign(x), sign(w), padding=pad, dilation=dil)
+        y = binary.binary_conv2d(x, w, padding=pad, dilation=dil)
+        assert torch.equal(y, ref)
+        # corners and edges specifically (zero padding contributes nothing)
+        assert torch.equal(y[..., 0, 0], ref[..., 0, 0]) and torch.equal(y[..., -1, :], ref[..., -1, :])
+
+
+def test_chain_of_binary_layers_stays_packed(cpu_path):
+    x = torch.randn(1, 64, 9, 9)
+    w1, w2 = torch.randn(64, 64, 3, 3), torch.randn(32, 64, 3, 3)
+    s1, b1 = torch.rand(64) + 0.1, torch.randn(64)
+    h = binary.binary_conv2d(x, w1, padding=1, scale=s1, bias=b1, out="packed")
+    y = binary.binary_conv2d(h, w2, padding=1)
+    h_ref = sign(F.conv2d(sign(x), sign(w1), padding=1) * s1.view(1, -1, 1, 1) + b1.view(1, -1, 1, 1))
+    assert torch.equal(y, F.conv2d(h_ref, sign(w2), padding=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_pack_unpack_roundtrip_and_layouts(cpu_path, dtype):
+    x = torch.randn(2, 70, 5, 3).to(dtype)
+    x[0, 0, 0, 0] = 0.0
+    x[0, 1, 0, 0] = -0.0
+    bits = binary.pack_bits(x)
+    assert bits.shape == (2, 5, 3, 3) and bits.dtype == torch.int32
+    assert torch.equal(binary.unpack_bits(bits, 70), sign(x.float()))
+    assert torch.equal(binary.pack_bits(x.contiguous(memory_format=torch.channels_last)), bits)
+    big = torch.randn(2, 70, 5, 6).to(dtype)
+    big[..., ::2] = x
+    assert torch.equal(binary.pack_bits(big[..., ::2]), bits)  # non-contiguous input
+    # bit j of word w is channel 32 w + j
+    c = 37
+    assert ((bits[0, 2, 1, c // 32] >> (c % 32)) & 1).item() == int(x[0, c, 2, 1] >= 0)
+
+
+def test_pack_bits_other_dims():
+    x = torch.randn(4, 3, 45)
+    for dim in (0, 1, 2, -1):
+        bits = binary.pack_bits(x, dim=dim)
+        assert torch.equal(binary.unpack_bits(bits, x.shape[dim], dim=dim), sign(x))
+
+
+def test_non_contiguous_and_channels_last_conv_input(cpu_path):
+    x = torch.randn(2, 33, 7, 7)
+    w = torch.randn(6, 33, 3, 3)
+    ref = F.conv2d(sign(x), sign(w), padding=1)
+    assert torch.equal(binary.binary_conv2d(x.contiguous(memory_format=torch.channels_last), w,
+                                            padding=1), ref)
+    assert torch.equal(binary.binary_conv2d(x.transpose(2, 3), w, padding=1),
+                       F.conv2d(sign(x.transpose(2, 3)), sign(w), padding=1))
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda x, w: binary.binary_conv2d(x.long(), w), TypeError, "x must be a floating"),
+    (lambda x, w: binary.binary_conv2d(binary.pack_bits(x), w), TypeError, "PackedActivation"),
+    (lambda x, w: binary.binary_conv2d(x[0], w), ValueError, "x must be 4-D"),
+    (lambda x, w: binary.binary_conv2d(x[:, :5], w), ValueError, "expects 8 input channels"),
+    (lambda x, w: binary.binary_conv2d(x, binary.pack_weight(torch.randn(4, 40, 3, 3))),
+     ValueError, "expects 40 input channels"),
+    (lambda x, w: binary.binary_conv2d(x, w, padding=-1), ValueError, "padding must be >= 0"),
+    (lambda x, w: binary.binary_conv2d(x, w, stride=0), ValueError, "stride must be >= 1"),
+    (lambda x, w: binary.binary_conv2d(x, w, stride=(1, 2, 3)), TypeError, "stride"),
+    (lambda x, w: binary.binary_conv2d(x, w, dilation=9), ValueError, "does not fit"),
+    (lambda x, w: binary.binary_conv2d(x, w, scale=torch.ones(3)), ValueError, "scale must be"),
+    (lambda x, w: binary.binary_conv2d(x, w, out="int8"), ValueError, "out must be"),
+    (lambda x, w: binary.pack_weight(w[0]), ValueError, "weight must be 4-D"),
+    (lambda x, w: binary.unpack_bits(torch.zeros(2, 1, dtype=torch.int32), 33), ValueError, "channels"),
+])
+def test_bad_input_is_named(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call(torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3))
+
+
+def test_kernel_level_checks():
+    bits = binary.pack_bits(torch.randn(1, 40, 5, 5))
+    wb = binary.pack_weight(torch.randn(3, 40, 3, 3)).bits
+    with pytest.raises(RuntimeError, match="does not fit x's"):
+        torch.ops.ctmq.binary_conv2d(bits, 70, wb, [1, 1], [0, 0], [1, 1], None, None, False)
+    with pytest.raises(RuntimeError, match="weight is packed for"):
+        torch.ops.ctmq.binary_conv2d(bits, 40, wb[..., :1].contiguous(), [1, 1], [0, 0], [1, 1],
+                                     None, None, False)
+    with pytest.raises(RuntimeError, match="x must be int32"):
+        torch.ops.ctmq.binary_conv2d(bits.float(), 40, wb, [1, 1], [0, 0], [1, 1], None, None, False)
+
+
+def test_opcheck_binary_ops():
+    x = torch.randn(2, 33, 5, 5)
+    torch.library.opcheck(torch.ops.ctmq.pack_bits.default, (x,))
+    bits = binary.pack_bits(x)
+    wb = binary.pack_weight(torch.randn(4, 33, 3, 3)).bits
+    for packed in (False, True):
+        torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
+                              (bits, 33, wb, [2, 2], [1, 1], [1, 1], torch.rand(4), None, packed))
+
+
+def test_backend_info_reports_a_path():
+    info = binary.backend_info()
+    assert info["cpu"] in ("avx2", "scalar")
+    assert ops.binary_cpu_path("scalar") == "scalar"
+    assert binary.backend_info()["cpu"] == "scalar"
+    ops.binary_cpu_path("auto")
+    with pytest.raises(RuntimeError, match="must be 'auto' or 'scalar'"):
+        ops.binary_cpu_path("avx512")
