@@ -10,8 +10,10 @@ TORCH_LIBRARY(ctmq, m) {
   m.def("quantize_act_fused(Tensor x, int bits) -> (Tensor, Tensor)");
   m.def("masked_grad_fused(Tensor grad, Tensor mask) -> Tensor");
   m.def("pack_bits(Tensor x) -> Tensor");
-  m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, int[2] stride, int[2] padding, "
-        "int[2] dilation, Tensor? scale, Tensor? bias, bool packed_out) -> Tensor");
+  m.def("binary_weight_gemm(Tensor bits) -> (Tensor, Tensor)");
+  m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
+        "Tensor? bias, bool packed_out) -> Tensor");
   m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
 }
 

@@ -40,9 +40,14 @@ class PackedActivation:
 
 @dataclasses.dataclass
 class PackedWeight:
-    """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))."""
+    """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))
+    in the packed format; `gemm` and `tap_popc` are the CPU kernel's layout of
+    the same bits (8 output channels interleaved in 64-bit words) and each
+    channel's popcount per tap, made once here rather than per call."""
     bits: Tensor
     in_channels: int
+    gemm: Tensor = None
+    tap_popc: Tensor = None
 
     @property
     def out_channels(self):
@@ -101,7 +106,8 @@ def pack_activation(x: Tensor) -> PackedActivation:
 def pack_weight(w: Tensor) -> PackedWeight:
     """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls."""
     _check_float("weight", w, 4)
-    return PackedWeight(pack_bits(w, dim=1).contiguous(), w.shape[1])
+    bits = pack_bits(w, dim=1).contiguous()
+    return PackedWeight(bits, w.shape[1], *ops.binary_weight_gemm(bits))
 
 
 def _pair(name, v, low):
@@ -153,8 +159,11 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
         if ops.conv_output_size(xb.shape[1 + i], k, stride[i], padding[i], dilation[i]) < 1:
             raise ValueError(f"kernel {weight.kernel_size} (dilation {tuple(dilation)}) does not fit "
                              f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
-    y = ops.binary_conv2d(xb, channels, weight.bits.to(xb.device), stride, padding, dilation,
-                          scale, bias, out == "packed")
+    if weight.gemm is None:
+        weight.gemm, weight.tap_popc = ops.binary_weight_gemm(weight.bits)
+    y = ops.binary_conv2d(xb, channels, weight.gemm, weight.tap_popc, weight.out_channels,
+                          list(weight.kernel_size), stride, padding, dilation, scale, bias,
+                          out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 
 

@@ -429,11 +429,18 @@ def pack_bits(x: Tensor) -> Tensor:
     return torch.ops.ctmq.pack_bits(x)
 
 
-def binary_conv2d(x: Tensor, in_channels: int, weight: Tensor, stride, padding, dilation,
-                  scale: Optional[Tensor], bias: Optional[Tensor], packed_out: bool) -> Tensor:
+def binary_weight_gemm(bits: Tensor) -> tuple[Tensor, Tensor]:
+    """(O, KH, KW, words) int32 -> the CPU kernel's weight layout and tap popcounts."""
+    _binary_backend(bits, "pack_weight")
+    return torch.ops.ctmq.binary_weight_gemm(bits)
+
+
+def binary_conv2d(x: Tensor, in_channels: int, gemm: Tensor, tap_popc: Tensor, out_channels: int,
+                  kernel_size, stride, padding, dilation, scale: Optional[Tensor],
+                  bias: Optional[Tensor], packed_out: bool) -> Tensor:
     _binary_backend(x, "binary_conv2d")
-    return torch.ops.ctmq.binary_conv2d(x, in_channels, weight, stride, padding, dilation,
-                                        scale, bias, packed_out)
+    return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, out_channels, kernel_size,
+                                        stride, padding, dilation, scale, bias, packed_out)
 
 
 def binary_cpu_path(request: str = "") -> str:
@@ -454,10 +461,18 @@ if _backend.has_extension():
         return x.new_empty((x.shape[0], x.shape[2], x.shape[3], (x.shape[1] + 31) // 32),
                            dtype=torch.int32)
 
+    @torch.library.register_fake("ctmq::binary_weight_gemm")
+    def _(bits):
+        groups, taps = (bits.shape[0] + 7) // 8, bits.shape[1] * bits.shape[2]
+        k = taps * ((bits.shape[3] + 1) // 2)
+        return (bits.new_empty((groups, k, 8), dtype=torch.int64),
+                bits.new_empty((groups, taps, 8), dtype=torch.int64))
+
     @torch.library.register_fake("ctmq::binary_conv2d")
-    def _(x, in_channels, weight, stride, padding, dilation, scale, bias, packed_out):
-        oh = conv_output_size(x.shape[1], weight.shape[1], stride[0], padding[0], dilation[0])
-        ow = conv_output_size(x.shape[2], weight.shape[2], stride[1], padding[1], dilation[1])
+    def _(x, in_channels, weight, tap_popc, out_channels, kernel_size, stride, padding, dilation,
+          scale, bias, packed_out):
+        oh = conv_output_size(x.shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
+        ow = conv_output_size(x.shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
         if packed_out:
-            return x.new_empty((x.shape[0], oh, ow, (weight.shape[0] + 31) // 32))
-        return x.new_empty((x.shape[0], weight.shape[0], oh, ow), dtype=torch.float32)
+            return x.new_empty((x.shape[0], oh, ow, (out_channels + 31) // 32))
+        return x.new_empty((x.shape[0], out_channels, oh, ow), dtype=torch.float32)

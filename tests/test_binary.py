@@ -16,7 +16,7 @@ def sign(t):
     return torch.where(t >= 0, 1.0, -1.0)
 
 
-@pytest.fixture(params=["auto", "scalar"])
+@pytest.fixture(params=["auto", "avx2", "scalar"])
 def cpu_path(request):
     ops.binary_cpu_path(request.param)
     yield ops.binary_cpu_path("")
@@ -129,31 +129,37 @@ def test_bad_input_is_named(call, exc, words):
 
 def test_kernel_level_checks():
     bits = binary.pack_bits(torch.randn(1, 40, 5, 5))
-    wb = binary.pack_weight(torch.randn(3, 40, 3, 3)).bits
+    pw = binary.pack_weight(torch.randn(3, 40, 3, 3))
+    conv = torch.ops.ctmq.binary_conv2d
     with pytest.raises(RuntimeError, match="does not fit x's"):
-        torch.ops.ctmq.binary_conv2d(bits, 70, wb, [1, 1], [0, 0], [1, 1], None, None, False)
+        conv(bits, 70, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, False)
+    other = binary.pack_weight(torch.randn(3, 70, 3, 3))
     with pytest.raises(RuntimeError, match="weight is packed for"):
-        torch.ops.ctmq.binary_conv2d(bits, 40, wb[..., :1].contiguous(), [1, 1], [0, 0], [1, 1],
-                                     None, None, False)
+        conv(bits, 40, other.gemm, other.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, False)
+    with pytest.raises(RuntimeError, match="weight is packed for"):
+        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [1, 3], [1, 1], [0, 0], [1, 1], None, None, False)
     with pytest.raises(RuntimeError, match="x must be int32"):
-        torch.ops.ctmq.binary_conv2d(bits.float(), 40, wb, [1, 1], [0, 0], [1, 1], None, None, False)
+        conv(bits.float(), 40, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None,
+             False)
 
 
 def test_opcheck_binary_ops():
     x = torch.randn(2, 33, 5, 5)
     torch.library.opcheck(torch.ops.ctmq.pack_bits.default, (x,))
     bits = binary.pack_bits(x)
-    wb = binary.pack_weight(torch.randn(4, 33, 3, 3)).bits
+    pw = binary.pack_weight(torch.randn(4, 33, 3, 3))
+    torch.library.opcheck(torch.ops.ctmq.binary_weight_gemm.default, (pw.bits,))
     for packed in (False, True):
         torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
-                              (bits, 33, wb, [2, 2], [1, 1], [1, 1], torch.rand(4), None, packed))
+                              (bits, 33, pw.gemm, pw.tap_popc, 4, [3, 3], [2, 2], [1, 1], [1, 1],
+                               torch.rand(4), None, packed))
 
 
 def test_backend_info_reports_a_path():
     info = binary.backend_info()
-    assert info["cpu"] in ("avx2", "scalar")
+    assert info["cpu"] in ("avx512-vpopcntdq", "avx2", "scalar")
     assert ops.binary_cpu_path("scalar") == "scalar"
     assert binary.backend_info()["cpu"] == "scalar"
     ops.binary_cpu_path("auto")
-    with pytest.raises(RuntimeError, match="must be 'auto' or 'scalar'"):
+    with pytest.raises(RuntimeError, match="must be 'auto', 'avx2' or 'scalar'"):
         ops.binary_cpu_path("avx512")

@@ -6,10 +6,13 @@
 // zero padding (as F.conv2d on sign(x)): it adds nothing, and each output
 // counts only its valid taps: out = C * valid_taps - 2 * popc(a XOR w).
 //
-// Two code paths, chosen at run time: "avx2" (AVX2 + POPCNT instructions,
-// gcc target attributes) and the portable "scalar" one (same C++, built for
-// the baseline ISA: popcount in software). set_cpu_path("scalar") forces the
-// portable one, which the tests use to check both.
+// Three code paths, chosen at run time from what the CPU has:
+//   "avx512-vpopcntdq"  the GEMM on 8 output channels per vector (VPOPCNTQ);
+//   "avx2"              the same loops with the POPCNT instruction (AVX2 CPUs);
+//   "scalar"            the same C++ for the baseline ISA (popcount in software).
+// set_cpu_path("avx2" | "scalar") caps the path, so the tests check each.
+#include <immintrin.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,32 +22,48 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../ctmq.h"
 
 #define CTMQ_INLINE inline __attribute__((always_inline))
 #define CTMQ_HW __attribute__((target("avx2,popcnt")))
+#define CTMQ_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512vpopcntdq,avx2,popcnt")))
 
 namespace ctmq {
 namespace {
 
-std::atomic<bool> g_force_scalar{false};
+enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+std::atomic<int> g_max_path{kAvx512};  // lowered by set_cpu_path
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-  return ok;
+Path cpu_best_path() {
+  static const Path best = [] {
+    if (!__builtin_cpu_supports("popcnt") || !__builtin_cpu_supports("avx2")) return kScalar;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      return kAvx512;
+    }
+    return kAvx2;
+  }();
+  return best;
 }
 
-bool use_hw() { return !g_force_scalar.load() && cpu_has_avx2(); }
+Path current_path() { return static_cast<Path>(std::min<int>(g_max_path.load(), cpu_best_path())); }
+
+const char* path_name(Path p) {
+  return p == kAvx512 ? "avx512-vpopcntdq" : (p == kAvx2 ? "avx2" : "scalar");
+}
 
 }  // namespace
 
 std::string binary_cpu_path(const std::string& request) {
-  TORCH_CHECK(request.empty() || request == "auto" || request == "scalar",
-              "set_cpu_path: path must be 'auto' or 'scalar', got '", request, "'");
-  if (!request.empty()) g_force_scalar = request == "scalar";
-  return use_hw() ? "avx2" : "scalar";
+  TORCH_CHECK(request.empty() || request == "auto" || request == "avx2" || request == "scalar",
+              "set_cpu_path: path must be 'auto', 'avx2' or 'scalar', got '", request, "'");
+  if (!request.empty()) {
+    g_max_path = request == "auto" ? kAvx512 : (request == "avx2" ? kAvx2 : kScalar);
+  }
+  return path_name(current_path());
 }
 
 namespace {
@@ -85,6 +104,38 @@ CTMQ_HW void pack_row_hw(const T* x, const PackArgs& a, int64_t n, int64_t h, ui
   pack_row<T>(x, a, n, h, out);
 }
 
+// float32 rows of W values per channel: 16 pixels at a time, one compare and
+// one masked OR per channel sets that channel's bit in 16 words at once.
+CTMQ_AVX512 void pack_row_avx512(const float* x, const PackArgs& a, int64_t n, int64_t h,
+                                 uint32_t* out) {
+  const float* base = x + n * a.sN + h * a.sH;
+  alignas(64) uint32_t words[16];
+  for (int64_t w0 = 0; w0 < a.W; w0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, a.W - w0);
+    const __mmask16 tail = static_cast<__mmask16>((1u << cnt) - 1);
+    for (int64_t cw = 0; cw < a.Cw; ++cw) {
+      __m512i v = _mm512_setzero_si512();
+      for (int64_t c = cw * 32; c < std::min(a.C, cw * 32 + 32); ++c) {
+        const __m512 vals = _mm512_maskz_loadu_ps(tail, base + c * a.sC + w0);
+        const __mmask16 ge = _mm512_mask_cmp_ps_mask(tail, vals, _mm512_setzero_ps(), _CMP_GE_OQ);
+        v = _mm512_mask_or_epi32(v, ge, v, _mm512_set1_epi32(static_cast<int>(1u << (c & 31))));
+      }
+      _mm512_store_si512(words, v);
+      for (int64_t i = 0; i < cnt; ++i) out[(w0 + i) * a.Cw + cw] = words[i];
+    }
+  }
+}
+
+// Overloads: the avx512 row kernel exists for float32 only.
+template <typename T>
+bool pack_row_float_avx512(const T*, const PackArgs&, int64_t, int64_t, uint32_t*) {
+  return false;
+}
+bool pack_row_float_avx512(const float* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
+  pack_row_avx512(x, a, n, h, out);
+  return true;
+}
+
 template <typename T>
 void pack_row_scalar(const T* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
   pack_row<T>(x, a, n, h, out);
@@ -98,13 +149,17 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
              x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   auto out = at::empty({a.N, a.H, a.W, a.Cw}, x.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
-  const bool hw = use_hw();
+  const Path path = current_path();
+  const bool hw = path >= kAvx2;
+  // the avx512 row kernel reads rows of W contiguous float32 values per channel
+  const bool rows512 = path == kAvx512 && x.scalar_type() == at::kFloat && a.sW == 1 && a.sC != 1;
   auto* o = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_bits_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         uint32_t* row = o + r * a.W * a.Cw;
+        if (rows512 && pack_row_float_avx512(xp, a, r / a.H, r % a.H, row)) continue;
         if (hw) pack_row_hw<scalar_t>(xp, a, r / a.H, r % a.H, row);
         else pack_row_scalar<scalar_t>(xp, a, r / a.H, r % a.H, row);
       }
@@ -125,8 +180,8 @@ struct ConvArgs {
   int64_t OH, OW, Ow;            // output (Ow: packed output words)
   int64_t sh, sw, ph, pw, dh, dw;
   const uint32_t* x;             // (N, H, W, Cw)
-  const uint64_t* w;             // (O, K)
-  const int32_t* popw;           // (O, KH * KW): popc of each channel's tap
+  const uint64_t* w8;            // (ceil(O/8), K, 8): 8 output channels interleaved
+  const int64_t* popw8;          // (ceil(O/8), KH * KW, 8): popc of each channel's tap
   const float* scale;            // [O] or null
   const float* bias;             // [O] or null
   float* out;                    // (N, O, OH, OW) or null
@@ -177,7 +232,7 @@ CTMQ_INLINE void finish(const ConvArgs& a, int64_t n, int64_t m, int64_t oc, uin
                         int64_t popc) {
   int64_t valid = a.KH * a.KW;
   for (uint64_t b = bad; b; b &= b - 1) {
-    popc -= a.popw[oc * a.KH * a.KW + __builtin_ctzll(b)];
+    popc -= a.popw8[((oc / 8) * a.KH * a.KW + __builtin_ctzll(b)) * 8 + oc % 8];
     --valid;
   }
   store(a, n, m, oc, valid * a.C - 2 * popc);
@@ -190,11 +245,11 @@ CTMQ_INLINE void micro(const ConvArgs& a, const uint64_t* P, const uint64_t* inv
   const uint64_t* p[MR];
   const uint64_t* w[NR];
   for (int i = 0; i < MR; ++i) p[i] = P + (r + i) * a.K;
-  for (int j = 0; j < NR; ++j) w[j] = a.w + (oc + j) * a.K;
+  for (int j = 0; j < NR; ++j) w[j] = a.w8 + (oc + j) / 8 * a.K * 8 + (oc + j) % 8;
   for (int64_t k = 0; k < a.K; ++k) {
     uint64_t pv[MR], wv[NR];
     for (int i = 0; i < MR; ++i) pv[i] = p[i][k];
-    for (int j = 0; j < NR; ++j) wv[j] = w[j][k];
+    for (int j = 0; j < NR; ++j) wv[j] = w[j][k * 8];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NR; ++j) acc[i][j] += __builtin_popcountll(pv[i] ^ wv[j]);
   }
@@ -202,17 +257,22 @@ CTMQ_INLINE void micro(const ConvArgs& a, const uint64_t* P, const uint64_t* inv
     for (int j = 0; j < NR; ++j) finish(a, n, m0 + r + i, oc + j, invalid[r + i], acc[i][j]);
 }
 
+// A task owns the packed output words [oc0 / 32, ceil(oc1 / 32)) of its pixels.
+CTMQ_INLINE void clear_packed(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                              int64_t oc1) {
+  if (!a.packed) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint32_t* words = a.packed + (n * a.OH * a.OW + m0 + r) * a.Ow;
+    for (int64_t wd = oc0 / 32; wd < (oc1 + 31) / 32; ++wd) words[wd] = 0;
+  }
+}
+
 // One task: output pixels [m0, m0 + rows) of image n, output channels [oc0, oc1).
 CTMQ_INLINE void conv_block(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
                             int64_t oc1, uint64_t* P) {
   uint64_t invalid[kBlockM];
   build_patches(a, n, m0, rows, P, invalid);
-  if (a.packed) {  // this task owns words [oc0 / 32, ceil(oc1 / 32)) of its pixels
-    for (int64_t r = 0; r < rows; ++r) {
-      uint32_t* words = a.packed + (n * a.OH * a.OW + m0 + r) * a.Ow;
-      for (int64_t wd = oc0 / 32; wd < (oc1 + 31) / 32; ++wd) words[wd] = 0;
-    }
-  }
+  clear_packed(a, n, m0, rows, oc0, oc1);
   const int64_t oc4 = oc0 + (oc1 - oc0) / kNR * kNR, r4 = rows - rows % kMR;
   for (int64_t oc = oc0; oc < oc4; oc += kNR) {
     int64_t r = 0;
@@ -233,20 +293,118 @@ void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, i
   conv_block(a, n, m0, rows, oc0, oc1, P);
 }
 
-// (O, KH, KW, Cw) 32-bit words -> (O, K) 64-bit words, and popc per (O, tap).
-void gemm_weight(const at::Tensor& weight, int64_t Cw64, at::Tensor& w64, at::Tensor& popw) {
-  const int64_t O = weight.size(0), taps = weight.size(1) * weight.size(2), Cw = weight.size(3);
-  w64 = at::zeros({O, taps * Cw64}, weight.options().dtype(at::kLong));
-  popw = at::empty({O, taps}, weight.options());
-  const auto* src = reinterpret_cast<const uint32_t*>(weight.const_data_ptr<int32_t>());
-  auto* dst = reinterpret_cast<uint64_t*>(w64.mutable_data_ptr<int64_t>());
-  auto* pc = popw.mutable_data_ptr<int32_t>();
-  for (int64_t t = 0; t < O * taps; ++t) {
-    std::memcpy(dst + t * Cw64, src + t * Cw, 4 * Cw);
-    int32_t c = 0;
-    for (int64_t j = 0; j < Cw; ++j) c += __builtin_popcount(src[t * Cw + j]);
-    pc[t] = c;
+
+// ------------------------------------------------------- avx512 (VPOPCNTQ)
+
+// MR output pixels x 8 output channels (one vector of 64-bit counts per pixel).
+template <int MR>
+CTMQ_AVX512 CTMQ_INLINE void tile_avx512(const ConvArgs& a, const uint64_t* P, const uint64_t* invalid,
+                                         int64_t n, int64_t m0, int64_t r, int64_t ocg, int lanes) {
+  const int64_t T = a.KH * a.KW;
+  const uint64_t* wg = a.w8 + (ocg / 8) * a.K * 8;
+  const int64_t* pg = a.popw8 + (ocg / 8) * T * 8;
+  __m512i acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < a.K; ++k) {
+    const __m512i w = _mm512_loadu_si512(wg + k * 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i p = _mm512_set1_epi64(static_cast<long long>(P[(r + i) * a.K + k]));
+      acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(w, p)));
+    }
   }
+  const __mmask8 lane_mask = static_cast<__mmask8>((1u << lanes) - 1);
+  const __m256 scale = a.scale ? _mm256_maskz_loadu_ps(lane_mask, a.scale + ocg) : _mm256_set1_ps(1.f);
+  const __m256 bias = a.bias ? _mm256_maskz_loadu_ps(lane_mask, a.bias + ocg) : _mm256_setzero_ps();
+  const int64_t M = a.OH * a.OW;
+  __m256 ys[MR];
+  for (int i = 0; i < MR; ++i) {
+    const int64_t m = m0 + r + i;
+    int64_t valid = T;
+    for (uint64_t b = invalid[r + i]; b; b &= b - 1) {  // border taps: see build_patches
+      acc[i] = _mm512_sub_epi64(acc[i], _mm512_loadu_si512(pg + __builtin_ctzll(b) * 8));
+      --valid;
+    }
+    const __m512i val = _mm512_sub_epi64(_mm512_set1_epi64(valid * a.C), _mm512_slli_epi64(acc[i], 1));
+    __m256 y = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(val));  // exact below 2^24
+    if (a.scale) y = _mm256_mul_ps(y, scale);
+    if (a.bias) y = _mm256_add_ps(y, bias);
+    ys[i] = y;
+    if (a.packed) {
+      const uint32_t bits = _mm256_cmp_ps_mask(y, _mm256_setzero_ps(), _CMP_GE_OQ) & lane_mask;
+      a.packed[(n * M + m) * a.Ow + (ocg >> 5)] |= bits << (ocg & 31);
+    }
+  }
+  if (!a.out) return;
+  float* out = a.out + (n * a.O + ocg) * M + m0 + r;  // (channel l, pixel i) at out[l * M + i]
+  if constexpr (MR == 8) {
+    if (lanes == 8) {  // 8 pixels x 8 channels: transpose, then one 8-float store per channel
+      const __m256 t0 = _mm256_unpacklo_ps(ys[0], ys[1]), t1 = _mm256_unpackhi_ps(ys[0], ys[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(ys[2], ys[3]), t3 = _mm256_unpackhi_ps(ys[2], ys[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(ys[4], ys[5]), t5 = _mm256_unpackhi_ps(ys[4], ys[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(ys[6], ys[7]), t7 = _mm256_unpackhi_ps(ys[6], ys[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      _mm256_storeu_ps(out + 0 * M, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(out + 1 * M, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(out + 2 * M, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(out + 3 * M, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(out + 4 * M, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(out + 5 * M, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(out + 6 * M, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(out + 7 * M, _mm256_permute2f128_ps(u3, u7, 0x31));
+      return;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, ys[i]);
+    for (int l = 0; l < lanes; ++l) out[l * M + i] = tmp[l];
+  }
+}
+
+CTMQ_AVX512 void conv_block_avx512(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows,
+                                   int64_t oc0, int64_t oc1, uint64_t* P) {
+  uint64_t invalid[kBlockM];
+  build_patches(a, n, m0, rows, P, invalid);
+  clear_packed(a, n, m0, rows, oc0, oc1);
+  for (int64_t ocg = oc0; ocg < oc1; ocg += 8) {  // oc0 is a multiple of 8
+    const int lanes = static_cast<int>(std::min<int64_t>(8, oc1 - ocg));
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) tile_avx512<8>(a, P, invalid, n, m0, r, ocg, lanes);
+    for (; r < rows; ++r) tile_avx512<1>(a, P, invalid, n, m0, r, ocg, lanes);
+  }
+}
+
+// (O, KH, KW, Cw) 32-bit words -> the GEMM layout every path reads: 64-bit
+// words, 8 output channels interleaved, (ceil(O/8), K, 8), zeros past O; and the
+// popcount of each channel's tap, (ceil(O/8), KH * KW, 8). Made once per weight.
+std::tuple<at::Tensor, at::Tensor> weight_gemm_cpu(const at::Tensor& bits) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kInt && bits.dim() == 4,
+              "weight bits must be a CPU int32 (O, KH, KW, words) tensor, got ", bits.scalar_type(),
+              " ", bits.sizes(), " on ", bits.device());
+  const auto b = bits.contiguous();
+  const int64_t O = b.size(0), T = b.size(1) * b.size(2), Cw = b.size(3), Cw64 = (Cw + 1) / 2;
+  const int64_t G = (O + 7) / 8, K = T * Cw64;
+  auto w8 = at::zeros({G, K, 8}, b.options().dtype(at::kLong));
+  auto popw8 = at::zeros({G, T, 8}, b.options().dtype(at::kLong));
+  const auto* src = reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>());
+  auto* w = reinterpret_cast<uint64_t*>(w8.mutable_data_ptr<int64_t>());
+  auto* pc = popw8.mutable_data_ptr<int64_t>();
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* tap = src + (o * T + t) * Cw;
+      int64_t count = 0;
+      for (int64_t j = 0; j < Cw; ++j) {
+        const uint64_t word = static_cast<uint64_t>(tap[j]) << (32 * (j % 2));
+        w[((o / 8) * K + t * Cw64 + j / 2) * 8 + o % 8] |= word;
+        count += __builtin_popcount(tap[j]);
+      }
+      pc[((o / 8) * T + t) * 8 + o % 8] = count;
+    }
+  }
+  return {w8, popw8};
 }
 
 void check_packed(const at::Tensor& t, const char* name) {
@@ -263,26 +421,34 @@ std::optional<at::Tensor> check_vector(const std::optional<at::Tensor>& t, const
   return t->to(at::kFloat).contiguous();
 }
 
-at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at::Tensor& weight,
+at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at::Tensor& w8,
+                             const at::Tensor& popw8, int64_t out_channels, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              const std::optional<at::Tensor>& scale_in,
                              const std::optional<at::Tensor>& bias_in, bool packed_out) {
   check_packed(x, "x");
-  check_packed(weight, "weight");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "stride, padding and dilation must have 2 values each");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "kernel_size, stride, padding and dilation must have 2 values each");
   const int64_t Cw = x.size(3);
   TORCH_CHECK(in_channels >= 1 && (in_channels + 31) / 32 == Cw, "in_channels (", in_channels,
               ") does not fit x's ", Cw, " words per pixel");
-  TORCH_CHECK(weight.size(3) == Cw, "weight is packed for ", weight.size(3), " words per pixel (",
-              "another channel count), x has ", Cw);
+  const int64_t KH = kernel_size[0], KW = kernel_size[1], Cw64 = (Cw + 1) / 2;
+  TORCH_CHECK(KH >= 1 && KW >= 1 && KH * KW <= 64, "kernel_size must be >= 1 with at most 64 taps, got ",
+              kernel_size);
+  TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
+  TORCH_CHECK(w8.device().is_cpu() && w8.scalar_type() == at::kLong && w8.is_contiguous() &&
+                  w8.dim() == 3 && w8.size(0) == (out_channels + 7) / 8 && w8.size(2) == 8,
+              "weight must be the contiguous int64 (ceil(O/8), K, 8) layout of ctmq.binary.pack_weight "
+              "for ", out_channels, " output channels, got ", w8.scalar_type(), " ", w8.sizes());
+  TORCH_CHECK(w8.size(1) == KH * KW * Cw64, "weight is packed for ", w8.size(1), " words per output "
+              "channel (another channel count or kernel size), x needs ", KH * KW * Cw64);
+  TORCH_CHECK(popw8.scalar_type() == at::kLong && popw8.is_contiguous() &&
+                  popw8.sizes() == at::IntArrayRef({w8.size(0), KH * KW, 8}),
+              "tap_popc must be int64 (ceil(O/8), KH*KW, 8), got ", popw8.sizes());
   ConvArgs a{};
-  a.N = x.size(0); a.H = x.size(1); a.W = x.size(2); a.C = in_channels; a.Cw = Cw;
-  a.Cw64 = (Cw + 1) / 2;
-  a.O = weight.size(0); a.KH = weight.size(1); a.KW = weight.size(2);
-  a.K = a.KH * a.KW * a.Cw64;
-  TORCH_CHECK(a.KH * a.KW <= 64, "kernels of more than 64 taps are not supported, got ",
-              a.KH, "x", a.KW);
+  a.N = x.size(0); a.H = x.size(1); a.W = x.size(2); a.C = in_channels; a.Cw = Cw; a.Cw64 = Cw64;
+  a.O = out_channels; a.KH = KH; a.KW = KW; a.K = KH * KW * Cw64;
   a.sh = stride[0]; a.sw = stride[1]; a.ph = padding[0]; a.pw = padding[1];
   a.dh = dilation[0]; a.dw = dilation[1];
   TORCH_CHECK(a.sh >= 1 && a.sw >= 1, "stride must be >= 1, got ", stride);
@@ -298,16 +464,18 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   at::Tensor out = packed_out ? at::empty({a.N, a.OH, a.OW, a.Ow}, x.options())
                               : at::empty({a.N, a.O, a.OH, a.OW}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  at::Tensor w64, popw;
-  gemm_weight(weight, a.Cw64, w64, popw);
   a.x = reinterpret_cast<const uint32_t*>(x.const_data_ptr<int32_t>());
-  a.w = reinterpret_cast<const uint64_t*>(w64.const_data_ptr<int64_t>());
-  a.popw = popw.const_data_ptr<int32_t>();
+  a.w8 = reinterpret_cast<const uint64_t*>(w8.const_data_ptr<int64_t>());
+  a.popw8 = popw8.const_data_ptr<int64_t>();
   a.scale = scale ? scale->const_data_ptr<float>() : nullptr;
   a.bias = bias ? bias->const_data_ptr<float>() : nullptr;
   if (packed_out) a.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
   else a.out = out.mutable_data_ptr<float>();
-  const bool hw = use_hw();
+  const Path path = current_path();
+  a.scale = scale ? scale->const_data_ptr<float>() : nullptr;
+  a.bias = bias ? bias->const_data_ptr<float>() : nullptr;
+  if (packed_out) a.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
+  else a.out = out.mutable_data_ptr<float>();
   const int64_t M = a.OH * a.OW, mblocks = (M + kBlockM - 1) / kBlockM;
   const int64_t oblocks = (a.O + kBlockO - 1) / kBlockO;
   at::parallel_for(0, a.N * mblocks * oblocks, 1, [&](int64_t t0, int64_t t1) {
@@ -316,7 +484,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
       const int64_t ob = t % oblocks, mb = (t / oblocks) % mblocks, n = t / (oblocks * mblocks);
       const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
       const int64_t oc0 = ob * kBlockO, oc1 = std::min(a.O, oc0 + kBlockO);
-      if (hw) conv_block_hw(a, n, m0, rows, oc0, oc1, P.data());
+      if (path == kAvx512) conv_block_avx512(a, n, m0, rows, oc0, oc1, P.data());
+      else if (path == kAvx2) conv_block_hw(a, n, m0, rows, oc0, oc1, P.data());
       else conv_block_scalar(a, n, m0, rows, oc0, oc1, P.data());
     }
   });
@@ -328,6 +497,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
 void register_binary_cpu(torch::Library& m) {
   m.impl("pack_bits", &pack_bits_cpu);
   m.impl("binary_conv2d", &binary_conv2d_cpu);
+  m.impl("binary_weight_gemm", &weight_gemm_cpu);
 }
 
 }  // namespace ctmq
