@@ -107,7 +107,9 @@ def pack_weight(w: Tensor) -> PackedWeight:
     """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls."""
     _check_float("weight", w, 4)
     bits = pack_bits(w, dim=1).contiguous()
-    return PackedWeight(bits, w.shape[1], *ops.binary_weight_gemm(bits))
+    if ops.binary_backend(bits) == "cpp":
+        return PackedWeight(bits, w.shape[1], *ops.binary_weight_gemm(bits))
+    return PackedWeight(bits, w.shape[1])
 
 
 def _pair(name, v, low):
@@ -128,6 +130,10 @@ def _check_vector(name, v, n):
         raise ValueError(f"{name} must be a float tensor of shape ({n},) (one per output "
                          f"channel), got {getattr(v, 'shape', type(v).__name__)}")
     return v.detach().to(torch.float32)
+
+
+def _on(v, like):
+    return None if v is None else v.to(like.device)
 
 
 def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float"):
@@ -159,18 +165,28 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
         if ops.conv_output_size(xb.shape[1 + i], k, stride[i], padding[i], dilation[i]) < 1:
             raise ValueError(f"kernel {weight.kernel_size} (dilation {tuple(dilation)}) does not fit "
                              f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
-    if weight.gemm is None:
-        weight.gemm, weight.tap_popc = ops.binary_weight_gemm(weight.bits)
-    y = ops.binary_conv2d(xb, channels, weight.gemm, weight.tap_popc, weight.out_channels,
-                          list(weight.kernel_size), stride, padding, dilation, scale, bias,
-                          out == "packed")
+    bits = weight.bits.to(xb.device)
+    if weight.gemm is None and ops.binary_backend(xb) == "cpp":
+        weight.gemm, weight.tap_popc = ops.binary_weight_gemm(bits)  # once per weight
+    y = ops.binary_conv2d(xb, channels, bits, weight.gemm, weight.tap_popc, stride, padding,
+                          dilation, _on(scale, xb), _on(bias, xb), out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 
 
 def backend_info():
-    """Which binary kernel runs on each device: {"cpu": "avx2" | "scalar" | reason}."""
+    """Which binary kernels run on each device, e.g. {"cpu": "avx512-vpopcntdq",
+    "cuda": "triton"} (or why none does)."""
     try:
         cpu = ops.binary_cpu_path("")
     except RuntimeError as e:
         cpu = f"unavailable: {e}"
-    return {"cpu": cpu, "cuda": "not available yet (CPU kernels only)"}
+    if not torch.cuda.is_available():
+        cuda = "unavailable: no CUDA device"
+    else:
+        try:
+            from . import _backend
+            _backend.triton_kernels("binary")
+            cuda = "triton"
+        except RuntimeError as e:
+            cuda = f"unavailable: {e}"
+    return {"cpu": cpu, "cuda": cuda}

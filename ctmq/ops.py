@@ -415,37 +415,51 @@ torch.library.register_autograd("ctmq::quantize_weight", _weight_backward,
 
 # ------------------------------------------------------------- binary kernels
 # Packed format (DESIGN.md): NHWC int32 words, bit j of word w = channel 32w+j,
-# bit 1 = +1. The kernels are C++ (csrc/cpu) on the CPU.
-def _binary_backend(t: Tensor, what: str):
+# bit 1 = +1. CPU tensors: the C++ kernels (csrc/cpu); CUDA tensors, or CPU
+# tensors under force_triton(): the Triton kernels (ctmq_kernels/binary.py).
+# Inference only: these take no part in autograd.
+def binary_backend(t: Tensor) -> str:
+    """"triton" or "cpp": which binary kernels run for tensors on t's device."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _backend.triton_forced()):
+        return "triton"
     if t.device.type != "cpu":
-        raise NotImplementedError(f"{what}: ctmq's binary kernels run on CPU tensors so far "
-                                  f"(got a {t.device.type} tensor); move it with .cpu()")
+        raise NotImplementedError(f"ctmq's binary kernels run on CPU and CUDA tensors, "
+                                  f"got a {t.device.type} tensor")
     _backend.extension()  # a clear error when ctmq._C is not built
+    return "cpp"
 
 
 def pack_bits(x: Tensor) -> Tensor:
     """float (N, C, H, W), any strides -> int32 (N, H, W, ceil(C/32))."""
-    _binary_backend(x, "pack_bits")
+    if binary_backend(x) == "triton":
+        return _backend.triton_kernels("binary").pack_bits(x)
     return torch.ops.ctmq.pack_bits(x)
 
 
 def binary_weight_gemm(bits: Tensor) -> tuple[Tensor, Tensor]:
-    """(O, KH, KW, words) int32 -> the CPU kernel's weight layout and tap popcounts."""
-    _binary_backend(bits, "pack_weight")
+    """(O, KH, KW, words) int32 -> the C++ kernel's weight layout and tap popcounts."""
+    binary_backend(bits)
     return torch.ops.ctmq.binary_weight_gemm(bits)
 
 
-def binary_conv2d(x: Tensor, in_channels: int, gemm: Tensor, tap_popc: Tensor, out_channels: int,
-                  kernel_size, stride, padding, dilation, scale: Optional[Tensor],
+def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tensor],
+                  tap_popc: Optional[Tensor], stride, padding, dilation, scale: Optional[Tensor],
                   bias: Optional[Tensor], packed_out: bool) -> Tensor:
-    _binary_backend(x, "binary_conv2d")
-    return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, out_channels, kernel_size,
-                                        stride, padding, dilation, scale, bias, packed_out)
+    """XNOR-popcount conv of packed x with packed weight bits (O, KH, KW, words);
+    gemm/tap_popc: binary_weight_gemm(bits), needed by the C++ kernel only."""
+    if binary_backend(x) == "triton":
+        return _backend.triton_kernels("binary").binary_conv2d(
+            x, in_channels, bits, stride, padding, dilation, scale, bias, packed_out)
+    if gemm is None:
+        gemm, tap_popc = binary_weight_gemm(bits)
+    return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, bits.shape[0],
+                                        list(bits.shape[1:3]), stride, padding, dilation,
+                                        scale, bias, packed_out)
 
 
 def binary_cpu_path(request: str = "") -> str:
-    """The CPU binary kernels' code path ("avx2" or "scalar"); request "scalar"
-    forces the portable one, "auto" restores run-time detection."""
+    """The CPU binary kernels' code path ("avx512-vpopcntdq", "avx2" or "scalar");
+    request "avx2"/"scalar" caps it, "auto" restores run-time detection."""
     _backend.extension()
     return torch.ops.ctmq.set_cpu_path(request)
 

@@ -1,0 +1,58 @@
+"""ctmq_kernels.binary: the Triton packing and XNOR-popcount conv against the
+float reference (on CUDA, or on CPU tensors under TRITON_INTERPRET=1)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctmq import binary
+
+
+def sign(t):
+    return torch.where(t >= 0, 1.0, -1.0)
+
+
+GRID = [(c, hw, k, s, p, b) for c, hw, k, s, p, b in itertools.product(
+    [1, 31, 33, 65, 130], [(7, 7), (8, 5)], [1, 3], [1, 2], [0, 1], [1, 3])
+    if not (k == 1 and p == 1) and not (b == 3 and c in (31, 130))]
+
+
+@pytest.mark.parametrize("c,hw,k,stride,pad,batch", GRID)
+def test_triton_binary_conv_matches_reference(triton_device, c, hw, k, stride, pad, batch):
+    o = 5 if c < 64 else 37
+    x = torch.randn(batch, c, *hw)
+    w = torch.randn(o, c, k, k)
+    scale, bias = torch.randn(o), torch.randn(o) * 3
+    ref = F.conv2d(sign(x), sign(w), stride=stride, padding=pad)
+    ref_sb = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    xd, wd = x.to(triton_device), w.to(triton_device)
+    y = binary.binary_conv2d(xd, wd, stride=stride, padding=pad)
+    assert y.device.type == triton_device and torch.equal(y.cpu(), ref)
+    y_sb = binary.binary_conv2d(xd, wd, stride=stride, padding=pad, scale=scale, bias=bias)
+    assert torch.equal(y_sb.cpu(), ref_sb)
+    packed = binary.binary_conv2d(binary.pack_activation(xd), binary.pack_weight(wd), stride=stride,
+                                  padding=pad, scale=scale, bias=bias, out="packed")
+    assert torch.equal(binary.unpack_bits(packed.bits.cpu(), o), sign(ref_sb))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_triton_pack_bits_matches_cpu_format(triton_device, layout):
+    x = torch.randn(2, 70, 5, 6)
+    x[0, :3, 0, 0] = torch.tensor([0.0, -0.0, -1e-30])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[..., ::2]
+    bits = binary.pack_bits(x.to(triton_device)).cpu()
+    assert bits.shape == (2, x.shape[2], x.shape[3], 3)
+    assert torch.equal(binary.unpack_bits(bits, 70), sign(x))
+
+
+def test_triton_dilation_and_borders(triton_device):
+    x = torch.randn(1, 40, 6, 6)
+    w = torch.randn(9, 40, 3, 3)
+    for dil, pad in [(2, 2), (2, 0)]:
+        ref = F.conv2d(sign(x), sign(w), padding=pad, dilation=dil)
+        y = binary.binary_conv2d(x.to(triton_device), w.to(triton_device), padding=pad, dilation=dil)
+        assert torch.equal(y.cpu(), ref)
