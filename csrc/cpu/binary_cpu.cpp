@@ -8,7 +8,7 @@
 //
 // Three code paths, chosen at run time from what the CPU has:
 //   "avx512-vpopcntdq"  the GEMM on 8 output channels per vector (VPOPCNTQ);
-//   "avx2"              the same loops with the POPCNT instruction (AVX2 CPUs);
+//   "avx2"              4 output channels per vector, vpshufb nibble popcount;
 //   "scalar"            the same C++ for the baseline ISA (popcount in software).
 // set_cpu_path("avx2" | "scalar") caps the path, so the tests check each.
 #include <immintrin.h>
@@ -284,9 +284,65 @@ CTMQ_INLINE void conv_block(const ConvArgs& a, int64_t n, int64_t m0, int64_t ro
   }
 }
 
+// ------------------------------------------------------- avx2 (vpshufb popcount)
+// MR output pixels x 4 output channels (one vector of 4 64-bit counts per
+// pixel); popcount by nibble lookup (vpshufb), counted in bytes and summed into
+// the 64-bit lanes (vpsadbw) every 31 words, before a byte could overflow.
+template <int MR>
+CTMQ_HW CTMQ_INLINE void tile_avx2(const ConvArgs& a, const uint64_t* P, const uint64_t* invalid,
+                                   int64_t n, int64_t m0, int64_t r, int64_t oc, int lanes) {
+  const int64_t T = a.KH * a.KW;
+  const uint64_t* wg = a.w8 + (oc / 8) * a.K * 8 + oc % 8;  // 4 channels of the group of 8
+  const int64_t* pg = a.popw8 + (oc / 8) * T * 8 + oc % 8;
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  __m256i acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t k0 = 0; k0 < a.K; k0 += 31) {
+    const int64_t k1 = std::min(a.K, k0 + 31);
+    __m256i bytes[MR];
+    for (int i = 0; i < MR; ++i) bytes[i] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + k * 8));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i v = _mm256_xor_si256(
+            w, _mm256_set1_epi64x(static_cast<long long>(P[(r + i) * a.K + k])));
+        const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
+        const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+        bytes[i] = _mm256_add_epi8(bytes[i], _mm256_add_epi8(lo, hi));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      acc[i] = _mm256_add_epi64(acc[i], _mm256_sad_epu8(bytes[i], _mm256_setzero_si256()));
+    }
+  }
+  const int64_t M = a.OH * a.OW;
+  alignas(32) int64_t counts[4];
+  for (int i = 0; i < MR; ++i) {
+    const int64_t m = m0 + r + i;
+    int64_t valid = T;
+    for (uint64_t b = invalid[r + i]; b; b &= b - 1) {  // border taps: see build_patches
+      acc[i] = _mm256_sub_epi64(
+          acc[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + __builtin_ctzll(b) * 8)));
+      --valid;
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(counts), acc[i]);
+    for (int l = 0; l < lanes; ++l) store(a, n, m, oc + l, valid * a.C - 2 * counts[l]);
+  }
+}
+
 CTMQ_HW void conv_block_hw(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
                            int64_t oc1, uint64_t* P) {
-  conv_block(a, n, m0, rows, oc0, oc1, P);
+  uint64_t invalid[kBlockM];
+  build_patches(a, n, m0, rows, P, invalid);
+  clear_packed(a, n, m0, rows, oc0, oc1);
+  for (int64_t oc = oc0; oc < oc1; oc += 4) {  // oc0 is a multiple of 8
+    const int lanes = static_cast<int>(std::min<int64_t>(4, oc1 - oc));
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) tile_avx2<4>(a, P, invalid, n, m0, r, oc, lanes);
+    for (; r < rows; ++r) tile_avx2<1>(a, P, invalid, n, m0, r, oc, lanes);
+  }
 }
 void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
                        int64_t oc1, uint64_t* P) {
