@@ -1,11 +1,14 @@
 """Binary convolution throughput on ResNet-18's 7 binarizable 3x3 shapes (224x224
 input): ctmq's XNOR-popcount kernel (activation packing included, weights
-pre-packed) against torch's float32 F.conv2d on the same shapes, measured in
-the same run; per-shape and total ratios and binary GOPS (2 ops per MAC).
+pre-packed) against torch's F.conv2d on the same shapes, measured in the same
+run; per-shape and total ratios and binary GOPS (2 ops per MAC).
+CPU: against float32. CUDA: ctmq's Triton kernel against cuDNN in bfloat16
+and float16, channels_last (CUDA events via triton's do_bench, median).
 
-    python benchmarks/bench_binary_conv.py [--batch 1 8] [--json out.json]
+    python benchmarks/bench_binary_conv.py [--device cpu|cuda] [--batch 1 8] [--json out.json]
 """
 import argparse
+import json
 import sys
 
 import torch
@@ -37,6 +40,43 @@ def run_cpu(batch, min_time=0.3):
     return rows
 
 
+def run_cuda(batch):
+    dev = torch.device("cuda")
+    rows = []
+    for cin, cout, size, stride in SHAPES:
+        x = torch.randn(batch, cin, size, size, device=dev)
+        w = torch.randn(cout, cin, 3, 3, device=dev)
+        wb = binary.pack_weight(w)
+        t_bin = bench.timeit(lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev)
+        row = {"shape": f"{cin}x{cout}@{size}" + ("/s2" if stride == 2 else ""), "batch": batch,
+               "ctmq_ms": t_bin * 1e3}
+        for name, dt in (("cudnn_bf16_ms", torch.bfloat16), ("cudnn_f16_ms", torch.float16)):
+            xh = x.to(dt).contiguous(memory_format=torch.channels_last)
+            wh = w.to(dt).contiguous(memory_format=torch.channels_last)
+            row[name] = bench.timeit(lambda: F.conv2d(xh, wh, stride=stride, padding=1), dev) * 1e3
+        out = (size + 2 - 3) // stride + 1
+        macs = batch * cout * out * out * cin * 9
+        row["speedup"] = row["cudnn_bf16_ms"] / row["ctmq_ms"]
+        row["binary_tops"] = 2 * macs / t_bin / 1e12
+        rows.append(row)
+    return rows
+
+
+def format_cuda_rows(rows, title):
+    lines = [title, f"{'shape':16s} {'batch':>5s} {'ctmq ms':>9s} {'cudnn bf16':>10s} "
+             f"{'cudnn f16':>9s} {'vs bf16':>8s} {'bin TOPS':>9s}"]
+    for r in rows:
+        lines.append(f"{r['shape']:16s} {r['batch']:5d} {r['ctmq_ms']:9.3f} {r['cudnn_bf16_ms']:10.3f} "
+                     f"{r['cudnn_f16_ms']:9.3f} {r['speedup']:7.2f}x {r['binary_tops']:9.1f}")
+    for b in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == b]
+        tb = sum(r["ctmq_ms"] for r in mine)
+        tf = sum(r["cudnn_bf16_ms"] for r in mine)
+        th = sum(r["cudnn_f16_ms"] for r in mine)
+        lines.append(f"{'total':16s} {b:5d} {tb:9.3f} {tf:10.3f} {th:9.3f} {tf / tb:7.2f}x")
+    return "\n".join(lines)
+
+
 def format_rows(rows, title):
     lines = [title, f"{'shape':16s} {'batch':>5s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
              f"{'speedup':>8s} {'bin GOPS':>9s}"]
@@ -52,19 +92,25 @@ def format_rows(rows, title):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="default: 1 8 on cpu, 256 1 on cuda")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing (cpu)")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    rows = [r for b in a.batch for r in run_cpu(b, a.min_time)]
-    name = bench.device_name("cpu")
+    name = bench.device_name(a.device)
     info = binary.backend_info()
-    print(format_rows(rows, f"binary conv 3x3, {name}; ctmq CPU path: {info['cpu']}; "
-                            f"torch {torch.__version__} float32 F.conv2d in the same run"))
+    if a.device == "cuda":
+        rows = [r for b in (a.batch or [256, 1]) for r in run_cuda(b)]
+        print(format_cuda_rows(rows, f"binary conv 3x3, {name}; ctmq CUDA path: {info['cuda']}; "
+                                     f"cuDNN (torch {torch.__version__}) in the same run"))
+    else:
+        rows = [r for b in (a.batch or [1, 8]) for r in run_cpu(b, a.min_time)]
+        print(format_rows(rows, f"binary conv 3x3, {name}; ctmq CPU path: {info['cpu']}; "
+                                f"torch {torch.__version__} float32 F.conv2d in the same run"))
     if a.json:
         with atomic_open(a.json) as f:
-            import json
-            json.dump({"device": name, "cpu_path": info["cpu"], "rows": rows}, f, indent=1)
+            json.dump({"device": name, "path": info[a.device], "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

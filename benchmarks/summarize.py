@@ -30,10 +30,21 @@ def qat_step(data):
               f"{r['vs_fp']:6.3f}x")
 
 
+def binary_conv(data):
+    print(f"\nbinary conv 3x3 (ResNet-18 shapes), {data['device']}, ctmq path {data['path']}")
+    print(f"{'batch':>5s} {'ctmq ms':>9s} {'cudnn bf16 ms':>13s} {'vs bf16':>8s}")
+    for b in sorted({r["batch"] for r in data["rows"]}):
+        mine = [r for r in data["rows"] if r["batch"] == b]
+        tb = sum(r["ctmq_ms"] for r in mine)
+        tf = sum(r["cudnn_bf16_ms"] for r in mine)
+        print(f"{b:5d} {tb:9.3f} {tf:13.3f} {tf / tb:7.2f}x")
+
+
 def main(folder):
     folder = pathlib.Path(folder)
     shown = False
-    for name, fn in (("fake_quant.json", fake_quant), ("qat_step.json", qat_step)):
+    for name, fn in (("fake_quant.json", fake_quant), ("qat_step.json", qat_step),
+                     ("binary_conv.json", binary_conv)):
         path = folder / name
         if path.exists():
             fn(json.loads(path.read_text()))

@@ -44,3 +44,16 @@ def test_qat_step_benchmark_runs_small(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["bits"], r["quantizers"]) for r in rows] == [(32, "-"), (1, "ctmq"), (1, "torch")]
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_binary_conv_benchmark_runs(tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_binary_conv.py"
+    spec = importlib.util.spec_from_file_location("bench_binary_conv", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    mod.main(["--batch", "1", "--min-time", "0.01", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 7 and all(r["ctmq_ms"] > 0 and r["speedup"] > 0 for r in data["rows"])
