@@ -139,3 +139,29 @@ def convert(model, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, keep_first=True
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _swap(getattr(parent, child), w_bits, a_bits, **kwargs))
     return model
+
+
+# ------------------------------------------------ the binary conv + BN of deploy
+def fold_binary_conv_bn(conv, bn):
+    """Per-channel (scale, bias), float32, with
+    BN(conv(sign x, alpha * sign w)) == conv(sign x, sign w) * scale + bias:
+    scale = alpha * gamma / sqrt(var + eps), bias = beta - mean * gamma / sqrt(var + eps).
+    The one definition that the eval path below and the exported runtime share."""
+    from .quant import weight_scale
+    with torch.no_grad():
+        alpha = weight_scale(conv.weight.float(), 1)
+        inv_std = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        return alpha * inv_std, bn.bias.float() - bn.running_mean.float() * inv_std
+
+
+def conv_bn(conv, bn, x):
+    """bn(conv(x)); in eval mode at W1A1 computed as the deploy runtime does:
+    the exact integer conv of the signs (float32, no autocast) * scale + bias."""
+    if bn.training or not (conv.w_bits == 1 and conv.a_bits == 1):
+        return bn(conv(x))
+    scale, bias = fold_binary_conv_bn(conv, bn)
+    with torch.autocast(x.device.type, enabled=False):
+        sx = torch.where(x >= 0, 1.0, -1.0).float()
+        sw = torch.where(conv.weight >= 0, 1.0, -1.0).float()
+        y = F.conv2d(sx, sw, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)

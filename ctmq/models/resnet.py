@@ -10,14 +10,16 @@
   the real-valued limit of the quantizer family (Q_k clamps to [-1, 1]), so
   the FP "accurate" model has its nonlinearity and every stage sees the same
   function up to quantization;
-* FP average pool + FC.
+* FP average pool + FC;
+* in eval mode, a W1A1 conv + BN computes exactly what the exported runtime
+  does (ctmq.nn.conv_bn), so deployed and trained predictions agree.
 Module names follow torchvision's resnet18 so its state dict loads.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import QConv2d
+from ..nn import QConv2d, conv_bn
 from ..quant import FULL_PRECISION
 
 STEMS = ("imagenet", "cifar")
@@ -48,8 +50,8 @@ class BiRealBlock(nn.Module):
 
     def forward(self, x):
         short = x if self.downsample is None else self.downsample(x)
-        x = self.bn1(self.conv1(_act_input(x, self.conv1))) + short
-        return self.bn2(self.conv2(_act_input(x, self.conv2))) + x
+        x = conv_bn(self.conv1, self.bn1, _act_input(x, self.conv1)) + short
+        return conv_bn(self.conv2, self.bn2, _act_input(x, self.conv2)) + x
 
 
 class BasicBlock(nn.Module):
@@ -65,8 +67,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         short = x if self.downsample is None else self.downsample(x)
-        y = F.hardtanh(self.bn1(self.conv1(_act_input(x, self.conv1))))
-        return F.hardtanh(self.bn2(self.conv2(_act_input(y, self.conv2))) + short)
+        y = F.hardtanh(conv_bn(self.conv1, self.bn1, _act_input(x, self.conv1)))
+        return F.hardtanh(conv_bn(self.conv2, self.bn2, _act_input(y, self.conv2)) + short)
 
 
 class ResNet18(nn.Module):
