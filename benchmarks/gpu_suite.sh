@@ -29,7 +29,7 @@ if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
   # the tests that touch the GPU (the CPU-only engine tests run in CI)
   step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
     tests/test_kernels_binary.py tests/test_quant.py tests/test_ops.py tests/test_nn.py \
-    tests/test_models.py
+    tests/test_models.py tests/test_deploy.py
   grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
   step train_smoke python3 -m ctmq.cli train --device cuda --width 0.25 --cycles 1 \
     --start-bits 2 --epochs-per-stage 1 --no-progress --restart --out /tmp/ctmq_smoke_run
@@ -38,6 +38,7 @@ fi
 step bench_fake_quant python3 benchmarks/bench_fake_quant.py --device cuda --json "$OUT/fake_quant.json"
 step bench_qat_step python3 benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat_step.json"
 step bench_binary_conv python3 benchmarks/bench_binary_conv.py --device cuda --json "$OUT/binary_conv.json"
+step bench_deploy python3 benchmarks/bench_resnet18_deploy.py --device cuda --json "$OUT/deploy.json"
 
 python3 benchmarks/summarize.py "$OUT"
 exit $status

@@ -40,11 +40,18 @@ def binary_conv(data):
         print(f"{b:5d} {tb:9.3f} {tf:13.3f} {tf / tb:7.2f}x")
 
 
+def deploy(data):
+    print(f"\nbinarized ResNet-18 deploy, {data['device']}, vs torch {data['reference']}")
+    for r in data["rows"]:
+        print(f"batch {r['batch']:4d}: ctmq {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} img/s), "
+              f"torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
+
+
 def main(folder):
     folder = pathlib.Path(folder)
     shown = False
     for name, fn in (("fake_quant.json", fake_quant), ("qat_step.json", qat_step),
-                     ("binary_conv.json", binary_conv)):
+                     ("binary_conv.json", binary_conv), ("deploy.json", deploy)):
         path = folder / name
         if path.exists():
             fn(json.loads(path.read_text()))

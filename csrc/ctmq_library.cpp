@@ -13,7 +13,7 @@ TORCH_LIBRARY(ctmq, m) {
   m.def("binary_weight_gemm(Tensor bits) -> (Tensor, Tensor)");
   m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
-        "Tensor? bias, bool packed_out) -> Tensor");
+        "Tensor? bias, Tensor? residual, bool packed_out) -> Tensor");
   m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
 }
 

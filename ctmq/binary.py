@@ -136,12 +136,15 @@ def _on(v, like):
     return None if v is None else v.to(like.device)
 
 
-def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float"):
+def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float",
+                  residual=None):
     """XNOR-popcount convolution of sign(x) with sign(weight); see the module doc.
 
     x: float (N, C, H, W) tensor (any strides) or a PackedActivation;
-    weight: float (O, C, KH, KW) tensor or a PackedWeight. Returns a float32
-    (N, O, OH, OW) tensor, or with out="packed" a PackedActivation."""
+    weight: float (O, C, KH, KW) tensor or a PackedWeight; residual: a float
+    (N, O, OH, OW) tensor added last, in the epilogue (a shortcut), as
+    `(y * scale + bias) + residual`. Returns a float32 (N, O, OH, OW) tensor,
+    or with out="packed" a PackedActivation."""
     if out not in ("float", "packed"):
         raise ValueError(f"out must be 'float' or 'packed', got {out!r}")
     if isinstance(x, PackedActivation):
@@ -168,8 +171,16 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
     bits = weight.bits.to(xb.device)
     if weight.gemm is None and ops.binary_backend(xb) == "cpp":
         weight.gemm, weight.tap_popc = ops.binary_weight_gemm(bits)  # once per weight
+    if residual is not None:
+        oshape = (xb.shape[0], weight.out_channels,
+                  ops.conv_output_size(xb.shape[1], weight.kernel_size[0], stride[0], padding[0], dilation[0]),
+                  ops.conv_output_size(xb.shape[2], weight.kernel_size[1], stride[1], padding[1], dilation[1]))
+        if not isinstance(residual, Tensor) or not residual.is_floating_point() or tuple(residual.shape) != oshape:
+            raise ValueError(f"residual must be a float tensor of the output's shape {oshape}, got "
+                             f"{getattr(residual, 'shape', type(residual).__name__)}")
+        residual = residual.to(xb.device, torch.float32).contiguous()
     y = ops.binary_conv2d(xb, channels, bits, weight.gemm, weight.tap_popc, stride, padding,
-                          dilation, _on(scale, xb), _on(bias, xb), out == "packed")
+                          dilation, _on(scale, xb), _on(bias, xb), residual, out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 
 

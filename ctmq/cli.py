@@ -1,4 +1,4 @@
-"""The `ctmq` command line: `ctmq train` (CTMQ vs direct) and `ctmq bench`."""
+"""The `ctmq` command line: train -> export -> infer, and bench."""
 import argparse
 import dataclasses
 import json
@@ -20,6 +20,8 @@ def _default_device():
 
 def _bench(args):
     from . import bench
+    if args.deploy:
+        return _deploy("bench_deploy_command")(args)
 
     device = args.device or _default_device()
     if device == "cuda" and not torch.cuda.is_available():
@@ -128,6 +130,16 @@ def _add_train(sub):
     t.set_defaults(func=_train)
 
 
+def _deploy(name):
+    def run(args):
+        from . import cli_deploy
+        try:
+            return getattr(cli_deploy, name)(args)
+        except cli_deploy.DeployCliError as e:
+            raise CliError(str(e)) from e
+    return run
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="ctmq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,7 +153,26 @@ def build_parser():
                    help="include torch.compile baselines (default: on cuda only)")
     b.add_argument("--only", help="run only cases whose name contains this text")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--deploy", metavar="MODEL.ctmq",
+                   help="instead: latency and throughput of an exported model's runtime")
+    b.add_argument("--batch", type=int, nargs="+", help="with --deploy: batch sizes (default 1 8)")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("export", help="export a W1A1 run or checkpoint for deployment")
+    e.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its final W1A1 stage) or a stage checkpoint")
+    e.add_argument("-o", "--output", required=True, help="the artifact to write (e.g. model.ctmq)")
+    e.set_defaults(func=_deploy("export_command"))
+
+    i = sub.add_parser("infer", help="classify images or tensors with an exported model")
+    i.add_argument("model", metavar="MODEL.ctmq")
+    i.add_argument("inputs", metavar="IMAGE_OR_DIR",
+                   help="an image (PNG/JPEG/...; resized and normalized per the model), a "
+                   "tensor file (.pt/.npy, normalized (N, C, H, W)), or a folder of them")
+    i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    i.add_argument("--topk", type=int, default=5)
+    i.add_argument("--json", help="also write the predictions to this JSON file")
+    i.set_defaults(func=_deploy("infer_command"))
     return p
 
 

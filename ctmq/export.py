@@ -4,7 +4,7 @@ The artifact is a safetensors file: tensors (packed binary weights with their
 folded per-channel scale/bias; the full-precision stem, shortcuts and FC as
 they are) and, in its metadata, a JSON header: format version, architecture,
 the node list the runtime executes, input size and normalization, class names
-and a sha256 checksum of the tensors. Loading it (ctmq.deploy) never unpickles
+and a sha256 checksum of the header and the tensors. Loading it (ctmq.deploy) never unpickles
 anything.
 
 Each binary conv is folded with the BatchNorm that follows it into
@@ -31,9 +31,12 @@ class ExportError(ValueError):
     """The model cannot be exported (not a W1A1 ResNet-18)."""
 
 
-def tensors_checksum(tensors):
-    """sha256 over names, dtypes, shapes and bytes of the tensors, in name order."""
+def artifact_checksum(header, tensors):
+    """sha256 over the header (all but its checksum, canonical JSON) and the
+    names, dtypes, shapes and bytes of the tensors, in name order."""
     h = hashlib.sha256()
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    h.update(json.dumps(body, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -70,10 +73,12 @@ class _Graph:
                         mean=self.tensor(f"{name}.running_mean", bn.running_mean),
                         var=self.tensor(f"{name}.running_var", bn.running_var), eps=bn.eps)
 
-    def binary_conv(self, name, conv, bn, x, out):
+    def binary_conv(self, name, conv, bn, x, out, residual=None):
+        """conv + BN (folded), then + residual in the same epilogue when given."""
         scale, bias = fold_binary_conv_bn(conv, bn)
         pw = binary.pack_weight(conv.weight.detach().float().cpu())
-        return self.add("binary_conv", [x], weight=self.tensor(f"{name}.bits", pw.bits),
+        inputs = [x] if residual is None else [x, residual]
+        return self.add("binary_conv", inputs, weight=self.tensor(f"{name}.bits", pw.bits),
                         scale=self.tensor(f"{name}.scale", scale),
                         bias=self.tensor(f"{name}.bias", bias), in_channels=conv.in_channels,
                         stride=list(conv.stride), padding=list(conv.padding),
@@ -99,15 +104,13 @@ def _build_graph(model):
             name = f"layer{li}.{bi}"
             short = g.shortcut(name, block, x)
             if isinstance(block, BiRealBlock):
-                t = g.binary_conv(f"{name}.conv1", block.conv1, block.bn1, x, "float")
-                x = g.add("add", [t, short])
-                t = g.binary_conv(f"{name}.conv2", block.conv2, block.bn2, x, "float")
-                x = g.add("add", [t, x])
+                x = g.binary_conv(f"{name}.conv1", block.conv1, block.bn1, x, "float", residual=short)
+                x = g.binary_conv(f"{name}.conv2", block.conv2, block.bn2, x, "float", residual=x)
             elif isinstance(block, BasicBlock):
                 # sign(hardtanh(y)) == sign(y): conv1's epilogue packs the signs
                 h = g.binary_conv(f"{name}.conv1", block.conv1, block.bn1, x, "packed")
-                t = g.binary_conv(f"{name}.conv2", block.conv2, block.bn2, h, "float")
-                x = g.add("hardtanh", [g.add("add", [t, short])])
+                t = g.binary_conv(f"{name}.conv2", block.conv2, block.bn2, h, "float", residual=short)
+                x = g.add("hardtanh", [t])
             else:
                 raise ExportError(f"{name}: unknown block type {type(block).__name__}")
     x = g.add("global_avg_pool", [x])
@@ -150,7 +153,8 @@ def export_binary(model, path, input_size=None, mean=None, std=None, class_names
     header = {"format": FORMAT, "version": VERSION, "architecture": dict(cfg, name="resnet18"),
               "input": {"channels": channels, "size": int(input_size), "mean": [float(v) for v in mean],
                         "std": [float(v) for v in std]},
-              "class_names": class_names, "nodes": g.nodes, "checksum": tensors_checksum(g.tensors)}
+              "class_names": class_names, "nodes": g.nodes}
+    header["checksum"] = artifact_checksum(header, g.tensors)
     from safetensors.torch import save
     blob = save(g.tensors, metadata={"ctmq": json.dumps(header)})
     with atomic_open(path, "wb") as f:

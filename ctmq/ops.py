@@ -444,17 +444,18 @@ def binary_weight_gemm(bits: Tensor) -> tuple[Tensor, Tensor]:
 
 def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tensor],
                   tap_popc: Optional[Tensor], stride, padding, dilation, scale: Optional[Tensor],
-                  bias: Optional[Tensor], packed_out: bool) -> Tensor:
-    """XNOR-popcount conv of packed x with packed weight bits (O, KH, KW, words);
-    gemm/tap_popc: binary_weight_gemm(bits), needed by the C++ kernel only."""
+                  bias: Optional[Tensor], residual: Optional[Tensor], packed_out: bool) -> Tensor:
+    """XNOR-popcount conv of packed x with packed weight bits (O, KH, KW, words),
+    epilogue ((conv * scale) + bias) + residual; gemm/tap_popc:
+    binary_weight_gemm(bits), needed by the C++ kernel only."""
     if binary_backend(x) == "triton":
         return _backend.triton_kernels("binary").binary_conv2d(
-            x, in_channels, bits, stride, padding, dilation, scale, bias, packed_out)
+            x, in_channels, bits, stride, padding, dilation, scale, bias, residual, packed_out)
     if gemm is None:
         gemm, tap_popc = binary_weight_gemm(bits)
     return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, bits.shape[0],
                                         list(bits.shape[1:3]), stride, padding, dilation,
-                                        scale, bias, packed_out)
+                                        scale, bias, residual, packed_out)
 
 
 def binary_cpu_path(request: str = "") -> str:
@@ -484,7 +485,7 @@ if _backend.has_extension():
 
     @torch.library.register_fake("ctmq::binary_conv2d")
     def _(x, in_channels, weight, tap_popc, out_channels, kernel_size, stride, padding, dilation,
-          scale, bias, packed_out):
+          scale, bias, residual, packed_out):
         oh = conv_output_size(x.shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
         ow = conv_output_size(x.shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
         if packed_out:

@@ -49,10 +49,11 @@ def _pack_bits_kernel(x_ptr, out_ptr, C, H, W, Cw, sN, sC, sH, sW, P,
 
 
 @triton.jit
-def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                         N, C, H, W, Cw, O, OH, OW, KH, KW,
                         sh, sw, ph, pw, dh, dw,
-                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                        PACKED: tl.constexpr,
                         HW_POPC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -92,6 +93,9 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
         y = y * tl.load(scale_ptr + oc, mask=oc_ok, other=1.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + oc, mask=oc_ok, other=0.0)[None, :]
+    dst = (n.to(tl.int64)[:, None] * O + oc[None, :]) * (OH * OW) + (oh * OW + ow)[:, None]
+    if HAS_RES:  # a shortcut, added last: ((conv * scale) + bias) + residual
+        y = y + tl.load(res_ptr + dst, mask=m_ok[:, None] & oc_ok[None, :], other=0.0)
     if PACKED:
         # BLOCK_N == 32: this program's channels are exactly one output word
         Ow = (O + 31) // 32
@@ -99,7 +103,6 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
         word = tl.sum(bit, axis=1).to(tl.int32)
         tl.store(out_ptr + m.to(tl.int64) * Ow + pid_n, word, mask=m_ok)
     else:
-        dst = (n.to(tl.int64)[:, None] * O + oc[None, :]) * (OH * OW) + (oh * OW + ow)[:, None]
         tl.store(out_ptr + dst, y, mask=m_ok[:, None] & oc_ok[None, :])
 
 
@@ -119,7 +122,8 @@ def pack_bits(x):
     return out
 
 
-def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias, packed_out):
+def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias, residual,
+                  packed_out):
     """x: int32 (N, H, W, Cw); wbits: int32 (O, KH, KW, Cw) (the packed format)."""
     N, H, W, Cw = x.shape
     O, KH, KW, _ = wbits.shape
@@ -134,9 +138,10 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
         return out
     grid = (triton.cdiv(M, CONV_BLOCK_M), triton.cdiv(O, CONV_BLOCK_N))
     _binary_conv_kernel[grid](
-        x, wbits, scale if scale is not None else out, bias if bias is not None else out, out,
+        x, wbits, scale if scale is not None else out, bias if bias is not None else out,
+        residual if residual is not None else out, out,
         N, in_channels, H, W, Cw, O, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        PACKED=packed_out, HW_POPC=_hw_popc(x), BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
+        HAS_RES=residual is not None, PACKED=packed_out, HW_POPC=_hw_popc(x), BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
         BLOCK_K=CONV_BLOCK_K, enable_fp_fusion=False)
     return out

@@ -51,6 +51,21 @@ def test_binary_conv_matches_float_reference(cpu_path, c, hw, k, stride, pad, ba
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref_sb))
 
 
+@pytest.mark.parametrize("o", [8, 13, 64])
+def test_residual_is_added_last_in_the_epilogue(cpu_path, o):
+    x = torch.randn(2, 40, 9, 9)
+    w = torch.randn(o, 40, 3, 3)
+    scale, bias = torch.randn(o), torch.randn(o)
+    res = torch.randn(2, o, 9, 9) * 5
+    ref = (F.conv2d(sign(x), sign(w), padding=1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)) + res
+    y = binary.binary_conv2d(x, w, padding=1, scale=scale, bias=bias, residual=res)
+    assert torch.equal(y, ref)
+    packed = binary.binary_conv2d(x, w, padding=1, scale=scale, bias=bias, residual=res, out="packed")
+    assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref))
+    with pytest.raises(ValueError, match="residual must be a float tensor of the output's shape"):
+        binary.binary_conv2d(x, w, padding=1, residual=res[:, :, 1:])
+
+
 def test_border_pixels_and_dilation(cpu_path):
     x = torch.randn(2, 40, 6, 6)
     w = torch.randn(9, 40, 3, 3)
@@ -132,15 +147,18 @@ def test_kernel_level_checks():
     pw = binary.pack_weight(torch.randn(3, 40, 3, 3))
     conv = torch.ops.ctmq.binary_conv2d
     with pytest.raises(RuntimeError, match="does not fit x's"):
-        conv(bits, 70, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, False)
+        conv(bits, 70, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
     other = binary.pack_weight(torch.randn(3, 70, 3, 3))
     with pytest.raises(RuntimeError, match="weight is packed for"):
-        conv(bits, 40, other.gemm, other.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, False)
+        conv(bits, 40, other.gemm, other.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
     with pytest.raises(RuntimeError, match="weight is packed for"):
-        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [1, 3], [1, 1], [0, 0], [1, 1], None, None, False)
+        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [1, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
     with pytest.raises(RuntimeError, match="x must be int32"):
         conv(bits.float(), 40, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None,
-             False)
+             None, False)
+    with pytest.raises(RuntimeError, match="residual must be a contiguous float32"):
+        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None,
+             torch.zeros(1, 3, 5, 5), False)
 
 
 def test_opcheck_binary_ops():
@@ -152,7 +170,7 @@ def test_opcheck_binary_ops():
     for packed in (False, True):
         torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
                               (bits, 33, pw.gemm, pw.tap_popc, 4, [3, 3], [2, 2], [1, 1], [1, 1],
-                               torch.rand(4), None, packed))
+                               torch.rand(4), None, torch.randn(2, 4, 3, 3), packed))
 
 
 def test_backend_info_reports_a_path():

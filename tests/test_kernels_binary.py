@@ -49,6 +49,19 @@ def test_triton_pack_bits_matches_cpu_format(triton_device, layout):
     assert torch.equal(binary.unpack_bits(bits, 70), sign(x))
 
 
+def test_triton_residual_epilogue(triton_device):
+    x = torch.randn(2, 40, 7, 7)
+    w = torch.randn(13, 40, 3, 3)
+    scale, bias, res = torch.randn(13), torch.randn(13), torch.randn(2, 13, 7, 7) * 5
+    ref = (F.conv2d(sign(x), sign(w), padding=1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)) + res
+    d = triton_device
+    y = binary.binary_conv2d(x.to(d), w.to(d), padding=1, scale=scale, bias=bias, residual=res.to(d))
+    assert torch.equal(y.cpu(), ref)
+    p = binary.binary_conv2d(x.to(d), w.to(d), padding=1, scale=scale, bias=bias, residual=res.to(d),
+                             out="packed")
+    assert torch.equal(binary.unpack_bits(p.bits.cpu(), 13), sign(ref))
+
+
 def test_triton_dilation_and_borders(triton_device):
     x = torch.randn(1, 40, 6, 6)
     w = torch.randn(9, 40, 3, 3)

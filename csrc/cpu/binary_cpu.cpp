@@ -184,6 +184,7 @@ struct ConvArgs {
   const int64_t* popw8;          // (ceil(O/8), KH * KW, 8): popc of each channel's tap
   const float* scale;            // [O] or null
   const float* bias;             // [O] or null
+  const float* residual;         // (N, O, OH, OW) or null: added last
   float* out;                    // (N, O, OH, OW) or null
   uint32_t* packed;              // (N, OH, OW, Ow) or null
 };
@@ -196,6 +197,7 @@ CTMQ_INLINE void store(const ConvArgs& a, int64_t n, int64_t m, int64_t oc, int6
   float y = static_cast<float>(val);  // exact: |val| <= C * KH * KW < 2^24
   if (a.scale) y = y * a.scale[oc];
   if (a.bias) y = y + a.bias[oc];
+  if (a.residual) y = y + a.residual[(n * a.O + oc) * a.OH * a.OW + m];
   if (a.out) {
     a.out[(n * a.O + oc) * a.OH * a.OW + m] = y;
   } else if (y >= 0.f) {  // the next layer's sign, taken in the epilogue
@@ -352,6 +354,11 @@ void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, i
 
 // ------------------------------------------------------- avx512 (VPOPCNTQ)
 
+CTMQ_AVX512 CTMQ_INLINE void store_row(float* out, const float* res, __m256 v) {
+  if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res));  // the residual add, fused
+  _mm256_storeu_ps(out, v);
+}
+
 // MR output pixels x 8 output channels (one vector of 64-bit counts per pixel).
 template <int MR>
 CTMQ_AVX512 CTMQ_INLINE void tile_avx512(const ConvArgs& a, const uint64_t* P, const uint64_t* invalid,
@@ -386,12 +393,18 @@ CTMQ_AVX512 CTMQ_INLINE void tile_avx512(const ConvArgs& a, const uint64_t* P, c
     if (a.bias) y = _mm256_add_ps(y, bias);
     ys[i] = y;
     if (a.packed) {
+      if (a.residual) {  // gather this pixel's 8 residuals (one per channel row)
+        alignas(32) float res[8] = {};
+        for (int l = 0; l < lanes; ++l) res[l] = a.residual[(n * a.O + ocg + l) * M + m];
+        y = _mm256_add_ps(y, _mm256_load_ps(res));
+      }
       const uint32_t bits = _mm256_cmp_ps_mask(y, _mm256_setzero_ps(), _CMP_GE_OQ) & lane_mask;
       a.packed[(n * M + m) * a.Ow + (ocg >> 5)] |= bits << (ocg & 31);
     }
   }
   if (!a.out) return;
   float* out = a.out + (n * a.O + ocg) * M + m0 + r;  // (channel l, pixel i) at out[l * M + i]
+  const float* res = a.residual ? a.residual + (n * a.O + ocg) * M + m0 + r : nullptr;
   if constexpr (MR == 8) {
     if (lanes == 8) {  // 8 pixels x 8 channels: transpose, then one 8-float store per channel
       const __m256 t0 = _mm256_unpacklo_ps(ys[0], ys[1]), t1 = _mm256_unpackhi_ps(ys[0], ys[1]);
@@ -402,21 +415,21 @@ CTMQ_AVX512 CTMQ_INLINE void tile_avx512(const ConvArgs& a, const uint64_t* P, c
       const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
       const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
       const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      _mm256_storeu_ps(out + 0 * M, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(out + 1 * M, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(out + 2 * M, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(out + 3 * M, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(out + 4 * M, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(out + 5 * M, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(out + 6 * M, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(out + 7 * M, _mm256_permute2f128_ps(u3, u7, 0x31));
+      store_row(out + 0 * M, res ? res + 0 * M : nullptr, _mm256_permute2f128_ps(u0, u4, 0x20));
+      store_row(out + 1 * M, res ? res + 1 * M : nullptr, _mm256_permute2f128_ps(u1, u5, 0x20));
+      store_row(out + 2 * M, res ? res + 2 * M : nullptr, _mm256_permute2f128_ps(u2, u6, 0x20));
+      store_row(out + 3 * M, res ? res + 3 * M : nullptr, _mm256_permute2f128_ps(u3, u7, 0x20));
+      store_row(out + 4 * M, res ? res + 4 * M : nullptr, _mm256_permute2f128_ps(u0, u4, 0x31));
+      store_row(out + 5 * M, res ? res + 5 * M : nullptr, _mm256_permute2f128_ps(u1, u5, 0x31));
+      store_row(out + 6 * M, res ? res + 6 * M : nullptr, _mm256_permute2f128_ps(u2, u6, 0x31));
+      store_row(out + 7 * M, res ? res + 7 * M : nullptr, _mm256_permute2f128_ps(u3, u7, 0x31));
       return;
     }
   }
   for (int i = 0; i < MR; ++i) {
     alignas(32) float tmp[8];
     _mm256_store_ps(tmp, ys[i]);
-    for (int l = 0; l < lanes; ++l) out[l * M + i] = tmp[l];
+    for (int l = 0; l < lanes; ++l) out[l * M + i] = res ? tmp[l] + res[l * M + i] : tmp[l];
   }
 }
 
@@ -481,7 +494,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
                              const at::Tensor& popw8, int64_t out_channels, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              const std::optional<at::Tensor>& scale_in,
-                             const std::optional<at::Tensor>& bias_in, bool packed_out) {
+                             const std::optional<at::Tensor>& bias_in,
+                             const std::optional<at::Tensor>& residual, bool packed_out) {
   check_packed(x, "x");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
@@ -519,6 +533,13 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   auto bias = check_vector(bias_in, "bias", a.O);
   at::Tensor out = packed_out ? at::empty({a.N, a.OH, a.OW, a.Ow}, x.options())
                               : at::empty({a.N, a.O, a.OH, a.OW}, x.options().dtype(at::kFloat));
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                    residual->sizes() == at::IntArrayRef({a.N, a.O, a.OH, a.OW}),
+                "residual must be a contiguous float32 (", a.N, ", ", a.O, ", ", a.OH, ", ", a.OW,
+                ") tensor, got ", residual->scalar_type(), " ", residual->sizes());
+    a.residual = residual->const_data_ptr<float>();
+  }
   if (out.numel() == 0) return out;
   a.x = reinterpret_cast<const uint32_t*>(x.const_data_ptr<int32_t>());
   a.w8 = reinterpret_cast<const uint64_t*>(w8.const_data_ptr<int64_t>());
@@ -528,10 +549,6 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   if (packed_out) a.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
   else a.out = out.mutable_data_ptr<float>();
   const Path path = current_path();
-  a.scale = scale ? scale->const_data_ptr<float>() : nullptr;
-  a.bias = bias ? bias->const_data_ptr<float>() : nullptr;
-  if (packed_out) a.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
-  else a.out = out.mutable_data_ptr<float>();
   const int64_t M = a.OH * a.OW, mblocks = (M + kBlockM - 1) / kBlockM;
   const int64_t oblocks = (a.O + kBlockO - 1) / kBlockO;
   at::parallel_for(0, a.N * mblocks * oblocks, 1, [&](int64_t t0, int64_t t1) {

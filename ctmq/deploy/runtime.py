@@ -3,7 +3,8 @@
 The runtime walks the artifact's node list: binary convolutions run on ctmq's
 XNOR-popcount kernels (C++ on the CPU, Triton on CUDA) with the folded
 scale/bias in their epilogue, and pass packed activations to each other where
-the graph allows; the full-precision stem, shortcuts and FC run as the same
+the graph allows, with the residual add of a shortcut fused into their
+epilogue; the full-precision stem, shortcuts and FC run as the same
 torch functions the trained model calls, so the logits agree with the model's
 eval-mode logits. On CUDA, each batch size is captured once as a CUDA graph so
 that small batches are not launch-bound.
@@ -11,12 +12,13 @@ that small batches are not launch-bound.
 import json
 import os
 import struct
+import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import binary
-from ..export import FORMAT, VERSION, tensors_checksum
+from ..export import FORMAT, VERSION, artifact_checksum
 
 KNOWN_OPS = {"conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "binary_conv", "add", "hardtanh",
              "global_avg_pool", "linear", "output"}
@@ -58,8 +60,8 @@ def read_artifact(path):
         tensors = load_bytes(blob)
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(f"{path}: corrupt tensor data ({e})") from e
-    if tensors_checksum(tensors) != header.get("checksum"):
-        raise ArtifactError(f"{path}: checksum mismatch: the tensors were changed or damaged")
+    if artifact_checksum(header, tensors) != header.get("checksum"):
+        raise ArtifactError(f"{path}: checksum mismatch: the file was changed or damaged")
     return header, tensors
 
 
@@ -100,11 +102,13 @@ class Runtime:
             raise ValueError(f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
                              f"(channels, height, width of the exported model), got {tuple(images.shape)}")
 
-    def run(self, images, trace=False):
-        """Logits of normalized images; with trace=True also every node's value."""
+    def run(self, images, trace=False, timings=None):
+        """Logits of normalized images; with trace=True also every node's value;
+        timings: a dict to add each op type's seconds to (CPU, synchronous)."""
         env = {"input": images.to(self.device, torch.float32)}
         t = self.t
         for node in self.header["nodes"]:
+            start = time.perf_counter() if timings is not None else 0.0
             op, args = node["op"], [env[i] for i in node["in"]]
             x = args[0]
             if op == "conv2d":
@@ -114,13 +118,16 @@ class Runtime:
                 y = F.batch_norm(x, t[node["mean"]], t[node["var"]], t[node["weight"]],
                                  t[node["bias"]], False, 0.0, node["eps"])
             elif op == "max_pool2d":
-                y = F.max_pool2d(x, node["kernel"], node["stride"], node["padding"])
+                # a max is exact in any order: channels_last runs torch's fast CPU kernel
+                # (NCHW with padding is about 20x slower there); back to NCHW after
+                y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), node["kernel"],
+                                 node["stride"], node["padding"]).contiguous()
             elif op == "avg_pool2d":
                 y = F.avg_pool2d(x, node["kernel"], node["stride"], 0, node["ceil_mode"], False)
             elif op == "binary_conv":
                 y = binary.binary_conv2d(x, self.weights[node["out"]], node["stride"], node["padding"],
                                          node["dilation"], t[node["scale"]], t[node["bias"]],
-                                         out=node["output"])
+                                         out=node["output"], residual=args[1] if len(args) > 1 else None)
             elif op == "add":
                 y = x + args[1]
             elif op == "hardtanh":
@@ -132,6 +139,8 @@ class Runtime:
             else:  # output
                 y = x
             env[node["out"]] = y
+            if timings is not None:
+                timings[op] = timings.get(op, 0.0) + time.perf_counter() - start
         return (env["output"], env) if trace else env["output"]
 
     def __call__(self, images):

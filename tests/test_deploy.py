@@ -1,0 +1,210 @@
+"""ctmq.export + ctmq.deploy: the runtime reproduces the trained model's eval
+logits, layer by layer; bad artifacts and inputs fail clearly."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import ctmq
+from ctmq import binary, cli, deploy
+from ctmq.export import ExportError, export_binary
+from ctmq.models import resnet18
+from ctmq.models import resnet as resnet_mod
+from ctmq.nn import set_bits
+
+pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
+
+
+def _binarized(stem, block, size, seed=0):
+    torch.manual_seed(seed)
+    m = resnet18(10, stem=stem, block=block, width=0.25)
+    set_bits(m, 1, 1)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):  # give BN statistics that are not the defaults
+            m(torch.randn(8, 3, size, size))
+    return m.eval()
+
+
+@pytest.mark.parametrize("stem,size", [("cifar", 8), ("imagenet", 32)])
+@pytest.mark.parametrize("block", ["bireal", "basic"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_runtime_matches_eval_logits(tmp_path, stem, size, block, batch):
+    m = _binarized(stem, block, size)
+    path = tmp_path / "m.ctmq"
+    export_binary(m, path, input_size=size)
+    rt = deploy.load(path)
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        ref = m(x)
+    y = rt(x)
+    assert ((y - ref).norm() / ref.norm()).item() <= 1e-4
+    assert torch.equal(y.argmax(1), ref.argmax(1))
+    assert torch.equal(y, ref)  # in fact bit for bit: same folding, same order
+
+
+def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
+    for block in ("bireal", "basic"):
+        m = _binarized("cifar", block, 8, seed=1)
+        export_binary(m, tmp_path / "m.ctmq", input_size=8)
+        rt = deploy.load(tmp_path / "m.ctmq")
+        seen = []
+        real = resnet_mod.conv_bn
+
+        def record(conv, bn, x):
+            seen.append(x >= 0)
+            return real(conv, bn, x)
+
+        monkeypatch.setattr(resnet_mod, "conv_bn", record)
+        x = torch.randn(3, 3, 8, 8)
+        with torch.no_grad():
+            m(x)
+        monkeypatch.setattr(resnet_mod, "conv_bn", real)
+        _, env = rt.run(x, trace=True)
+        inputs = [env[n["in"][0]] for n in rt.header["nodes"] if n["op"] == "binary_conv"]
+        assert len(inputs) == len(seen) == 16
+        packed_links = 0
+        for got, want in zip(inputs, seen):
+            if isinstance(got, binary.PackedActivation):
+                packed_links += 1
+                got = binary.unpack_bits(got.bits, got.channels) > 0
+            else:
+                got = got >= 0
+            assert torch.equal(got, want)
+        assert packed_links == (8 if block == "basic" else 0)
+
+
+def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--width", "0.25", "--cycles", "1", "--start-bits", "2",
+                     "--epochs-per-stage", "1", "--no-progress", "--out", str(out)]) == 0
+    art = tmp_path / "digits.ctmq"
+    assert cli.main(["export", str(out), "-o", str(art)]) == 0
+    assert "smaller than the float32 checkpoint" in capsys.readouterr().out
+    # the deployed model predicts every test digit as the trained model does
+    from ctmq import data
+    from ctmq.cli_deploy import find_checkpoint
+    from ctmq.engine import load_checkpoint
+    d = data.load("digits")
+    x, y = d.test.tensors
+    state, meta = load_checkpoint(find_checkpoint(str(out)))
+    cfg = dict(meta["model"])
+    cfg.pop("name")
+    m = resnet18(**cfg)
+    m.load_state_dict(state)
+    set_bits(m, 1, 1)
+    m.eval()
+    rt = deploy.load(art)
+    with torch.no_grad():
+        ref = m(x)
+    got = rt(x)
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    # infer on an image file and on a saved tensor
+    from PIL import Image
+    img = ((x[0, 0] * d.std[0] + d.mean[0]).clamp(0, 1) * 255).round().byte().numpy()
+    Image.fromarray(img).save(tmp_path / "digit.png")
+    torch.save(x[:2].clone(), tmp_path / "two.pt")
+    capsys.readouterr()
+    assert cli.main(["infer", str(art), str(tmp_path / "digit.png"), "--topk", "3"]) == 0
+    assert cli.main(["infer", str(art), str(tmp_path / "two.pt"), "--json", str(tmp_path / "p.json")]) == 0
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert [p["top"][0][0] for p in preds] == [str(i) for i in ref[:2].argmax(1).tolist()]
+    assert cli.main(["bench", "--deploy", str(art), "--batch", "1"]) == 0
+
+
+def _rewrite_header(src, dst, edit):
+    """An artifact with an edited header and a correct checksum (as a newer
+    ctmq, or a hand-edited file, would write it)."""
+    from safetensors.torch import load_file, save_file
+
+    from ctmq.export import artifact_checksum
+    header, tensors = deploy.read_artifact(src)
+    edit(header)
+    header["checksum"] = artifact_checksum(header, tensors)
+    save_file(load_file(str(src)), str(dst), metadata={"ctmq": json.dumps(header)})
+
+
+def test_bad_artifacts_fail_clearly(tmp_path, capsys):
+    m = _binarized("cifar", "bireal", 8)
+    good = tmp_path / "m.ctmq"
+    export_binary(m, good, input_size=8)
+    blob = good.read_bytes()
+    cases = {}
+    (tmp_path / "trunc.ctmq").write_bytes(blob[: len(blob) // 2])
+    cases["trunc.ctmq"] = "truncated|corrupt"
+    flipped = bytearray(blob)
+    flipped[-100] ^= 0xFF
+    (tmp_path / "flip.ctmq").write_bytes(bytes(flipped))
+    cases["flip.ctmq"] = "checksum mismatch"
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    broken = bytearray(blob)
+    broken[8 + header_len // 2] = ord("{")
+    (tmp_path / "hdr.ctmq").write_bytes(bytes(broken))
+    cases["hdr.ctmq"] = "no readable ctmq header|corrupt|checksum mismatch"
+    _rewrite_header(good, tmp_path / "new.ctmq", lambda h: h.update(version=99))
+    cases["new.ctmq"] = "version 99 is newer"
+    _rewrite_header(good, tmp_path / "op.ctmq", lambda h: h["nodes"].insert(0, {"op": "xnor_lstm", "in": ["input"], "out": "z"}))
+    cases["op.ctmq"] = "unknown layer type.*xnor_lstm"
+    (tmp_path / "tiny.ctmq").write_bytes(b"abc")
+    cases["tiny.ctmq"] = "truncated"
+    for name, words in cases.items():
+        with pytest.raises(deploy.ArtifactError, match=words):
+            deploy.load(tmp_path / name)
+        assert cli.main(["infer", str(tmp_path / name), str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "ctmq infer: error:" in err and "Traceback" not in err
+
+
+def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):
+    m = _binarized("cifar", "bireal", 8)
+    export_binary(m, tmp_path / "m.ctmq", input_size=8)
+    rt = deploy.load(tmp_path / "m.ctmq")
+    with pytest.raises(ValueError, match=r"shape \(N, 3, 8, 8\)"):
+        rt(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"shape \(N, 3, 8, 8\)"):
+        rt(torch.randn(2, 3, 9, 9))
+    with pytest.raises(TypeError, match="float tensor"):
+        rt(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    np.save(tmp_path / "gray.npy", np.zeros((1, 1, 8, 8), np.float32))
+    assert cli.main(["infer", str(tmp_path / "m.ctmq"), str(tmp_path / "gray.npy")]) == 2
+    assert "shape (N, 3, 8, 8)" in capsys.readouterr().err
+    set_bits(m, 2, 2)
+    m.layer3[1].conv1.set_bits(1, 1)
+    with pytest.raises(ExportError, match=r"not W1A1: layer1.0.conv1 \(W2A2\)"):
+        export_binary(m, tmp_path / "x.ctmq")
+    assert not (tmp_path / "x.ctmq").exists()
+
+
+def test_export_refuses_run_without_w1a1(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path), "-o", str(tmp_path / "m.ctmq")]) == 2
+    assert "no W1A1 stage checkpoint" in capsys.readouterr().err
+
+
+def test_artifact_much_smaller_than_float_checkpoint(tmp_path):
+    m = _binarized("imagenet", "bireal", 32)
+    m2 = resnet18(1000, stem="imagenet")
+    set_bits(m2, 1, 1)
+    m2.eval()
+    export_binary(m2, tmp_path / "full.ctmq")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in m2.state_dict().items()}, str(tmp_path / "full.st"))
+    ratio = (tmp_path / "full.st").stat().st_size / (tmp_path / "full.ctmq").stat().st_size
+    assert ratio >= 10, ratio
+    del m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path):
+    m = _binarized("imagenet", "basic", 32)
+    export_binary(m, tmp_path / "m.ctmq", input_size=32)
+    rt = deploy.load(tmp_path / "m.ctmq", device="cuda")
+    cpu = deploy.load(tmp_path / "m.ctmq")
+    for _ in range(3):  # the same captured graph, replayed on new inputs
+        x = torch.randn(7, 3, 32, 32)
+        got, want = rt(x.cuda()).cpu(), cpu(x)
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        assert ((got - want).norm() / want.norm()).item() <= 1e-4
+    assert len(rt._graphs) == 1
