@@ -128,8 +128,9 @@ def export_binary(model, path, input_size=None, mean=None, std=None, class_names
     class_names: one per class (default "0", "1", ...)."""
     if not isinstance(model, ResNet18):
         raise ExportError(f"export_binary supports ctmq.models.resnet18, got {type(model).__name__}")
-    layers = [(n, m) for n, m in model.named_modules() if m in set(quantized_layers(model))]
-    wrong = [f"{n} (W{m.w_bits}A{m.a_bits})" for n, m in layers if (m.w_bits, m.a_bits) != (1, 1)]
+    quantized = set(quantized_layers(model))
+    wrong = [f"{n} (W{m.w_bits}A{m.a_bits})" for n, m in model.named_modules()
+             if m in quantized and (m.w_bits, m.a_bits) != (1, 1)]
     if wrong:
         raise ExportError("the model is not binarized: these layers are not W1A1: " + ", ".join(wrong)
                           + " (ctmq.nn.set_bits(model, 1, 1), or export a W1A1 stage checkpoint)")

@@ -46,10 +46,6 @@ def _flat_memory(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
-def _like_layout(t: Tensor, like: Tensor) -> Tensor:
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
-
-
 def restride(t: Tensor, shape, stride) -> Tensor:
     """t with exactly these strides (a copy only when they differ)."""
     if tuple(t.stride()) == tuple(stride):
@@ -177,7 +173,7 @@ def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, q
     else:
         out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
             x, scale.to(torch.float32), zero_point.to(torch.int32), axis, qmin, qmax)
-    return out, pack_mask(_like_layout(mask, out))
+    return out, pack_mask(restride(mask, out.shape, out.stride()))
 
 
 @fake_quant_affine.register_fake

@@ -40,10 +40,8 @@ def check_bits(name, bits):
 
 
 def _check_ste(ste, bits):
-    if ste not in ops.STE_MODES:
-        raise ValueError(f"ste must be one of {ops.STE_MODES}, got {ste!r}")
-    if ste == "approx_sign" and bits not in (1, FULL_PRECISION):
-        raise ValueError(f"ste='approx_sign' applies to bits=1 only, got bits={bits}")
+    # at full precision no quantizer runs; any known STE is accepted there
+    ops._check_ste(ste, 1 if bits == FULL_PRECISION else bits)
 
 
 def quantize_act(x: Tensor, bits: int, ste: str = "clipped") -> Tensor:

@@ -198,38 +198,37 @@ def _mask_like(x):
     return x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
 
 
+def _launch_elementwise(kernel, like, *args, **constexprs):
+    """One program per ROWS x 8 elements of `like`, with the shared launch options."""
+    kernel[_grid(like.numel())](*args, SOFT_BF16=_soft_bf16(like), R=ROWS, num_warps=NUM_WARPS,
+                                **constexprs, **_EXACT)
+
+
 def fake_quant_affine(x, scale, inv_scale, zero_point, qmin, qmax, ch_stride, nch,
                       per_channel):
     """(out, packed STE mask) of torch.fake_quantize_per_{tensor,channel}_affine."""
     out, mask = torch.empty_like(x), _mask_like(x)
-    _fake_quant_affine_kernel[_grid(x.numel())](
-        x, out, mask, scale, inv_scale, zero_point, x.numel(), ch_stride, nch,
-        float(qmin), float(qmax), PER_CHANNEL=per_channel, SOFT_BF16=_soft_bf16(x),
-        R=ROWS, num_warps=NUM_WARPS, **_EXACT)
+    _launch_elementwise(_fake_quant_affine_kernel, x, x, out, mask, scale, inv_scale, zero_point,
+                        x.numel(), ch_stride, nch, float(qmin), float(qmax), PER_CHANNEL=per_channel)
     return out, mask
 
 
 def masked_grad(grad, mask):
     out = torch.empty_like(grad)
-    _masked_grad_kernel[_grid(grad.numel())](grad, mask, out, grad.numel(),
-                                             SOFT_BF16=_soft_bf16(grad), R=ROWS,
-                                             num_warps=NUM_WARPS, **_EXACT)
+    _launch_elementwise(_masked_grad_kernel, grad, grad, mask, out, grad.numel())
     return out
 
 
 def quantize_act(x, bits):
     out, mask = torch.empty_like(x), _mask_like(x)
-    _quantize_act_kernel[_grid(x.numel())](x, out, mask, x.numel(), float(2**bits - 1),
-                                           BINARY=bits == 1, SOFT_BF16=_soft_bf16(x),
-                                           R=ROWS, num_warps=NUM_WARPS, **_EXACT)
+    _launch_elementwise(_quantize_act_kernel, x, x, out, mask, x.numel(), float(2**bits - 1),
+                        BINARY=bits == 1)
     return out, mask
 
 
 def approx_sign_grad(grad, x):
     out = torch.empty_like(grad)
-    _approx_sign_grad_kernel[_grid(grad.numel())](grad, x, out, grad.numel(),
-                                                  SOFT_BF16=_soft_bf16(grad), R=ROWS,
-                                                  num_warps=NUM_WARPS, **_EXACT)
+    _launch_elementwise(_approx_sign_grad_kernel, grad, grad, x, out, grad.numel())
     return out
 
 
@@ -247,7 +246,6 @@ def quantize_weight(w, bits):
 
 def quantize_weight_grad(grad, w, alpha, approx_sign):
     out = torch.empty_like(grad)
-    _quantize_weight_grad_kernel[_grid(grad.numel())](
-        grad, w, alpha, out, grad.numel(), grad.numel() // grad.shape[0],
-        APPROX_SIGN=approx_sign, SOFT_BF16=_soft_bf16(grad), R=ROWS, num_warps=NUM_WARPS, **_EXACT)
+    _launch_elementwise(_quantize_weight_grad_kernel, grad, grad, w, alpha, out, grad.numel(),
+                        grad.numel() // grad.shape[0], APPROX_SIGN=approx_sign)
     return out

@@ -31,13 +31,19 @@ def test_console_script_help():
     assert res.returncode == 0 and "--numel" in res.stdout
 
 
-def test_qat_step_benchmark_runs_small(tmp_path):
+def _benchmark_module(name):
+    """A script of benchmarks/ (not a package) imported by path."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qat_step.py"
-    spec = importlib.util.spec_from_file_location("bench_qat_step", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_qat_step_benchmark_runs_small(tmp_path):
+    mod = _benchmark_module("bench_qat_step")
     out = tmp_path / "qat.json"
     mod.main(["--device", "cpu", "--batch", "2", "--image-size", "32", "--width", "0.125",
               "--steps", "1", "--bits", "32", "1", "--json", str(out)])
@@ -47,12 +53,7 @@ def test_qat_step_benchmark_runs_small(tmp_path):
 
 
 def test_binary_conv_benchmark_runs(tmp_path):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_binary_conv.py"
-    spec = importlib.util.spec_from_file_location("bench_binary_conv", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_module("bench_binary_conv")
     out = tmp_path / "b.json"
     mod.main(["--batch", "1", "--min-time", "0.01", "--json", str(out)])
     data = json.loads(out.read_text())
