@@ -18,8 +18,9 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # csrc/cuda holds the CUDA kernels (.cu) and their torch bindings (.cpp)
+    cpp = sorted(set(glob.glob("csrc/**/*.cpp", recursive=True)) - set(glob.glob("csrc/cuda/*.cpp")))
+    cu = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None \
         and not _flag("CTMQ_SKIP_CUDA_BUILD")
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]

@@ -9,12 +9,13 @@ and float16, channels_last (CUDA events via triton's do_bench, median).
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from ctmq import bench, binary
+from ctmq import bench, binary, ops
 from ctmq._io import atomic_open
 
 # (in, out, spatial size, stride): the 3x3 convs of ResNet-18 at 224x224
@@ -42,6 +43,7 @@ def run_cpu(batch, min_time=0.3):
 
 def run_cuda(batch):
     dev = torch.device("cuda")
+    bmma = torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")
     rows = []
     for cin, cout, size, stride in SHAPES:
         x = torch.randn(batch, cin, size, size, device=dev)
@@ -49,13 +51,18 @@ def run_cuda(batch):
         wb = binary.pack_weight(w)
         t_bin = bench.timeit(lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev)
         row = {"shape": f"{cin}x{cout}@{size}" + ("/s2" if stride == 2 else ""), "batch": batch,
-               "ctmq_ms": t_bin * 1e3}
+               "ctmq_ms": t_bin * 1e3, "path": ops.binary_backend(x)}
         for name, dt in (("cudnn_bf16_ms", torch.bfloat16), ("cudnn_f16_ms", torch.float16)):
             xh = x.to(dt).contiguous(memory_format=torch.channels_last)
             wh = w.to(dt).contiguous(memory_format=torch.channels_last)
             row[name] = bench.timeit(lambda: F.conv2d(xh, wh, stride=stride, padding=1), dev) * 1e3
         out = (size + 2 - 3) // stride + 1
         macs = batch * cout * out * out * cin * 9
+        if bmma:  # the tensor-core kernel too, while it is opt-in (CTMQ_BINARY_BMMA)
+            os.environ["CTMQ_BINARY_BMMA"] = "1"
+            row["bmma_ms"] = bench.timeit(lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1),
+                                          dev) * 1e3
+            os.environ.pop("CTMQ_BINARY_BMMA")
         row["speedup"] = row["cudnn_bf16_ms"] / row["ctmq_ms"]
         row["binary_tops"] = 2 * macs / t_bin / 1e12
         rows.append(row)
@@ -63,17 +70,19 @@ def run_cuda(batch):
 
 
 def format_cuda_rows(rows, title):
-    lines = [title, f"{'shape':16s} {'batch':>5s} {'ctmq ms':>9s} {'cudnn bf16':>10s} "
+    lines = [title, f"{'shape':16s} {'batch':>5s} {'ctmq ms':>9s} {'bmma ms':>9s} {'cudnn bf16':>10s} "
              f"{'cudnn f16':>9s} {'vs bf16':>8s} {'bin TOPS':>9s}"]
     for r in rows:
-        lines.append(f"{r['shape']:16s} {r['batch']:5d} {r['ctmq_ms']:9.3f} {r['cudnn_bf16_ms']:10.3f} "
+        bm = f"{r['bmma_ms']:9.3f}" if "bmma_ms" in r else f"{'-':>9s}"
+        lines.append(f"{r['shape']:16s} {r['batch']:5d} {r['ctmq_ms']:9.3f} {bm} {r['cudnn_bf16_ms']:10.3f} "
                      f"{r['cudnn_f16_ms']:9.3f} {r['speedup']:7.2f}x {r['binary_tops']:9.1f}")
     for b in sorted({r["batch"] for r in rows}):
         mine = [r for r in rows if r["batch"] == b]
         tb = sum(r["ctmq_ms"] for r in mine)
         tf = sum(r["cudnn_bf16_ms"] for r in mine)
         th = sum(r["cudnn_f16_ms"] for r in mine)
-        lines.append(f"{'total':16s} {b:5d} {tb:9.3f} {tf:10.3f} {th:9.3f} {tf / tb:7.2f}x")
+        bm = f"{sum(r['bmma_ms'] for r in mine):9.3f}" if all("bmma_ms" in r for r in mine) else f"{'-':>9s}"
+        lines.append(f"{'total':16s} {b:5d} {tb:9.3f} {bm} {tf:10.3f} {th:9.3f} {tf / tb:7.2f}x")
     return "\n".join(lines)
 
 

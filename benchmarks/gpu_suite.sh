@@ -25,6 +25,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 step build python3 setup.py build_ext --inplace
+if ! python3 -c "import ctmq._C" 2>/dev/null; then  # keep the rest of the suite running
+  echo "   the CUDA build failed: building the C++ kernels alone (CTMQ_SKIP_CUDA_BUILD=1)"
+  CTMQ_SKIP_CUDA_BUILD=1 step build_cpu python3 setup.py build_ext --inplace
+fi
+python3 -c "import torch, ctmq; print('binary conv kernel for CUDA built:', torch._C._dispatch_has_kernel_for_dispatch_key('ctmq::binary_conv2d_bmma', 'CUDA'))"
 if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
   # the tests that touch the GPU (the CPU-only engine tests run in CI)
   step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \

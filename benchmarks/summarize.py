@@ -32,12 +32,18 @@ def qat_step(data):
 
 def binary_conv(data):
     print(f"\nbinary conv 3x3 (ResNet-18 shapes), {data['device']}, ctmq path {data['path']}")
-    print(f"{'batch':>5s} {'ctmq ms':>9s} {'cudnn bf16 ms':>13s} {'vs bf16':>8s}")
+    print(f"{'batch':>5s} {'ctmq ms':>9s} {'bmma ms':>9s} {'cudnn bf16 ms':>13s} {'vs bf16':>8s} "
+          f"{'bmma vs bf16':>12s}")
     for b in sorted({r["batch"] for r in data["rows"]}):
         mine = [r for r in data["rows"] if r["batch"] == b]
         tb = sum(r["ctmq_ms"] for r in mine)
         tf = sum(r["cudnn_bf16_ms"] for r in mine)
-        print(f"{b:5d} {tb:9.3f} {tf:13.3f} {tf / tb:7.2f}x")
+        if all("bmma_ms" in r for r in mine):
+            tm = sum(r["bmma_ms"] for r in mine)
+            bm, ratio = f"{tm:9.3f}", f"{tf / tm:11.2f}x"
+        else:
+            bm, ratio = f"{'-':>9s}", f"{'-':>12s}"
+        print(f"{b:5d} {tb:9.3f} {bm} {tf:13.3f} {tf / tb:7.2f}x {ratio}")
 
 
 def deploy(data):

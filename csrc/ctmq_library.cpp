@@ -14,6 +14,9 @@ TORCH_LIBRARY(ctmq, m) {
   m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
         "Tensor? bias, Tensor? residual, bool packed_out) -> Tensor");
+  m.def("binary_conv2d_bmma(Tensor x, int in_channels, Tensor bits, Tensor tap_popc, int[2] stride, "
+        "int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, Tensor? residual, "
+        "bool packed_out) -> Tensor");  // CUDA only: csrc/cuda/binary_conv_bind.cpp
   m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
 }
 

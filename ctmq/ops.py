@@ -12,6 +12,7 @@ tensor) for backward instead of a float tensor: it is what the gradient
 needs, 1/16 of a bf16 activation, and it keeps the fused fwd+bwd within 3% of
 the minimum bytes. approx_sign needs |x| itself, so it saves x.
 """
+import os
 from typing import Optional
 
 import torch
@@ -97,15 +98,24 @@ def _use_cpp(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and _backend.has_extension()
 
 
-if _backend.has_extension():  # fake impls of the C++ kernels, for tracing
+def _cpp_fake(name):
+    """register_fake for a C++ op, when the built extension defines it (an
+    older build may not: `import ctmq` must not fail on that)."""
+    def register(fn):
+        if _backend.has_extension() and hasattr(torch.ops.ctmq, name):
+            torch.library.register_fake(f"ctmq::{name}")(fn)
+        return fn
+    return register
 
-    @torch.library.register_fake("ctmq::quantize_act_fused")
-    def _(x, bits):
-        return torch.empty_like(x), _mask_bytes(x)
 
-    @torch.library.register_fake("ctmq::masked_grad_fused")
-    def _(grad, mask):
-        return torch.empty_like(grad)
+@_cpp_fake("quantize_act_fused")
+def _(x, bits):
+    return torch.empty_like(x), _mask_bytes(x)
+
+
+@_cpp_fake("masked_grad_fused")
+def _(grad, mask):
+    return torch.empty_like(grad)
 
 
 def _check_bits(bits: int):
@@ -414,9 +424,19 @@ torch.library.register_autograd("ctmq::quantize_weight", _weight_backward,
 # bit 1 = +1. CPU tensors: the C++ kernels (csrc/cpu); CUDA tensors, or CPU
 # tensors under force_triton(): the Triton kernels (ctmq_kernels/binary.py).
 # Inference only: these take no part in autograd.
+def _bmma_enabled() -> bool:
+    # The binary tensor-core kernel (csrc/cuda) has not run on a GPU yet: it is
+    # opt-in (CTMQ_BINARY_BMMA=1) until the GPU suite has checked it.
+    if os.environ.get("CTMQ_BINARY_BMMA", "0") in ("", "0") or not _backend.has_extension():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")
+
+
 def binary_backend(t: Tensor) -> str:
-    """"triton" or "cpp": which binary kernels run for tensors on t's device."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and _backend.triton_forced()):
+    """"bmma", "triton" or "cpp": which binary kernels run for tensors on t's device."""
+    if t.device.type == "cuda":
+        return "bmma" if _bmma_enabled() else "triton"
+    if t.device.type == "cpu" and _backend.triton_forced():
         return "triton"
     if t.device.type != "cpu":
         raise NotImplementedError(f"ctmq's binary kernels run on CPU and CUDA tensors, "
@@ -444,14 +464,28 @@ def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tens
     """XNOR-popcount conv of packed x with packed weight bits (O, KH, KW, words),
     epilogue ((conv * scale) + bias) + residual; gemm/tap_popc:
     binary_weight_gemm(bits), needed by the C++ kernel only."""
-    if binary_backend(x) == "triton":
+    backend = binary_backend(x)
+    if backend == "triton":
         return _backend.triton_kernels("binary").binary_conv2d(
             x, in_channels, bits, stride, padding, dilation, scale, bias, residual, packed_out)
+    if backend == "bmma":
+        return torch.ops.ctmq.binary_conv2d_bmma(x, in_channels, bits, tap_popcounts(bits), stride,
+                                                 padding, dilation, scale, bias, residual, packed_out)
     if gemm is None:
         gemm, tap_popc = binary_weight_gemm(bits)
     return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, bits.shape[0],
                                         list(bits.shape[1:3]), stride, padding, dilation,
                                         scale, bias, residual, packed_out)
+
+
+def tap_popcounts(bits: Tensor) -> Tensor:
+    """(O, KH, KW, words) int32 -> (O, KH*KW) int32 popcount of each channel's tap."""
+    v = bits.to(torch.int64) & 0xFFFFFFFF  # the 32 bits, unsigned
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    v = (v * 0x01010101 & 0xFFFFFFFF) >> 24
+    return v.sum(-1).flatten(1).to(torch.int32).contiguous()
 
 
 def binary_cpu_path(request: str = "") -> str:
@@ -465,25 +499,36 @@ def conv_output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-if _backend.has_extension():
+@_cpp_fake("pack_bits")
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[2], x.shape[3], (x.shape[1] + 31) // 32),
+                       dtype=torch.int32)
 
-    @torch.library.register_fake("ctmq::pack_bits")
-    def _(x):
-        return x.new_empty((x.shape[0], x.shape[2], x.shape[3], (x.shape[1] + 31) // 32),
-                           dtype=torch.int32)
 
-    @torch.library.register_fake("ctmq::binary_weight_gemm")
-    def _(bits):
-        groups, taps = (bits.shape[0] + 7) // 8, bits.shape[1] * bits.shape[2]
-        k = taps * ((bits.shape[3] + 1) // 2)
-        return (bits.new_empty((groups, k, 8), dtype=torch.int64),
-                bits.new_empty((groups, taps, 8), dtype=torch.int64))
+def _binary_conv_fake(x, out_channels, kernel_size, stride, padding, dilation, packed_out):
+    oh = conv_output_size(x.shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
+    if packed_out:
+        return x.new_empty((x.shape[0], oh, ow, (out_channels + 31) // 32))
+    return x.new_empty((x.shape[0], out_channels, oh, ow), dtype=torch.float32)
 
-    @torch.library.register_fake("ctmq::binary_conv2d")
-    def _(x, in_channels, weight, tap_popc, out_channels, kernel_size, stride, padding, dilation,
-          scale, bias, residual, packed_out):
-        oh = conv_output_size(x.shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
-        ow = conv_output_size(x.shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
-        if packed_out:
-            return x.new_empty((x.shape[0], oh, ow, (out_channels + 31) // 32))
-        return x.new_empty((x.shape[0], out_channels, oh, ow), dtype=torch.float32)
+
+@_cpp_fake("binary_conv2d_bmma")
+def _(x, in_channels, bits, tap_popc, stride, padding, dilation, scale, bias, residual,
+      packed_out):
+    return _binary_conv_fake(x, bits.shape[0], bits.shape[1:3], stride, padding, dilation,
+                             packed_out)
+
+
+@_cpp_fake("binary_weight_gemm")
+def _(bits):
+    groups, taps = (bits.shape[0] + 7) // 8, bits.shape[1] * bits.shape[2]
+    k = taps * ((bits.shape[3] + 1) // 2)
+    return (bits.new_empty((groups, k, 8), dtype=torch.int64),
+            bits.new_empty((groups, taps, 8), dtype=torch.int64))
+
+
+@_cpp_fake("binary_conv2d")
+def _(x, in_channels, weight, tap_popc, out_channels, kernel_size, stride, padding, dilation,
+      scale, bias, residual, packed_out):
+    return _binary_conv_fake(x, out_channels, kernel_size, stride, padding, dilation, packed_out)

@@ -69,3 +69,30 @@ def test_triton_dilation_and_borders(triton_device):
         ref = F.conv2d(sign(x), sign(w), padding=pad, dilation=dil)
         y = binary.binary_conv2d(x.to(triton_device), w.to(triton_device), padding=pad, dilation=dil)
         assert torch.equal(y.cpu(), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("c,o,hw,stride,pad", [(1, 5, (7, 7), 1, 1), (33, 13, (8, 5), 2, 1),
+                                               (65, 37, (7, 7), 1, 0), (130, 64, (9, 9), 2, 1),
+                                               (256, 70, (14, 14), 1, 1), (512, 96, (7, 7), 1, 1)])
+def test_cuda_bmma_matches_reference(monkeypatch, c, o, hw, stride, pad):
+    import ctmq
+    from ctmq import ops
+    if not (ctmq.has_extension() and
+            torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")):
+        pytest.skip("ctmq._C was built without the CUDA kernels")
+    monkeypatch.setenv("CTMQ_BINARY_BMMA", "1")
+    x, w = torch.randn(3, c, *hw), torch.randn(o, c, 3, 3)
+    assert ops.binary_backend(x.cuda()) == "bmma"
+    scale, bias, res = torch.randn(o), torch.randn(o), None
+    ref = F.conv2d(sign(x), sign(w), stride=stride, padding=pad)
+    y = binary.binary_conv2d(x.cuda(), w.cuda(), stride=stride, padding=pad)
+    assert torch.equal(y.cpu(), ref)
+    ref_sb = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    res = torch.randn(ref.shape)
+    y = binary.binary_conv2d(x.cuda(), w.cuda(), stride=stride, padding=pad, scale=scale, bias=bias,
+                             residual=res.cuda())
+    assert torch.equal(y.cpu(), ref_sb + res)
+    p = binary.binary_conv2d(x.cuda(), w.cuda(), stride=stride, padding=pad, scale=scale, bias=bias,
+                             out="packed")
+    assert torch.equal(binary.unpack_bits(p.bits.cpu(), o), sign(ref_sb))
