@@ -186,7 +186,7 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
 
 def backend_info():
     """Which binary kernels run on each device, e.g. {"cpu": "avx512-vpopcntdq",
-    "cuda": "triton"} (or why none does)."""
+    "cuda": "triton" | "bmma"} (or why none does)."""
     try:
         cpu = ops.binary_cpu_path("")
     except RuntimeError as e:
@@ -195,9 +195,10 @@ def backend_info():
         cuda = "unavailable: no CUDA device"
     else:
         try:
-            from . import _backend
-            _backend.triton_kernels("binary")
-            cuda = "triton"
+            cuda = ops.binary_backend(torch.empty(0, device="cuda"))
+            if cuda == "triton":
+                from . import _backend
+                _backend.triton_kernels("binary")
         except RuntimeError as e:
             cuda = f"unavailable: {e}"
     return {"cpu": cpu, "cuda": cuda}
