@@ -65,11 +65,15 @@ CTMQ_INLINE void build_patches(const ConvArgs& a, int64_t n, int64_t m0, int64_t
       for (int64_t kw = 0; kw < a.KW; ++kw, ++tap, dst += a.Cw64) {
         const int64_t iw = ow * a.sw - a.pw + kw * a.dw;
         if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) {
-          std::memset(dst, 0, 8 * a.Cw64);
+          for (int64_t j = 0; j < a.Cw64; ++j) dst[j] = 0;
           bad |= uint64_t{1} << tap;
-        } else {
-          dst[a.Cw64 - 1] = 0;  // an odd word count leaves the high half 0
-          std::memcpy(dst, a.x + ((n * a.H + ih) * a.W + iw) * a.Cw, 4 * a.Cw);
+        } else {  // inline word copies: a memcpy call per tap costs more than the copy
+          const uint32_t* src = a.x + ((n * a.H + ih) * a.W + iw) * a.Cw;
+          const int64_t full = a.Cw / 2;
+          for (int64_t j = 0; j < full; ++j) {
+            dst[j] = static_cast<uint64_t>(src[2 * j]) | static_cast<uint64_t>(src[2 * j + 1]) << 32;
+          }
+          if (a.Cw % 2) dst[full] = src[a.Cw - 1];  // an odd word count: high half 0
         }
       }
     }
