@@ -113,14 +113,20 @@ def pack_weight(w: Tensor) -> PackedWeight:
 
 
 def _pair(name, v, low):
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (int(v), int(v))
-    if not (isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)):
+    if type(v) is int:  # the common cases first: isinstance against numbers.* is slow
+        pair = [v, v]
+    elif type(v) in (tuple, list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        pair = [v[0], v[1]]
+    elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        pair = [int(v), int(v)]
+    elif (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)):
+        pair = [int(v[0]), int(v[1])]
+    else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < low:
-        raise ValueError(f"{name} must be >= {low}, got {tuple(v)}")
-    return [int(v[0]), int(v[1])]
+    if min(pair) < low:
+        raise ValueError(f"{name} must be >= {low}, got {tuple(pair)}")
+    return pair
 
 
 def _check_vector(name, v, n):
