@@ -133,13 +133,12 @@ def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, onl
             fns["torch.compile(eager)"] = torch.compile(impls["eager"])
         times = {}
         for impl, fn in fns.items():
-            def step(fn=fn):
+            def step(fn=fn, x=x, g=g):
                 return torch.autograd.grad(fn(x), x, g)
             times[impl] = timeit(step, device)
         for impl, t in times.items():
             gbps = nbytes / t / 1e9
             rows.append(Row(name, impl, t * 1e3, gbps, gbps / copy_gbps, times["eager"] / t))
-        del x, g
     return copy_gbps, rows
 
 

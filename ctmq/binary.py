@@ -169,18 +169,19 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
                                  _pair("dilation", dilation, 1))
     scale = _check_vector("scale", scale, weight.out_channels)
     bias = _check_vector("bias", bias, weight.out_channels)
+    out_hw = []
     for i, name in ((0, "height"), (1, "width")):
-        k = weight.kernel_size[i]
-        if ops.conv_output_size(xb.shape[1 + i], k, stride[i], padding[i], dilation[i]) < 1:
+        size = ops.conv_output_size(xb.shape[1 + i], weight.kernel_size[i], stride[i], padding[i],
+                                    dilation[i])
+        if size < 1:
             raise ValueError(f"kernel {weight.kernel_size} (dilation {tuple(dilation)}) does not fit "
                              f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
+        out_hw.append(size)
     bits = weight.bits.to(xb.device)
     if weight.gemm is None and ops.binary_backend(xb) == "cpp":
         weight.gemm, weight.tap_popc = ops.binary_weight_gemm(bits)  # once per weight
     if residual is not None:
-        oshape = (xb.shape[0], weight.out_channels,
-                  ops.conv_output_size(xb.shape[1], weight.kernel_size[0], stride[0], padding[0], dilation[0]),
-                  ops.conv_output_size(xb.shape[2], weight.kernel_size[1], stride[1], padding[1], dilation[1]))
+        oshape = (xb.shape[0], weight.out_channels, *out_hw)
         if not isinstance(residual, Tensor) or not residual.is_floating_point() or tuple(residual.shape) != oshape:
             raise ValueError(f"residual must be a float tensor of the output's shape {oshape}, got "
                              f"{getattr(residual, 'shape', type(residual).__name__)}")

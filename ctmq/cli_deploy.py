@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import time
 
 import torch
 
@@ -21,10 +20,10 @@ def find_checkpoint(source):
         return source
     if not os.path.isdir(source):
         raise DeployCliError(f"{source}: no such run directory or checkpoint file")
-    from .engine import load_checkpoint
+    from .engine import checkpoint_meta
     best = None
     for path in sorted(glob.glob(os.path.join(source, "stages", "*.safetensors"))):
-        _, meta = load_checkpoint(path)
+        meta = checkpoint_meta(path)
         stage = meta.get("stage", {})
         if (stage.get("w_bits"), stage.get("a_bits")) != (1, 1):
             continue
@@ -38,23 +37,15 @@ def find_checkpoint(source):
 
 
 def export_command(args):
-    from .engine import load_checkpoint
+    from .engine import RunConfigError, model_from_checkpoint
     from .export import ExportError, export_binary
-    from .models import MODELS
-    from .nn import set_bits
     path = find_checkpoint(args.source)
     try:
-        state, meta = load_checkpoint(path)
+        model, meta = model_from_checkpoint(path)
+    except RunConfigError as e:
+        raise DeployCliError(str(e)) from e
     except Exception as e:
         raise DeployCliError(f"{path}: not a ctmq checkpoint ({e})") from e
-    cfg = dict(meta.get("model") or {})
-    name = cfg.pop("name", None)
-    if name not in MODELS:
-        raise DeployCliError(f"{path}: its metadata names no known model ({name!r})")
-    model = MODELS[name](**cfg)
-    model.load_state_dict(state)
-    stage = meta.get("stage", {})
-    set_bits(model, stage.get("w_bits", 32), stage.get("a_bits", 32))
     try:
         header = export_binary(model, args.output, input_size=meta.get("image_size"),
                                mean=meta.get("mean"), std=meta.get("std"),

@@ -86,15 +86,11 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     # the deployed model predicts every test digit as the trained model does
     from ctmq import data
     from ctmq.cli_deploy import find_checkpoint
-    from ctmq.engine import load_checkpoint
+    from ctmq.engine import model_from_checkpoint
     d = data.load("digits")
     x, y = d.test.tensors
-    state, meta = load_checkpoint(find_checkpoint(str(out)))
-    cfg = dict(meta["model"])
-    cfg.pop("name")
-    m = resnet18(**cfg)
-    m.load_state_dict(state)
-    set_bits(m, 1, 1)
+    m, meta = model_from_checkpoint(find_checkpoint(str(out)))
+    assert meta["stage"]["w_bits"] == meta["stage"]["a_bits"] == 1
     m.eval()
     rt = deploy.load(art)
     with torch.no_grad():

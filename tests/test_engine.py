@@ -2,7 +2,6 @@
 bad configurations, divergence."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -125,16 +125,35 @@ def save_checkpoint(path, model, meta):
         f.write(blob)
 
 
+def checkpoint_meta(path):
+    """The metadata of a stage checkpoint, without reading its tensors."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("ctmq", "{}"))
+
+
 def load_checkpoint(path, model=None):
     """(state dict, metadata) of a stage checkpoint; loads it into model if given."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
     state = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("ctmq", "{}"))
     if model is not None:
         model.load_state_dict(state, strict=True)
-    return state, meta
+    return state, checkpoint_meta(path)
+
+
+def model_from_checkpoint(path):
+    """(model at the stage's bit depths, metadata), rebuilt from a stage checkpoint alone."""
+    from ..nn import set_bits
+    state, meta = load_checkpoint(path)
+    cfg = dict(meta.get("model") or {})
+    name = cfg.pop("name", None)
+    if name not in MODELS:
+        raise RunConfigError(f"{path}: its metadata names no known model ({name!r})")
+    model = MODELS[name](**cfg)
+    model.load_state_dict(state)
+    stage = meta.get("stage", {})
+    set_bits(model, stage.get("w_bits", 32), stage.get("a_bits", 32))
+    return model, meta
 
 
 def _load_fp_checkpoint(model, path):
