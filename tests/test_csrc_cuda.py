@@ -2,8 +2,10 @@
 import pathlib
 import shutil
 import subprocess
+import zlib
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/**/*.cu"))
@@ -48,3 +50,96 @@ def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
         bmma = [line for line in sass.splitlines() if "BMMA" in line]
         assert bmma, f"{arch}: no BMMA instruction"
         assert all("AND.POPC" in line for line in bmma), f"{arch}: {bmma[:3]}"
+
+
+# ---------------------------------------------------------------- emulation
+# csrc/cuda/binary_conv.cu compiled as host C++ against tests/cuda_emu (each
+# CUDA thread a host thread; mma.sync, shuffles and cp.async emulated from the
+# PTX ISA): the kernel's tiling, copies, borders and epilogues run here, on any
+# machine, and must match the CPU kernel bit for bit. What this cannot check:
+# the hardware's fragment layout itself, speed, races a real GPU would expose.
+GXX = shutil.which("g++")
+
+
+@pytest.fixture(scope="session")
+def bmma_emulator(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ not found")
+    exe = tmp_path_factory.mktemp("cuda_emu") / "run_binary_conv"
+    cmd = [GXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-DCTMQ_CUDA_EMULATION",
+           "-Icsrc/cuda", "-Itests/cuda_emu", "-x", "c++", "tests/cuda_emu/run_binary_conv.cpp",
+           "-o", str(exe)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    return exe
+
+
+def _emulated_conv(exe, workdir, x, in_channels, bits, tap_popc, stride, padding, dilation,
+                   scale, bias, residual, packed_out, x_offset=0):
+    import numpy as np
+    n, h, w, _ = x.shape
+    o, kh, kw, _ = bits.shape
+    for name, t in (("x", x), ("w", bits), ("tap", tap_popc), ("scale", scale), ("bias", bias),
+                    ("residual", residual)):
+        if t is not None:
+            t.contiguous().numpy().tofile(workdir / f"{name}.bin")
+    flags = (scale is not None) | (bias is not None) << 1 | (residual is not None) << 2 | packed_out << 3
+    args = [n, in_channels, h, w, o, kh, kw, *stride, *padding, *dilation, flags, x_offset]
+    res = subprocess.run([str(exe), str(workdir), *map(str, args)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = np.fromfile(workdir / "out.bin", dtype=np.int32 if packed_out else np.float32)
+    return torch.from_numpy(out), res.stdout
+
+
+# (batch, C, (H, W), O, kernel, stride, padding, dilation): channel tails (C, O
+# not multiples of 32 or 64), 1, 2, 3 and 4+ words per pixel (each copy width),
+# several pixel and channel tiles, image borders, K past the last tap.
+EMU_CASES = [
+    (1, 1, (4, 4), 1, 1, 1, 0, 1),
+    (1, 64, (5, 5), 64, 3, 1, 1, 1),
+    (2, 33, (7, 6), 70, 3, 2, 1, 1),
+    (1, 65, (9, 9), 33, 3, 1, 1, 2),
+    (3, 128, (5, 7), 130, 3, 1, 1, 1),
+    (2, 256, (9, 9), 64, 3, 1, 1, 1),
+    (1, 512, (7, 7), 96, 3, 2, 1, 1),
+    (1, 40, (13, 11), 40, 5, 2, 2, 1),
+    (3, 96, (8, 8), 65, 1, 2, 0, 1),
+    (2, 31, (12, 5), 129, 3, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "scale_bias", "residual", "packed", "packed_residual"])
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: "b{}c{}_{}x{}o{}k{}s{}p{}d{}".format(
+    c[0], c[1], *c[2], *c[3:]))
+def test_emulated_bmma_kernel_matches_cpu_kernel(bmma_emulator, tmp_path, case, epilogue):
+    from ctmq import binary, ops
+    batch, c, (h, w), o, k, s, p, d = case
+    g = torch.Generator().manual_seed(zlib.crc32(repr((case, epilogue)).encode()))
+    x = ops.pack_bits(torch.randn(batch, c, h, w, generator=g))
+    bits = binary.pack_weight(torch.randn(o, c, k, k, generator=g)).bits
+    oh = ops.conv_output_size(h, k, s, p, d)
+    ow = ops.conv_output_size(w, k, s, p, d)
+    scale = torch.rand(o, generator=g) + 0.5 if epilogue != "plain" else None
+    bias = torch.randn(o, generator=g) * 3 if epilogue != "plain" else None
+    residual = torch.randn(batch, o, oh, ow, generator=g) * 4 if "residual" in epilogue else None
+    packed = epilogue.startswith("packed")
+    ref = ops.binary_conv2d(x, c, bits, None, None, [s, s], [p, p], [d, d], scale, bias, residual,
+                            packed)
+    out, _ = _emulated_conv(bmma_emulator, tmp_path, x, c, bits, ops.tap_popcounts(bits), (s, s),
+                            (p, p), (d, d), scale, bias, residual, packed)
+    assert torch.equal(out.reshape(ref.shape), ref)
+
+
+@pytest.mark.parametrize("c,x_offset,vec_words", [(128, 0, 4), (64, 0, 2), (33, 0, 2), (65, 0, 1),
+                                                  (128, 1, 1), (128, 2, 2)])
+def test_emulated_bmma_copy_width(bmma_emulator, tmp_path, c, x_offset, vec_words):
+    """16/8/4-byte cp.async as Cw and the base addresses allow; all exact."""
+    from ctmq import binary, ops
+    x = ops.pack_bits(torch.randn(2, c, 6, 5))
+    bits = binary.pack_weight(torch.randn(40, c, 3, 3)).bits
+    ref = ops.binary_conv2d(x, c, bits, None, None, [1, 1], [1, 1], [1, 1], None, None, None, False)
+    out, log = _emulated_conv(bmma_emulator, tmp_path, x, c, bits, ops.tap_popcounts(bits), (1, 1),
+                              (1, 1), (1, 1), None, None, None, False, x_offset=x_offset)
+    assert f"vec_words={vec_words} " in log
+    assert torch.equal(out.reshape(ref.shape), ref)

@@ -54,6 +54,9 @@ at::Tensor binary_conv2d_bmma_cuda(const at::Tensor& x, int64_t in_channels, con
   p.OH = (p.H + 2 * p.ph - p.dh * (p.KH - 1) - 1) / p.sh + 1;
   p.OW = (p.W + 2 * p.pw - p.dw * (p.KW - 1) - 1) / p.sw + 1;
   TORCH_CHECK(p.OH >= 1 && p.OW >= 1, "the kernel does not fit the padded input");
+  TORCH_CHECK((int64_t)p.N * p.OH * p.OW < (int64_t{1} << 31) - 128,
+              "binary_conv2d_bmma: N * OH * OW must be below 2^31 (split the batch), got ",
+              (int64_t)p.N * p.OH * p.OW);
   const int64_t Ow = (p.O + 31) / 32;
   at::Tensor out = packed_out ? at::empty({p.N, p.OH, p.OW, Ow}, x.options())
                               : at::empty({p.N, p.O, p.OH, p.OW}, x.options().dtype(at::kFloat));
