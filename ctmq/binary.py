@@ -41,13 +41,24 @@ class PackedActivation:
 @dataclasses.dataclass
 class PackedWeight:
     """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))
-    in the packed format; `gemm` and `tap_popc` are the CPU kernel's layout of
-    the same bits (8 output channels interleaved in 64-bit words) and each
-    channel's popcount per tap, made once here rather than per call."""
+    in the packed format. `gemm` and `tap_popc` cache the running kernel's own
+    form of the same bits (ops.binary_weight_layout: for the C++ kernel 8
+    output channels interleaved in 64-bit words + per-tap popcounts, for the
+    tensor-core kernel the per-tap popcounts), made once, not per call;
+    `layout_key` says for which (device, backend) they were made."""
     bits: Tensor
     in_channels: int
     gemm: Tensor = None
     tap_popc: Tensor = None
+    layout_key: tuple = None
+
+    def layout_for(self, bits: Tensor, backend: str):
+        """(gemm, tap_popc) for `bits` (self.bits on the input's device) under `backend`."""
+        key = (bits.device, backend)
+        if self.layout_key != key:
+            self.gemm, self.tap_popc = ops.binary_weight_layout(bits, backend)
+            self.layout_key = key
+        return self.gemm, self.tap_popc
 
     @property
     def out_channels(self):
@@ -107,9 +118,9 @@ def pack_weight(w: Tensor) -> PackedWeight:
     """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls."""
     _check_float("weight", w, 4)
     bits = pack_bits(w, dim=1).contiguous()
-    if ops.binary_backend(bits) == "cpp":
-        return PackedWeight(bits, w.shape[1], *ops.binary_weight_gemm(bits))
-    return PackedWeight(bits, w.shape[1])
+    packed = PackedWeight(bits, w.shape[1])
+    packed.layout_for(bits, ops.binary_backend(bits))
+    return packed
 
 
 def _pair(name, v, low):
@@ -178,15 +189,14 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
                              f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
         out_hw.append(size)
     bits = weight.bits.to(xb.device)
-    if weight.gemm is None and ops.binary_backend(xb) == "cpp":
-        weight.gemm, weight.tap_popc = ops.binary_weight_gemm(bits)  # once per weight
+    gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
     if residual is not None:
         oshape = (xb.shape[0], weight.out_channels, *out_hw)
         if not isinstance(residual, Tensor) or not residual.is_floating_point() or tuple(residual.shape) != oshape:
             raise ValueError(f"residual must be a float tensor of the output's shape {oshape}, got "
                              f"{getattr(residual, 'shape', type(residual).__name__)}")
         residual = residual.to(xb.device, torch.float32).contiguous()
-    y = ops.binary_conv2d(xb, channels, bits, weight.gemm, weight.tap_popc, stride, padding,
+    y = ops.binary_conv2d(xb, channels, bits, gemm, tap_popc, stride, padding,
                           dilation, _on(scale, xb), _on(bias, xb), residual, out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 

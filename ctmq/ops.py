@@ -458,21 +458,32 @@ def binary_weight_gemm(bits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.ctmq.binary_weight_gemm(bits)
 
 
+def binary_weight_layout(bits: Tensor, backend: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(gemm, tap_popc): the weight in the form `backend`'s kernel reads besides
+    the bits, made once per weight: binary_weight_gemm(bits) for "cpp",
+    (None, tap_popcounts(bits)) for "bmma", (None, None) for "triton"."""
+    if backend == "cpp":
+        return binary_weight_gemm(bits)
+    if backend == "bmma":
+        return None, tap_popcounts(bits)
+    return None, None
+
+
 def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tensor],
                   tap_popc: Optional[Tensor], stride, padding, dilation, scale: Optional[Tensor],
                   bias: Optional[Tensor], residual: Optional[Tensor], packed_out: bool) -> Tensor:
     """XNOR-popcount conv of packed x with packed weight bits (O, KH, KW, words),
     epilogue ((conv * scale) + bias) + residual; gemm/tap_popc:
-    binary_weight_gemm(bits), needed by the C++ kernel only."""
+    binary_weight_layout(bits, binary_backend(x)), or None to make it here."""
     backend = binary_backend(x)
     if backend == "triton":
         return _backend.triton_kernels("binary").binary_conv2d(
             x, in_channels, bits, stride, padding, dilation, scale, bias, residual, packed_out)
+    if tap_popc is None:
+        gemm, tap_popc = binary_weight_layout(bits, backend)
     if backend == "bmma":
-        return torch.ops.ctmq.binary_conv2d_bmma(x, in_channels, bits, tap_popcounts(bits), stride,
-                                                 padding, dilation, scale, bias, residual, packed_out)
-    if gemm is None:
-        gemm, tap_popc = binary_weight_gemm(bits)
+        return torch.ops.ctmq.binary_conv2d_bmma(x, in_channels, bits, tap_popc, stride, padding,
+                                                 dilation, scale, bias, residual, packed_out)
     return torch.ops.ctmq.binary_conv2d(x, in_channels, gemm, tap_popc, bits.shape[0],
                                         list(bits.shape[1:3]), stride, padding, dilation,
                                         scale, bias, residual, packed_out)
