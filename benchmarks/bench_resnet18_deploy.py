@@ -2,7 +2,8 @@
 the same architecture in torch eval, measured in the same run.
 
 CPU: ctmq runtime vs float32 torch, batch 1 and 8. CUDA: ctmq runtime (Triton
-binary kernels, CUDA graphs) vs float16 channels_last torch, batch 256 and 1.
+binary kernels, CUDA graphs; and the tensor-core kernel where built) vs float16
+channels_last torch, batch 256 and 1.
 Also the artifact size against the float32 checkpoint.
 
     python benchmarks/bench_resnet18_deploy.py [--device cpu|cuda] [--json out.json]
@@ -41,6 +42,11 @@ def main(argv=None):
         export_binary(model, art, input_size=224)
         sizes = (os.path.getsize(ckpt), os.path.getsize(art))
         rt = deploy.load(art, device=a.device)
+        # a second runtime for the tensor-core kernel (opt-in while unverified):
+        # each runtime captures its own CUDA graphs with the kernels chosen then
+        bmma = dev.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "ctmq::binary_conv2d_bmma", "CUDA")
+        rt_bmma = deploy.load(art, device=a.device) if bmma else None
     set_bits(model, 32, 32)  # the float reference: the same architecture at full precision
     ref_dtype = torch.float16 if dev.type == "cuda" else torch.float32
     model = model.to(dev, ref_dtype)
@@ -55,8 +61,16 @@ def main(argv=None):
         with torch.inference_mode():
             t_ref = bench.timeit(lambda: model(xr), dev)
         t_rt = bench.timeit(lambda: rt(x), dev)
-        rows.append({"batch": b, "ctmq_ms": t_rt * 1e3, "torch_ms": t_ref * 1e3,
-                     "speedup": t_ref / t_rt, "ctmq_img_s": b / t_rt, "torch_img_s": b / t_ref})
+        row = {"batch": b, "ctmq_ms": t_rt * 1e3, "torch_ms": t_ref * 1e3,
+               "speedup": t_ref / t_rt, "ctmq_img_s": b / t_rt, "torch_img_s": b / t_ref}
+        if rt_bmma is not None:
+            os.environ["CTMQ_BINARY_BMMA"] = "1"
+            try:
+                t_bm = bench.timeit(lambda: rt_bmma(x), dev)
+            finally:
+                os.environ.pop("CTMQ_BINARY_BMMA")
+            row.update(bmma_ms=t_bm * 1e3, bmma_speedup=t_ref / t_bm, bmma_img_s=b / t_bm)
+        rows.append(row)
     name = bench.device_name(dev)
     ref = "float16 channels_last" if dev.type == "cuda" else "float32"
     print(f"binarized ResNet-18 deploy, 224x224, {name}; torch {ref} eval in the same run")
@@ -64,6 +78,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['batch']:5d} {r['ctmq_ms']:9.2f} {r['torch_ms']:9.2f} {r['speedup']:7.2f}x "
               f"{r['ctmq_img_s']:11.1f} {r['torch_img_s']:12.1f}")
+        if "bmma_ms" in r:
+            print(f"{'bmma':>5s} {r['bmma_ms']:9.2f} {'':9s} {r['bmma_speedup']:7.2f}x {r['bmma_img_s']:11.1f}")
     print(f"artifact {sizes[1] / 1e6:.2f} MB vs float32 checkpoint {sizes[0] / 1e6:.2f} MB: "
           f"{sizes[0] / sizes[1]:.1f}x smaller")
     if a.json:

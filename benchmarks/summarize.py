@@ -31,19 +31,17 @@ def qat_step(data):
 
 
 def binary_conv(data):
-    print(f"\nbinary conv 3x3 (ResNet-18 shapes), {data['device']}, ctmq path {data['path']}")
-    print(f"{'batch':>5s} {'ctmq ms':>9s} {'bmma ms':>9s} {'cudnn bf16 ms':>13s} {'vs bf16':>8s} "
-          f"{'bmma vs bf16':>12s}")
+    from bench_binary_conv import CUDA_COLUMNS
+    print(f"\nbinary conv 3x3 (ResNet-18 shapes), total ms, {data['device']}, ctmq path {data['path']}; "
+          "f = float in/out, p = packed in/out")
+    print(f"{'batch':>5s} " + " ".join(f"{h:>10s}" for _, h in CUDA_COLUMNS) + f" {'p vs bf16':>9s}")
     for b in sorted({r["batch"] for r in data["rows"]}):
         mine = [r for r in data["rows"] if r["batch"] == b]
-        tb = sum(r["ctmq_ms"] for r in mine)
-        tf = sum(r["cudnn_bf16_ms"] for r in mine)
-        if all("bmma_ms" in r for r in mine):
-            tm = sum(r["bmma_ms"] for r in mine)
-            bm, ratio = f"{tm:9.3f}", f"{tf / tm:11.2f}x"
-        else:
-            bm, ratio = f"{'-':>9s}", f"{'-':>12s}"
-        print(f"{b:5d} {tb:9.3f} {bm} {tf:13.3f} {tf / tb:7.2f}x {ratio}")
+        total = {k: sum(r[k] for r in mine) for k, _ in CUDA_COLUMNS if all(k in r for r in mine)}
+        best = min(v for k, v in total.items() if k.endswith("_packed_ms"))
+        print(f"{b:5d} " + " ".join(f"{total[k]:10.3f}" if k in total else f"{'-':>10s}"
+                                    for k, _ in CUDA_COLUMNS)
+              + f" {total['cudnn_bf16_ms'] / best:8.2f}x")
 
 
 def deploy(data):
@@ -51,6 +49,9 @@ def deploy(data):
     for r in data["rows"]:
         print(f"batch {r['batch']:4d}: ctmq {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} img/s), "
               f"torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
+        if "bmma_ms" in r:
+            print(f"{'':11s}bmma {r['bmma_ms']:8.2f} ms ({r['bmma_img_s']:8.0f} img/s): "
+                  f"{r['bmma_speedup']:.2f}x")
 
 
 def main(folder):
