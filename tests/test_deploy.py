@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ctmq
 from ctmq import binary, cli, deploy
@@ -144,6 +145,18 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
     cases["new.ctmq"] = "version 99 is newer"
     _rewrite_header(good, tmp_path / "op.ctmq", lambda h: h["nodes"].insert(0, {"op": "xnor_lstm", "in": ["input"], "out": "z"}))
     cases["op.ctmq"] = "unknown layer type.*xnor_lstm"
+
+    def edit_binary(key, value):
+        def edit(h):
+            next(n for n in h["nodes"] if n["op"] == "binary_conv")[key] = value
+        return edit
+    for key, value, words in (("stride", "two", "stride must be an int"),
+                              ("padding", [-1, 0], "padding must be >= 0"),
+                              ("scale", "nope", "'nope'"),
+                              ("in_channels", 999, "not packed for 999 input channels"),
+                              ("output", "int8", "output must be 'float' or 'packed'")):
+        _rewrite_header(good, tmp_path / f"bin_{key}.ctmq", edit_binary(key, value))
+        cases[f"bin_{key}.ctmq"] = f"binary_conv node .*{words}"
     (tmp_path / "tiny.ctmq").write_bytes(b"abc")
     cases["tiny.ctmq"] = "truncated"
     for name, words in cases.items():
@@ -164,6 +177,10 @@ def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):
         rt(torch.randn(2, 3, 9, 9))
     with pytest.raises(TypeError, match="float tensor"):
         rt(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    bad = torch.randn(2, 3, 8, 8)
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rt(bad)
     np.save(tmp_path / "gray.npy", np.zeros((1, 1, 8, 8), np.float32))
     assert cli.main(["infer", str(tmp_path / "m.ctmq"), str(tmp_path / "gray.npy")]) == 2
     assert "shape (N, 3, 8, 8)" in capsys.readouterr().err
@@ -172,6 +189,16 @@ def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):
     with pytest.raises(ExportError, match=r"not W1A1: layer1.0.conv1 \(W2A2\)"):
         export_binary(m, tmp_path / "x.ctmq")
     assert not (tmp_path / "x.ctmq").exists()
+
+
+def test_runtime_max_pool_equals_torch():
+    """The CPU runtime's max pool (oneDNN's) gives F.max_pool2d's values, -inf included."""
+    from ctmq.deploy.runtime import _max_pool2d
+    for shape, k, s, p in (((1, 64, 112, 112), 3, 2, 1), ((3, 5, 9, 7), 3, 2, 1), ((2, 33, 8, 8), 2, 2, 0)):
+        x = torch.randn(*shape)
+        x.view(-1)[::89] = float("-inf")
+        y = _max_pool2d(x, k, s, p)
+        assert y.is_contiguous() and torch.equal(y, F.max_pool2d(x, k, s, p))
 
 
 def test_export_refuses_run_without_w1a1(tmp_path, capsys):
