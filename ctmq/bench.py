@@ -45,6 +45,26 @@ def timeit(fn, device, min_time=0.5, max_reps=1000):
     return statistics.median(times)
 
 
+def timeit_interleaved(fns, min_time=1.0, calls_per_turn=8):
+    """{name: median seconds per call} of CPU callables timed in turns of
+    calls_per_turn calls each, so that a machine slowing down or speeding up
+    during the run (these VMs drift by 10% and more within seconds) moves all
+    of them alike and their ratios hold. The first call of each turn is not
+    counted: it finds the caches full of the other callable's data."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    while min(len(t) for t in times.values()) < 5 or time.perf_counter() - start < min_time:
+        for name, fn in fns.items():
+            fn()
+            for _ in range(calls_per_turn - 1):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 # ------------------------------------------------------------- eager baselines
 def _levels(c, bits):
     if bits == 1:
