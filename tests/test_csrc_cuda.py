@@ -39,7 +39,8 @@ def _cuobjdump():
 @pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
 def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
     """The binary tensor-core conv must use the native AND form on sm_80 and
-    sm_90 (Hopper emulates the XOR form, about 6x slower)."""
+    sm_90 (Hopper emulates the XOR form, about 6x slower), and stage its tiles
+    with cp.async."""
     obj = tmp_path / "binary_conv.o"
     cmd = [NVCC, "-std=c++17", "-O3", "-Icsrc", *ARCHS, "-c", "csrc/cuda/binary_conv.cu", "-o", str(obj)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -50,6 +51,7 @@ def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
         bmma = [line for line in sass.splitlines() if "BMMA" in line]
         assert bmma, f"{arch}: no BMMA instruction"
         assert all("AND.POPC" in line for line in bmma), f"{arch}: {bmma[:3]}"
+        assert "LDGSTS" in sass, f"{arch}: no cp.async (LDGSTS): tiles are not staged in shared memory"
 
 
 # ---------------------------------------------------------------- emulation
