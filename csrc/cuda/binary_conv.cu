@@ -124,17 +124,22 @@ __device__ __forceinline__ void load_stage(const BinaryConvParams& p, const Load
   }
 }
 
-// How many taps of px lie inside the image.
-__device__ __forceinline__ int valid_taps(const BinaryConvParams& p, const Pixel& px) {
-  int valid = 0;
+// Calls f(tap) for each tap (kh * KW + kw) of px's window inside the image.
+template <class F>
+__device__ __forceinline__ void for_each_tap_inside(const BinaryConvParams& p, const Pixel& px, F&& f) {
   for (int kh = 0; kh < p.KH; ++kh) {
     const int ih = px.oh * p.sh - p.ph + kh * p.dh;
     if (ih < 0 || ih >= p.H) continue;
     for (int kw = 0; kw < p.KW; ++kw) {
       const int iw = px.ow * p.sw - p.pw + kw * p.dw;
-      valid += iw >= 0 && iw < p.W;
+      if (iw >= 0 && iw < p.W) f(kh * p.KW + kw);
     }
   }
+}
+
+__device__ __forceinline__ int valid_taps(const BinaryConvParams& p, const Pixel& px) {
+  int valid = 0;
+  for_each_tap_inside(p, px, [&](int) { ++valid; });
   return valid;
 }
 
@@ -142,14 +147,7 @@ __device__ __forceinline__ int valid_taps(const BinaryConvParams& p, const Pixel
 __device__ int weight_popc_inside(const BinaryConvParams& p, const Pixel& px, int oc) {
   const int32_t* row = p.tap_popc + (long)oc * p.KH * p.KW;
   int sum = 0;
-  for (int kh = 0; kh < p.KH; ++kh) {
-    const int ih = px.oh * p.sh - p.ph + kh * p.dh;
-    if (ih < 0 || ih >= p.H) continue;
-    for (int kw = 0; kw < p.KW; ++kw) {
-      const int iw = px.ow * p.sw - p.pw + kw * p.dw;
-      if (iw >= 0 && iw < p.W) sum += row[kh * p.KW + kw];
-    }
-  }
+  for_each_tap_inside(p, px, [&](int tap) { sum += row[tap]; });
   return sum;
 }
 
