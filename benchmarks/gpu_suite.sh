@@ -32,6 +32,11 @@ fi
 python3 -c "import torch, ctmq; print('binary conv kernel for CUDA built:', torch._C._dispatch_has_kernel_for_dispatch_key('ctmq::binary_conv2d_bmma', 'CUDA'))"
 if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
   # the tests that touch the GPU (the CPU-only engine tests run in CI)
+  # test_gpu_mma_matches_emulator (test_csrc_cuda.py) checks the mma fragment layout the
+  # emulator assumes against the GPU itself; run first, without -x, so that a failing conv
+  # test below still says whether the layout or the kernel logic is at fault
+  step tests_mma python3 -m pytest -q -p no:cacheprovider tests/test_csrc_cuda.py -k "mma_matches"
+  grep -E "passed|failed" "$OUT/tests_mma.log" | tail -n 1
   step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
     tests/test_kernels_binary.py tests/test_quant.py tests/test_ops.py tests/test_nn.py \
     tests/test_models.py tests/test_deploy.py

@@ -145,3 +145,84 @@ def test_emulated_bmma_copy_width(bmma_emulator, tmp_path, c, x_offset, vec_word
                               (1, 1), (1, 1), None, None, None, False, x_offset=x_offset)
     assert f"vec_words={vec_words} " in log
     assert torch.equal(out.reshape(ref.shape), ref)
+
+
+# The emulator's mma.sync against an independent model of the PTX fragment
+# layout here, and against the GPU's own instruction where there is one: if the
+# GPU test of the conv fails while these pass, the kernel's logic is at fault,
+# not the layout the emulator assumes.
+def _build_probe(compiler_cmd, out):
+    res = subprocess.run([*compiler_cmd, "tests/cuda_emu/mma_probe.cpp", "-o", str(out)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _run_probe(exe, tmp_path, fragments):
+    import numpy as np
+    fragments.astype(np.uint32).tofile(tmp_path / "in.bin")
+    res = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"),
+                          str(len(fragments))], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return np.fromfile(tmp_path / "out.bin", dtype=np.int32).reshape(len(fragments), 32, 4)
+
+
+def _ptx_layout_model(fragments):
+    """D = C + popc(A AND B) per the PTX ISA's m16n8k256 .b1 fragment figures,
+    written lane by lane (where each lane's registers go in A and B), the
+    other way round from the emulator, which gathers each row from the lanes."""
+    import numpy as np
+    popc = np.vectorize(lambda v: bin(int(v)).count("1"))
+    out = np.empty((len(fragments), 32, 4), np.int64)
+    for s, regs in enumerate(fragments):
+        a = np.zeros((16, 8), np.uint64)  # rows x 32-bit words of K
+        b = np.zeros((8, 8), np.uint64)   # columns x words of K
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            a[g, t], a[g + 8, t], a[g, 4 + t], a[g + 8, 4 + t] = regs[lane, :4]
+            b[g, t], b[g, 4 + t] = regs[lane, 4:]
+        d = popc(a[:, None, :] & b[None, :, :]).sum(-1)  # (16, 8)
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            c = (lane, 2 * lane, 3 * lane, 7)
+            out[s, lane] = [c[0] + d[g, 2 * t], c[1] + d[g, 2 * t + 1], c[2] + d[g + 8, 2 * t],
+                            c[3] + d[g + 8, 2 * t + 1]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def mma_probe_emulated(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ not found")
+    return _build_probe([GXX, "-std=c++20", "-O2", "-pthread", "-DCTMQ_CUDA_EMULATION", "-Icsrc/cuda",
+                         "-Itests/cuda_emu", "-x", "c++"],
+                        tmp_path_factory.mktemp("probe_emu") / "mma_probe")
+
+
+def _random_fragments(sets, seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    frags = rng.integers(0, 2**32, size=(sets, 32, 6), dtype=np.uint64)
+    frags[0] = 0xFFFFFFFF  # all ones: every count is 256
+    frags[1, :, :4] = 0    # A zero: D = C
+    return frags
+
+
+def test_emulated_mma_matches_ptx_layout_model(mma_probe_emulated, tmp_path):
+    frags = _random_fragments(12, 0)
+    got = _run_probe(mma_probe_emulated, tmp_path, frags)
+    want = _ptx_layout_model(frags)
+    assert (got == want).all()
+    assert (got[0] == [[lane + 256, 2 * lane + 256, 3 * lane + 256, 263] for lane in range(32)]).all()
+
+
+@pytest.mark.skipif(NVCC is None or not torch.cuda.is_available(), reason="needs nvcc and a CUDA device")
+def test_gpu_mma_matches_emulator(mma_probe_emulated, tmp_path):
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        pytest.skip("mma.sync b1 AND.POPC needs sm_80 or newer")
+    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+    gpu = _build_probe([NVCC, "-std=c++17", "-O2", "-Icsrc/cuda", arch, "-x", "cu"],
+                       tmp_path / "mma_probe_gpu")
+    frags = _random_fragments(64, 1)
+    assert (_run_probe(gpu, tmp_path, frags) == _run_probe(mma_probe_emulated, tmp_path, frags)).all()
