@@ -13,7 +13,6 @@ import json
 import os
 import struct
 import time
-
 from typing import NamedTuple
 
 import torch
