@@ -1,7 +1,8 @@
 """Execute an exported binarized ResNet-18 (see ctmq.export for the format).
 
 The runtime walks the artifact's node list: binary convolutions run on ctmq's
-XNOR-popcount kernels (C++ on the CPU, Triton on CUDA) with the folded
+XNOR-popcount kernels (C++ on the CPU; Triton on CUDA, or the tensor-core
+kernel with CTMQ_BINARY_BMMA=1) with the folded
 scale/bias in their epilogue, and pass packed activations to each other where
 the graph allows, with the residual add of a shortcut fused into their
 epilogue; the full-precision stem, shortcuts and FC run as the same
