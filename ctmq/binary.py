@@ -5,6 +5,7 @@
     y  = binary_conv2d(x, wb, stride=1, padding=1)              # == F.conv2d(sign(x), sign(w))
     y  = binary_conv2d(x, wb, padding=1, scale=s, bias=b)       # ... * s[c] + b[c]
     yb = binary_conv2d(xb, wb, padding=1, scale=s, bias=b, out="packed")  # sign of that, packed
+    z  = binary_linear(x2d, w2d, scale=s, bias=b)              # sign(x2d) @ sign(w2d).T, the GEMM
 
 sign maps x >= 0 to +1 (and -0.0 to +1, NaN to -1). With out="float" the result
 equals F.conv2d(sign(x), sign(w), stride, padding, dilation) exactly (zero
@@ -23,7 +24,7 @@ from . import ops
 
 __all__ = ["PackedActivation", "PackedWeight", "pack_bits", "unpack_bits", "pack_activation",
            "pack_weight",
-           "binary_conv2d", "backend_info"]
+           "binary_conv2d", "binary_linear", "backend_info"]
 
 
 @dataclasses.dataclass
@@ -115,8 +116,13 @@ def pack_activation(x: Tensor) -> PackedActivation:
 
 
 def pack_weight(w: Tensor) -> PackedWeight:
-    """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls."""
-    _check_float("weight", w, 4)
+    """Pack a conv weight (O, C, KH, KW) once, for repeated binary_conv2d calls,
+    or a linear weight (O, K), packed as a 1x1 kernel, for binary_linear."""
+    _check_float("weight", w)
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    elif w.dim() != 4:
+        raise ValueError(f"weight must be 4-D (O, C, KH, KW) or 2-D (O, K), got shape {tuple(w.shape)}")
     bits = pack_bits(w, dim=1).contiguous()
     packed = PackedWeight(bits, w.shape[1])
     packed.layout_for(bits, ops.binary_backend(bits))
@@ -199,6 +205,31 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
     y = ops.binary_conv2d(xb, channels, bits, gemm, tap_popc, stride, padding,
                           dilation, _on(scale, xb), _on(bias, xb), residual, out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
+
+
+def binary_linear(x, weight, scale=None, bias=None, out="float"):
+    """sign(x) @ sign(weight).T as an XNOR-popcount GEMM (the conv kernels on a
+    1x1 kernel and 1x1 images, so every backend has it), with the same
+    epilogue as binary_conv2d: `y * scale[o] + bias[o]`, out="packed" for the
+    next binary layer. x: float (N, K) or a PackedActivation from a previous
+    binary_linear; weight: float (O, K) or pack_weight of it. Returns float32
+    (N, O), or a PackedActivation of shape (N, O, 1, 1)."""
+    if isinstance(x, PackedActivation):
+        if tuple(x.bits.shape[1:3]) != (1, 1):
+            raise ValueError(f"x: a PackedActivation of a (N, K) matrix (1x1 images) expected, got "
+                             f"shape {x.shape}")
+    else:
+        _check_float("x", x, 2)
+        x = x[:, :, None, None]
+    if isinstance(weight, PackedWeight):
+        if weight.kernel_size != (1, 1):
+            raise ValueError(f"weight: a PackedWeight of an (O, K) matrix (kernel 1x1) expected, got "
+                             f"kernel {weight.kernel_size}")
+    else:
+        _check_float("weight", weight, 2)
+        weight = pack_weight(weight)
+    y = binary_conv2d(x, weight, scale=scale, bias=bias, out=out)
+    return y if out == "packed" else y.view(y.shape[0], y.shape[1])
 
 
 def backend_info():

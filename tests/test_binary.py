@@ -136,10 +136,32 @@ def test_non_contiguous_and_channels_last_conv_input(cpu_path):
     (lambda x, w: binary.binary_conv2d(x, w, out="int8"), ValueError, "out must be"),
     (lambda x, w: binary.pack_weight(w[0]), ValueError, "weight must be 4-D"),
     (lambda x, w: binary.unpack_bits(torch.zeros(2, 1, dtype=torch.int32), 33), ValueError, "channels"),
+    (lambda x, w: binary.binary_linear(x, w), ValueError, "x must be 2-D"),
+    (lambda x, w: binary.binary_linear(x[:, :, 0, 0], w), ValueError, "weight must be 2-D"),
+    (lambda x, w: binary.binary_linear(x[:, :, 0, 0], binary.pack_weight(w)), ValueError, "kernel 1x1"),
+    (lambda x, w: binary.binary_linear(binary.pack_activation(x), w[:, :, 0, 0]), ValueError, "1x1 images"),
+    (lambda x, w: binary.binary_linear(x[:, :5, 0, 0], w[:, :, 0, 0]), ValueError, "expects 8 input"),
 ])
 def test_bad_input_is_named(call, exc, words):
     with pytest.raises(exc, match=words):
         call(torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3))
+
+
+@pytest.mark.parametrize("k", [1, 31, 33, 100, 257])
+def test_binary_linear_is_the_sign_gemm(cpu_path, k):
+    n, o = 5, 40
+    x, w = torch.randn(n, k), torch.randn(o, k)
+    scale, bias = torch.rand(o) + 0.5, torch.randn(o) * 3
+    ref = sign(x) @ sign(w).T  # small integers: exact in float32
+    assert torch.equal(binary.binary_linear(x, w), ref)
+    wb = binary.pack_weight(w)
+    y = binary.binary_linear(x, wb, scale=scale, bias=bias)
+    assert y.shape == (n, o) and torch.equal(y, ref * scale + bias)
+    packed = binary.binary_linear(x, wb, scale=scale, bias=bias, out="packed")
+    assert packed.shape == (n, o, 1, 1)
+    assert torch.equal(binary.unpack_bits(packed.bits, o)[:, :, 0, 0], sign(ref * scale + bias))
+    w2 = torch.randn(7, o)  # a second layer takes the packed bits as they are
+    assert torch.equal(binary.binary_linear(packed, w2), sign(ref * scale + bias) @ sign(w2).T)
 
 
 def test_kernel_level_checks():

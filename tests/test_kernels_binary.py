@@ -71,6 +71,15 @@ def test_triton_dilation_and_borders(triton_device):
         assert torch.equal(y.cpu(), ref)
 
 
+@pytest.mark.parametrize("k", [1, 33, 100])
+def test_triton_binary_linear(triton_device, k):
+    x, w = torch.randn(3, k), torch.randn(37, k)
+    scale, bias = torch.rand(37) + 0.5, torch.randn(37)
+    ref = sign(x) @ sign(w).T * scale + bias
+    y = binary.binary_linear(x.to(triton_device), w.to(triton_device), scale=scale, bias=bias)
+    assert y.device.type == triton_device and torch.equal(y.cpu(), ref)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("c,o,hw,stride,pad", [(1, 5, (7, 7), 1, 1), (33, 13, (8, 5), 2, 1),
                                                (65, 37, (7, 7), 1, 0), (130, 64, (9, 9), 2, 1),
