@@ -230,9 +230,11 @@ def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path, monkeypatch, kernel
     export_binary(m, tmp_path / "m.ctmq", input_size=32)
     rt = deploy.load(tmp_path / "m.ctmq", device="cuda")
     cpu = deploy.load(tmp_path / "m.ctmq")
+    tf32 = torch.backends.cudnn.allow_tf32
     for _ in range(3):  # the same captured graph, replayed on new inputs
         x = torch.randn(7, 3, 32, 32)
         got, want = rt(x.cuda()).cpu(), cpu(x)
+        assert torch.backends.cudnn.allow_tf32 == tf32  # the runtime's IEEE fp32 is scoped
         assert torch.equal(got.argmax(1), want.argmax(1))
         assert ((got - want).norm() / want.norm()).item() <= 1e-4
     assert len(rt._graphs) == 1

@@ -10,6 +10,7 @@ torch functions the trained model calls, so the logits agree with the model's
 eval-mode logits. On CUDA, each batch size is captured once as a CUDA graph so
 that small batches are not launch-bound.
 """
+import contextlib
 import json
 import os
 import struct
@@ -94,6 +95,24 @@ def _max_pool2d(x, kernel, stride, padding):
                         padding).contiguous()
 
 
+@contextlib.contextmanager
+def _ieee_fp32():
+    """Float32 convs and matmuls in IEEE float32 on CUDA: cuDNN runs float32
+    convs in TF32 by default (10-bit mantissa), which would move the FP stem's
+    output enough to flip binary activations after it, so CUDA logits would
+    drift from the CPU's (and from an fp32 model's). The user's settings are
+    restored after."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        cudnn.allow_tf32 = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
 def load(path, device="cpu"):
     """The runtime of an artifact on `device` ("cpu" or "cuda")."""
     header, tensors = read_artifact(path)
@@ -165,6 +184,10 @@ class Runtime:
     def run(self, images, trace=False, timings=None):
         """Logits of normalized images; with trace=True also every node's value;
         timings: a dict to add each op type's seconds to (CPU, synchronous)."""
+        with _ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._run(images, trace, timings)
+
+    def _run(self, images, trace, timings):
         env = {"input": images.to(self.device, torch.float32)}
         t = self.t
         for node in self.header["nodes"]:
