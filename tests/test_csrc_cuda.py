@@ -59,14 +59,18 @@ def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
 # CUDA thread a host thread; mma.sync, shuffles and cp.async emulated from the
 # PTX ISA): the kernel's tiling, copies, borders and epilogues run here, on any
 # machine, and must match the CPU kernel bit for bit. What this cannot check:
-# the hardware's fragment layout itself, speed, races a real GPU would expose.
+# speed, races that a real GPU's scheduling would expose, and the hardware's
+# fragment layout (the mma probe below checks that one on a GPU machine).
 GXX = shutil.which("g++")
 
 
 @pytest.fixture(scope="session")
 def bmma_emulator(tmp_path_factory):
+    import ctmq
     if GXX is None:
         pytest.skip("g++ not found")
+    if not ctmq.has_extension():
+        pytest.skip("ctmq._C not built: the CPU kernel is the reference")
     exe = tmp_path_factory.mktemp("cuda_emu") / "run_binary_conv"
     cmd = [GXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-DCTMQ_CUDA_EMULATION",
            "-Icsrc/cuda", "-Itests/cuda_emu", "-x", "c++", "tests/cuda_emu/run_binary_conv.cpp",
