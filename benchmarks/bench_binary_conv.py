@@ -24,16 +24,16 @@ SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2
           (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
 
 
-def run_cpu(batch, min_time=0.3):
+def run_cpu(batch, min_time=0.6):
     rows = []
     for cin, cout, size, stride in SHAPES:
         x = torch.randn(batch, cin, size, size)
         w = torch.randn(cout, cin, 3, 3)
         wb = binary.pack_weight(w)
-        t_bin = bench.timeit(lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1),
-                             torch.device("cpu"), min_time=min_time)
-        t_f32 = bench.timeit(lambda: F.conv2d(x, w, stride=stride, padding=1),
-                             torch.device("cpu"), min_time=min_time)
+        t = bench.timeit_interleaved(  # in turns: this CPU's speed drifts within seconds
+            {"ctmq": lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1),
+             "torch": lambda: F.conv2d(x, w, stride=stride, padding=1)}, min_time=min_time)
+        t_bin, t_f32 = t["ctmq"], t["torch"]
         out = (size + 2 - 3) // stride + 1
         macs = batch * cout * out * out * cin * 9
         rows.append({"shape": f"{cin}x{cout}@{size}" + ("/s2" if stride == 2 else ""),
@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="default: 1 8 on cpu, 256 1 on cuda")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds per timing (cpu)")
+    p.add_argument("--min-time", type=float, default=0.6, help="seconds per shape (cpu)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     name = bench.device_name(a.device)
