@@ -138,6 +138,40 @@ def test_emulated_bmma_kernel_matches_cpu_kernel(bmma_emulator, tmp_path, case, 
     assert torch.equal(out.reshape(ref.shape), ref)
 
 
+@pytest.fixture(scope="session")
+def bmma_emulator_tsan(tmp_path_factory, bmma_emulator):
+    """The emulator built with ThreadSanitizer: emulated barriers are atomics
+    only, so a missing __syncthreads (a shared-memory race on a GPU) is a
+    reported data race here."""
+    exe = tmp_path_factory.mktemp("cuda_emu_tsan") / "run_binary_conv"
+    cmd = [GXX, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-ffp-contract=off",
+           "-DCTMQ_CUDA_EMULATION", "-Icsrc/cuda", "-Itests/cuda_emu", "-x", "c++",
+           "tests/cuda_emu/run_binary_conv.cpp", "-o", str(exe)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"no ThreadSanitizer build here: {res.stderr[-300:]}")
+    return exe
+
+
+@pytest.mark.parametrize("case", [(1, 64, (5, 5), 64, 3, 1, 1, 1), (2, 256, (9, 9), 70, 3, 1, 1, 1),
+                                  (1, 33, (13, 11), 40, 5, 2, 2, 1)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_emulated_bmma_kernel_has_no_shared_memory_race(bmma_emulator_tsan, tmp_path, case, packed):
+    from ctmq import binary, ops
+    batch, c, (h, w), o, k, s, p, d = case
+    x = ops.pack_bits(torch.randn(batch, c, h, w))
+    bits = binary.pack_weight(torch.randn(o, c, k, k)).bits
+    try:
+        out, _ = _emulated_conv(bmma_emulator_tsan, tmp_path, x, c, bits, ops.tap_popcounts(bits),
+                                (s, s), (p, p), (d, d), None, None, None, packed)
+    except AssertionError as e:
+        if "unexpected memory mapping" in str(e):  # TSan vs this kernel's address layout
+            pytest.skip("ThreadSanitizer cannot run on this kernel's memory layout")
+        raise  # a race makes TSan exit non-zero with its report in the message
+    ref = ops.binary_conv2d(x, c, bits, None, None, [s, s], [p, p], [d, d], None, None, None, packed)
+    assert torch.equal(out.reshape(ref.shape), ref)
+
+
 @pytest.mark.parametrize("c,x_offset,vec_words", [(128, 0, 4), (64, 0, 2), (33, 0, 2), (65, 0, 1),
                                                   (128, 1, 1), (128, 2, 2)])
 def test_emulated_bmma_copy_width(bmma_emulator, tmp_path, c, x_offset, vec_words):

@@ -10,7 +10,7 @@
 // What it cannot show: timing, bank conflicts, and races that the real
 // hardware's scheduling would expose but a barrier-correct host run hides.
 #pragma once
-#include <barrier>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -60,16 +60,40 @@ inline void register_buffer(const void* p, size_t bytes) {
   buffers().emplace_back(static_cast<const char*>(p), static_cast<const char*>(p) + bytes);
 }
 
+// A barrier of atomics only (no mutex): the happens-before edges it makes are
+// exactly a barrier's, so a thread sanitizer build (-fsanitize=thread) sees a
+// missing __syncthreads as the data race it is. (std::barrier waits through a
+// process-wide pool of mutexes, whose locks order unrelated threads and hide
+// races.)
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    const unsigned phase = phase_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      phase_.fetch_add(1, std::memory_order_release);
+    } else {
+      while (phase_.load(std::memory_order_acquire) == phase) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<unsigned> phase_{0};
+};
+
 struct Block {
   explicit Block(int threads) : sync(threads), warps(threads / 32) {
     for (auto& w : warps) w = std::make_unique<Warp>();
   }
   struct Warp {
-    std::barrier<> bar{32};
+    Barrier bar{32};
     uint32_t regs[32][6];  // mma operands a0..a3, b0, b1 of each lane
     uint64_t shfl[32];
   };
-  std::barrier<> sync;
+  Barrier sync;
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
