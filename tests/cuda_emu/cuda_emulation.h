@@ -7,8 +7,10 @@
 // ISA), cp.async with commit/wait groups (each copy lands as late as the PTX
 // allows: at the wait that covers it, so a read before its wait sees stale
 // shared memory), alignment and bounds checks on every cp.async source.
-// What it cannot show: timing, bank conflicts, and races that the real
-// hardware's scheduling would expose but a barrier-correct host run hides.
+// Built with -fsanitize=thread it is a race checker too: its barriers are
+// atomics only, so shared memory shared without a barrier is a reported race.
+// What it cannot show: timing, bank conflicts, and anything the hardware does
+// differently from the PTX ISA as modelled here (the mma probe checks that).
 #pragma once
 #include <atomic>
 #include <cstdint>
