@@ -15,9 +15,12 @@ __all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_l
 
 
 class _QMixin:
-    def _init_q(self, w_bits, a_bits, act_ste, weight_ste):
-        self.w_bits = check_bits("w_bits", w_bits)
-        self.a_bits = check_bits("a_bits", a_bits)
+    # first base of QConv2d / QLinear: takes the quantization arguments, passes
+    # the rest to the torch layer
+    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
+                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_bits(w_bits, a_bits)
         self.act_ste = act_ste
         self.weight_ste = weight_ste
 
@@ -35,8 +38,8 @@ class _QMixin:
     def quantized_weight(self):
         return quantize_weight(self.weight, self.w_bits, self._ste(self.weight_ste, self.w_bits))
 
-    def _q_repr(self):
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+    def extra_repr(self):
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
 
 
 class QConv2d(_QMixin, nn.Conv2d):
@@ -46,31 +49,15 @@ class QConv2d(_QMixin, nn.Conv2d):
     by default; "clipped"); weight_ste likewise for 1-bit weights.
     """
 
-    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
-                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_q(w_bits, a_bits, act_ste, weight_ste)
-
     def forward(self, x):
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, {self._q_repr()}"
 
 
 class QLinear(_QMixin, nn.Linear):
     """nn.Linear whose input and weight are quantized to a_bits / w_bits."""
 
-    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
-                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_q(w_bits, a_bits, act_ste, weight_ste)
-
     def forward(self, x):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, {self._q_repr()}"
 
 
 def quantized_layers(model):
