@@ -10,7 +10,6 @@ events via triton's do_bench, median).
 """
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -42,19 +41,6 @@ def run_cpu(batch, min_time=0.6):
     return rows
 
 
-def _with_bmma(enabled, fn):
-    """Run fn with the tensor-core kernel chosen (or not) for CUDA tensors."""
-    old = os.environ.get("CTMQ_BINARY_BMMA")
-    os.environ["CTMQ_BINARY_BMMA"] = "1" if enabled else "0"
-    try:
-        return fn()
-    finally:
-        if old is None:
-            os.environ.pop("CTMQ_BINARY_BMMA")
-        else:
-            os.environ["CTMQ_BINARY_BMMA"] = old
-
-
 def run_cuda(batch):
     """Per shape: cuDNN bf16/fp16 channels_last; ctmq's Triton and (where built)
     tensor-core kernels twice each: "float" = float NCHW in (packing included),
@@ -78,12 +64,12 @@ def run_cuda(batch):
             wh = w.to(dt).contiguous(memory_format=torch.channels_last)
             row[name] = bench.timeit(lambda: F.conv2d(xh, wh, stride=stride, padding=1), dev) * 1e3
         for kernel in ("triton", "bmma") if bmma else ("triton",):
-            on = kernel == "bmma"
-            row[f"{kernel}_float_ms"] = _with_bmma(on, lambda: bench.timeit(
-                lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev)) * 1e3
-            row[f"{kernel}_packed_ms"] = _with_bmma(on, lambda: bench.timeit(
-                lambda: binary.binary_conv2d(xb, wb, stride=stride, padding=1, scale=scale, bias=bias,
-                                             out="packed"), dev)) * 1e3
+            with bench.bmma_kernel(kernel == "bmma"):
+                row[f"{kernel}_float_ms"] = bench.timeit(
+                    lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev) * 1e3
+                row[f"{kernel}_packed_ms"] = bench.timeit(
+                    lambda: binary.binary_conv2d(xb, wb, stride=stride, padding=1, scale=scale,
+                                                 bias=bias, out="packed"), dev) * 1e3
         best = min(row[k] for k in row if k.endswith("_packed_ms"))
         row["speedup"] = row["cudnn_bf16_ms"] / best
         row["binary_tops"] = 2 * macs / (best * 1e-3) / 1e12

@@ -70,11 +70,8 @@ def main(argv=None):
         row = {"batch": b, "ctmq_ms": t_rt * 1e3, "torch_ms": t_ref * 1e3,
                "speedup": t_ref / t_rt, "ctmq_img_s": b / t_rt, "torch_img_s": b / t_ref}
         if rt_bmma is not None:
-            os.environ["CTMQ_BINARY_BMMA"] = "1"
-            try:
+            with bench.bmma_kernel():
                 t_bm = bench.timeit(lambda: rt_bmma(x), dev)
-            finally:
-                os.environ.pop("CTMQ_BINARY_BMMA")
             row.update(bmma_ms=t_bm * 1e3, bmma_speedup=t_ref / t_bm, bmma_img_s=b / t_bm)
         rows.append(row)
     name = bench.device_name(dev)

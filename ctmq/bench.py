@@ -7,8 +7,10 @@ torch.compile of (a). Bandwidth counts the minimum bytes of fwd+bwd (read x,
 write y, read dy, write dx) and is shown as a fraction of a plain device copy
 measured in the same run. Every ratio is between numbers of one run.
 """
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import time
 
@@ -43,6 +45,21 @@ def timeit(fn, device, min_time=0.5, max_reps=1000):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def bmma_kernel(enabled=True):
+    """Run CUDA binary convs on the tensor-core kernel (or not) inside the block:
+    CTMQ_BINARY_BMMA, set and restored."""
+    old = os.environ.get("CTMQ_BINARY_BMMA")
+    os.environ["CTMQ_BINARY_BMMA"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CTMQ_BINARY_BMMA")
+        else:
+            os.environ["CTMQ_BINARY_BMMA"] = old
 
 
 def timeit_interleaved(fns, min_time=1.0, calls_per_turn=8):
