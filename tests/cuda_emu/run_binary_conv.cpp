@@ -58,9 +58,7 @@ int main(int argc, char** argv) {
   p.OH = (p.H + 2 * p.ph - p.dh * (p.KH - 1) - 1) / p.sh + 1;
   p.OW = (p.W + 2 * p.pw - p.dw * (p.KW - 1) - 1) / p.sw + 1;
   const size_t T = (size_t)p.KH * p.KW, M = (size_t)p.N * p.OH * p.OW;
-  // registered buffers must stay put: reserve, then construct in place
-  std::vector<Buffer> keep;
-  keep.reserve(6);
+  std::vector<Buffer> keep;  // moving a Buffer keeps its words where they were registered
   keep.push_back(read_file(dir + "/x.bin", (size_t)p.N * p.H * p.W * p.Cw, x_offset));
   keep.push_back(read_file(dir + "/w.bin", (size_t)p.O * T * p.Cw));
   keep.push_back(read_file(dir + "/tap.bin", (size_t)p.O * T));
