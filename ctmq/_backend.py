@@ -12,6 +12,13 @@ import threading
 _state = threading.local()
 _cache = {}
 
+# CUDA binary kernels a user can choose (ctmq.binary.use_kernel): the Triton
+# XNOR-popcount kernel, or the binary tensor-core (mma.sync b1) kernel of ctmq._C.
+CUDA_BINARY_KERNELS = ("triton", "bmma")
+BINARY_KERNEL_ENV = "CTMQ_BINARY_KERNEL"
+# Read once, at import: the default of use_kernel(); checked when first used.
+_ENV_BINARY_KERNEL = os.environ.get(BINARY_KERNEL_ENV, "").strip().lower() or "triton"
+
 
 def _load(name, hint):
     if name not in _cache:
@@ -71,3 +78,24 @@ def force_triton(enabled=True):
         yield
     finally:
         _state.force_triton = previous
+
+
+def cuda_binary_kernel():
+    """The CUDA binary kernel chosen for this thread: use_kernel()'s, else
+    CTMQ_BINARY_KERNEL's value at import, else "triton"."""
+    kernel = getattr(_state, "binary_kernel", None) or _ENV_BINARY_KERNEL
+    if kernel not in CUDA_BINARY_KERNELS:
+        raise ValueError(f"{BINARY_KERNEL_ENV} must be one of {CUDA_BINARY_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+@contextlib.contextmanager
+def use_binary_kernel(kernel):
+    if kernel not in CUDA_BINARY_KERNELS:
+        raise ValueError(f"kernel must be one of {CUDA_BINARY_KERNELS}, got {kernel!r}")
+    previous = getattr(_state, "binary_kernel", None)
+    _state.binary_kernel = kernel
+    try:
+        yield
+    finally:
+        _state.binary_kernel = previous

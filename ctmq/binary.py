@@ -20,11 +20,11 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _backend, ops
 
 __all__ = ["PackedActivation", "PackedWeight", "pack_bits", "unpack_bits", "pack_activation",
            "pack_weight",
-           "binary_conv2d", "binary_linear", "backend_info"]
+           "binary_conv2d", "binary_linear", "use_kernel", "cuda_kernels", "backend_info"]
 
 
 @dataclasses.dataclass
@@ -232,21 +232,52 @@ def binary_linear(x, weight, scale=None, bias=None, out="float"):
     return y if out == "packed" else y.view(y.shape[0], y.shape[1])
 
 
+def use_kernel(kernel):
+    """Context manager: the binary conv kernel that CUDA tensors run inside the
+    block, in this thread: "triton" (XNOR-popcount on CUDA cores, any GPU
+    Triton supports) or "bmma" (binary tensor cores, mma.sync b1 AND.POPC;
+    compute capability 8.0 or newer, built into ctmq._C by nvcc). The default
+    outside any block is the environment variable CTMQ_BINARY_KERNEL, read once
+    when ctmq is imported, else "triton". A kernel that cannot run on the
+    input's device is a RuntimeError at the call, saying why."""
+    return _backend.use_binary_kernel(kernel)
+
+
+def cuda_kernels(device=None):
+    """The binary conv kernels that can run on a CUDA device (default: the
+    current one): "triton" where triton imports, "bmma" where ctmq._C has it
+    and the device is sm_80 or newer."""
+    if not torch.cuda.is_available():
+        return ()
+    device = torch.device("cuda") if device is None else torch.device(device)
+    found = []
+    try:
+        _backend.triton_kernels("binary")
+        found.append("triton")
+    except RuntimeError:
+        pass
+    if ops.bmma_built() and ops.cuda_capability(device) >= ops.BMMA_MIN_CAPABILITY:
+        found.append("bmma")
+    return tuple(found)
+
+
 def backend_info():
-    """Which binary kernels run on each device, e.g. {"cpu": "avx512-vpopcntdq",
-    "cuda": "triton" | "bmma"} (or why none does)."""
+    """What runs binary convs on each device, e.g. {"cpu": "avx512-vpopcntdq",
+    "cuda": "triton", "cuda_kernels": ("triton", "bmma")}: the CPU code path,
+    the CUDA kernel chosen now (use_kernel), and the CUDA kernels that can
+    run here; an entry says "unavailable: why" where nothing can."""
     try:
         cpu = ops.binary_cpu_path("")
     except RuntimeError as e:
         cpu = f"unavailable: {e}"
+    available = cuda_kernels()
     if not torch.cuda.is_available():
         cuda = "unavailable: no CUDA device"
     else:
         try:
-            cuda = ops.binary_backend(torch.empty(0, device="cuda"))
-            if cuda == "triton":
-                from . import _backend
-                _backend.triton_kernels("binary")
-        except RuntimeError as e:
+            cuda = _backend.cuda_binary_kernel()
+            if cuda not in available:
+                cuda = f"unavailable: {cuda!r} is chosen, this machine has {list(available)}"
+        except ValueError as e:
             cuda = f"unavailable: {e}"
-    return {"cpu": cpu, "cuda": cuda}
+    return {"cpu": cpu, "cuda": cuda, "cuda_kernels": available}

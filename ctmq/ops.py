@@ -153,11 +153,18 @@ def _clipped_slope(v: Tensor) -> Tensor:
 
 # ------------------------------------------------------------ fake_quant_affine
 def _check_qparams_values(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int):
-    bad = torch.stack([(~(torch.isfinite(scale) & (scale > 0))).any(),
-                       ((zero_point < qmin) | (zero_point > qmax)).any()]).tolist()
-    if bad[0]:
+    scale_ok = (torch.isfinite(scale) & (scale > 0)).all()
+    zero_point_ok = ((zero_point >= qmin) & (zero_point <= qmax)).all()
+    if scale.device.type != "cpu":
+        # No host sync (a training step must not stall, and CUDA graphs must
+        # capture it): a bad value fails as a device-side assert instead.
+        torch._assert_async(scale_ok, "fake_quant_affine: scale must be finite and > 0")
+        torch._assert_async(zero_point_ok, f"fake_quant_affine: zero_point must lie in "
+                                           f"[qmin, qmax] = [{qmin}, {qmax}]")
+        return
+    if not bool(scale_ok):
         raise ValueError(f"scale must be finite and > 0, got {scale.tolist()}")
-    if bad[1]:
+    if not bool(zero_point_ok):
         raise ValueError(f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], "
                          f"got {zero_point.tolist()}")
 
@@ -424,18 +431,52 @@ torch.library.register_autograd("ctmq::quantize_weight", _weight_backward,
 # bit 1 = +1. CPU tensors: the C++ kernels (csrc/cpu); CUDA tensors, or CPU
 # tensors under force_triton(): the Triton kernels (ctmq_kernels/binary.py).
 # Inference only: these take no part in autograd.
-def _bmma_enabled() -> bool:
-    # The binary tensor-core kernel (csrc/cuda) has not run on a GPU yet: it is
-    # opt-in (CTMQ_BINARY_BMMA=1) until the GPU suite has checked it.
-    if os.environ.get("CTMQ_BINARY_BMMA", "0") in ("", "0") or not _backend.has_extension():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")
+BMMA_MIN_CAPABILITY = (8, 0)  # mma.sync with b1 operands and .and.popc: Ampere and later
+_bmma_built = None
+_capability = {}
+
+
+def bmma_built() -> bool:
+    """True when ctmq._C holds the binary tensor-core kernel for CUDA (built
+    with nvcc against a CUDA build of torch)."""
+    global _bmma_built
+    if _bmma_built is None:
+        _bmma_built = (_backend.has_extension() and hasattr(torch.ops.ctmq, "binary_conv2d_bmma")
+                       and torch._C._dispatch_has_kernel_for_dispatch_key(
+                           "ctmq::binary_conv2d_bmma", "CUDA"))
+    return _bmma_built
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = tuple(torch.cuda.get_device_capability(index))
+    return _capability[index]
+
+
+def _check_bmma(device: torch.device):
+    if not bmma_built():
+        raise RuntimeError("ctmq binary kernel 'bmma' was chosen, but ctmq._C was built without its "
+                           "CUDA kernels: rebuild with nvcc and a CUDA build of torch (and "
+                           "CTMQ_SKIP_CUDA_BUILD unset), or use ctmq.binary.use_kernel('triton')")
+    capability = cuda_capability(device)
+    if capability < BMMA_MIN_CAPABILITY:
+        raise RuntimeError(f"ctmq binary kernel 'bmma' needs a GPU of compute capability "
+                           f"{BMMA_MIN_CAPABILITY[0]}.{BMMA_MIN_CAPABILITY[1]} or newer (binary "
+                           f"tensor cores); {device} is {capability[0]}.{capability[1]}: use "
+                           f"ctmq.binary.use_kernel('triton')")
 
 
 def binary_backend(t: Tensor) -> str:
-    """"bmma", "triton" or "cpp": which binary kernels run for tensors on t's device."""
+    """"bmma", "triton" or "cpp": which binary conv kernel runs for tensors on
+    t's device. CUDA: the kernel chosen by ctmq.binary.use_kernel (default
+    CTMQ_BINARY_KERNEL, else "triton"), checked to run on this device."""
     if t.device.type == "cuda":
-        return "bmma" if _bmma_enabled() else "triton"
+        kernel = _backend.cuda_binary_kernel()
+        if kernel == "bmma":
+            _check_bmma(t.device)
+        return kernel
     if t.device.type == "cpu" and _backend.triton_forced():
         return "triton"
     if t.device.type != "cpu":
@@ -446,10 +487,22 @@ def binary_backend(t: Tensor) -> str:
 
 
 def pack_bits(x: Tensor) -> Tensor:
-    """float (N, C, H, W), any strides -> int32 (N, H, W, ceil(C/32))."""
-    if binary_backend(x) == "triton":
+    """float (N, C, H, W), any strides -> int32 (N, H, W, ceil(C/32)). On CUDA
+    the Triton kernel packs for either conv kernel (ctmq._C has no CUDA pack)."""
+    if x.device.type == "cuda" or binary_backend(x) == "triton":
         return _backend.triton_kernels("binary").pack_bits(x)
     return torch.ops.ctmq.pack_bits(x)
+
+
+def pack_bits_ref(x: Tensor) -> Tensor:
+    """Reference of pack_bits in torch ops (any device)."""
+    n, c, h, w = x.shape
+    words = (c + 31) // 32
+    bits = (x >= 0).permute(0, 2, 3, 1).to(torch.int64)
+    bits = torch.nn.functional.pad(bits, (0, 32 * words - c)).view(n, h, w, words, 32)
+    shifts = torch.arange(32, dtype=torch.int64, device=x.device)
+    word = (bits << shifts).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def binary_weight_gemm(bits: Tensor) -> tuple[Tensor, Tensor]:

@@ -101,7 +101,9 @@ def _qparam_tensor(name, value, x, per_channel, dtype):
             raise TypeError(f"{name} must be an int, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {value!r}")
-    return torch.tensor([value], dtype=dtype, device=x.device)
+    # a fill kernel with the value as its argument: no host-to-device copy, so
+    # no stall, and CUDA graphs can capture it
+    return torch.full((1,), value, dtype=dtype, device=x.device)
 
 
 def fake_quant_affine(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis=None) -> Tensor:

@@ -203,3 +203,64 @@ def test_backend_info_reports_a_path():
     ops.binary_cpu_path("auto")
     with pytest.raises(RuntimeError, match="must be 'auto', 'avx2' or 'scalar'"):
         ops.binary_cpu_path("avx512")
+
+
+def test_use_kernel_is_scoped_and_per_thread():
+    import threading
+
+    from ctmq import _backend
+    assert _backend.cuda_binary_kernel() == "triton"
+    seen = []
+    with binary.use_kernel("bmma"):
+        assert _backend.cuda_binary_kernel() == "bmma"
+        worker = threading.Thread(target=lambda: seen.append(_backend.cuda_binary_kernel()))
+        worker.start()
+        worker.join()
+        with binary.use_kernel("triton"):
+            assert _backend.cuda_binary_kernel() == "triton"
+        assert _backend.cuda_binary_kernel() == "bmma"
+    assert _backend.cuda_binary_kernel() == "triton" and seen == ["triton"]
+    with pytest.raises(ValueError, match=r"kernel must be one of \('triton', 'bmma'\), got 'cudnn'"):
+        with binary.use_kernel("cudnn"):
+            pass
+
+
+def test_binary_kernel_env_is_the_default_and_checked():
+    import subprocess
+    import sys
+    code = ("import ctmq, os; from ctmq import _backend; os.environ['CTMQ_BINARY_KERNEL'] = 'triton';"
+            "print(_backend.cuda_binary_kernel())")
+    for value, expect in (("bmma", "bmma"), ("", "triton")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": value})
+        assert out.stdout.strip() == expect, out.stderr  # read once, at import
+    out = subprocess.run([sys.executable, "-c", "import ctmq; from ctmq import _backend; "
+                          "_backend.cuda_binary_kernel()"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": "tensorcore"})
+    assert out.returncode != 0 and "CTMQ_BINARY_KERNEL must be one of" in out.stderr
+
+
+def test_bmma_refused_clearly_where_it_cannot_run(monkeypatch):
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "bmma_built", lambda: False)
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        ops._check_bmma(dev)
+    monkeypatch.setattr(ops, "bmma_built", lambda: True)
+    monkeypatch.setattr(ops, "cuda_capability", lambda device: (7, 5))
+    with pytest.raises(RuntimeError, match=r"compute capability 8.0 or newer .* cuda:0 is 7.5"):
+        ops._check_bmma(dev)
+    monkeypatch.setattr(ops, "cuda_capability", lambda device: (8, 0))
+    ops._check_bmma(dev)
+
+
+def test_backend_info_without_cuda():
+    info = binary.backend_info()
+    if not torch.cuda.is_available():
+        assert info["cuda"].startswith("unavailable") and info["cuda_kernels"] == ()
+
+
+def test_pack_bits_ref_is_the_packed_format():
+    x = torch.randn(2, 70, 3, 5)
+    x[0, :3, 0, 0] = torch.tensor([0.0, -0.0, -1e-30])
+    x[1, 31, 1, 1] = 1.0  # bit 31: the word's sign bit
+    assert torch.equal(ops.pack_bits_ref(x), ops.pack_bits(x))

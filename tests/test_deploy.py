@@ -1,5 +1,6 @@
 """ctmq.export + ctmq.deploy: the runtime reproduces the trained model's eval
 logits, layer by layer; bad artifacts and inputs fail clearly."""
+import contextlib
 import json
 import struct
 
@@ -221,11 +222,14 @@ def test_artifact_much_smaller_than_float_checkpoint(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kernel", ["default", "bmma"])
-def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path, monkeypatch, kernel):
-    if kernel == "bmma":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA"):
-            pytest.skip("ctmq._C was built without the CUDA kernels")
-        monkeypatch.setenv("CTMQ_BINARY_BMMA", "1")
+def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path, kernel):
+    if kernel == "bmma" and "bmma" not in binary.cuda_kernels():
+        pytest.skip("ctmq._C was built without the CUDA kernels, or the GPU is older than sm_80")
+    with binary.use_kernel(kernel) if kernel != "default" else contextlib.nullcontext():
+        _check_cuda_runtime_graph_replay(tmp_path)
+
+
+def _check_cuda_runtime_graph_replay(tmp_path):
     m = _binarized("imagenet", "basic", 32)
     export_binary(m, tmp_path / "m.ctmq", input_size=32)
     rt = deploy.load(tmp_path / "m.ctmq", device="cuda")

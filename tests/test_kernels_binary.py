@@ -84,15 +84,17 @@ def test_triton_binary_linear(triton_device, k):
 @pytest.mark.parametrize("c,o,hw,stride,pad", [(1, 5, (7, 7), 1, 1), (33, 13, (8, 5), 2, 1),
                                                (65, 37, (7, 7), 1, 0), (130, 64, (9, 9), 2, 1),
                                                (256, 70, (14, 14), 1, 1), (512, 96, (7, 7), 1, 1)])
-def test_cuda_bmma_matches_reference(monkeypatch, c, o, hw, stride, pad):
-    import ctmq
+def test_cuda_bmma_matches_reference(c, o, hw, stride, pad):
     from ctmq import ops
-    if not (ctmq.has_extension() and
-            torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")):
-        pytest.skip("ctmq._C was built without the CUDA kernels")
-    monkeypatch.setenv("CTMQ_BINARY_BMMA", "1")
+    if "bmma" not in binary.cuda_kernels():
+        pytest.skip("ctmq._C was built without the CUDA kernels, or the GPU is older than sm_80")
+    with binary.use_kernel("bmma"):
+        _check_bmma_conv(c, o, hw, stride, pad)
+        assert ops.binary_backend(torch.empty(1, device="cuda")) == "bmma"
+
+
+def _check_bmma_conv(c, o, hw, stride, pad):
     x, w = torch.randn(3, c, *hw), torch.randn(o, c, 3, 3)
-    assert ops.binary_backend(x.cuda()) == "bmma"
     scale, bias, res = torch.randn(o), torch.randn(o), None
     ref = F.conv2d(sign(x), sign(w), stride=stride, padding=pad)
     y = binary.binary_conv2d(x.cuda(), w.cuda(), stride=stride, padding=pad)
