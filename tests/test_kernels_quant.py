@@ -131,3 +131,39 @@ def test_cuda_large_tensor_int64_offsets():
     out, mask = torch.ops.ctmq.quantize_act(x, 1, "clipped")
     assert torch.equal(out[-17:].cpu(), torch.where(x[-17:].cpu() >= 0, 1.0, -1.0).bfloat16())
     assert mask.numel() == (x.numel() + 7) // 8
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_denormals_are_not_flushed(triton_device, bits):
+    """A negative denormal is below zero: level -1/n, not +1/n (a flush to zero
+    before the floor, cvt.rmi.ftz on a GPU, would make it +0)."""
+    v = torch.tensor([-1e-40, 1e-40, -1e-45, -0.0, 0.0, -1e-38, 1e-38], dtype=torch.float32)
+    ref, _ = ops.quantize_act_ref(v, bits)
+    out, _ = torch.ops.ctmq.quantize_act(v.to(triton_device), bits, "clipped")
+    assert torch.equal(out.cpu(), ref)
+    w = torch.tensor([[-1e-40, 1.0], [1e-40, -1.0]])  # w / alpha stays denormal
+    ref_w, _ = torch.ops.ctmq.quantize_weight(w, bits, "clipped")
+    out_w, _ = torch.ops.ctmq.quantize_weight(w.to(triton_device), bits, "clipped")
+    assert torch.equal(out_w.cpu(), ref_w)
+
+
+@requires_cuda
+def test_cuda_quantizers_never_synchronize():
+    """No host-device sync in forward or backward (a sync stalls every training
+    step and breaks CUDA graph capture): torch's sync debug mode raises on one."""
+    x = torch.randn(4, 16, 9, 9, device="cuda", requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
+    scale, zp = torch.full((16,), 0.05, device="cuda"), torch.zeros(16, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for y in (ctmq.quantize_act(x, 2), ctmq.quantize_act(x, 1, ste="approx_sign"),
+                  ctmq.fake_quant_affine(x, 0.05, 0, -8, 7),
+                  ctmq.fake_quant_affine(x, scale, zp, -8, 7, axis=1)):
+            torch.autograd.grad(y, x, torch.ones_like(y))
+        for bits in (1, 4):
+            y = ctmq.quantize_weight(w, bits)
+            torch.autograd.grad(y, w, torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
