@@ -15,7 +15,8 @@ from triton.language.extra.cuda import libdevice
 PACK_BLOCK_P = 64   # pixels per program when packing
 CONV_BLOCK_M = 32   # output pixels per program
 CONV_BLOCK_N = 32   # output channels per program: one packed output word
-CONV_BLOCK_K = 4    # 32-bit words per step
+CONV_STAGES = 1     # nothing to pipeline: one word per step
+CONV_WARPS = 8      # with 4, ptxas spills (sm_80 and sm_90, tests/test_triton_aot.py)
 
 
 @triton.jit
@@ -54,8 +55,7 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                         sh, sw, ph, pw, dh, dw,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                         PACKED: tl.constexpr,
-                        HW_POPC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        HW_POPC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel (n, oh, ow)
@@ -69,24 +69,22 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
     ow = ohw % OW
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     valid = tl.zeros([BLOCK_M], tl.int32)
-    kk = tl.arange(0, BLOCK_K)
     for kh in range(0, KH):
         ih = oh * sh - ph + kh * dh
         for kw in range(0, KW):
             iw = ow * sw - pw + kw * dw
             tap_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             valid += tap_ok.to(tl.int32)
-            a_base = ((n.to(tl.int64) * H + ih) * W + iw) * Cw
-            w_base = ((oc.to(tl.int64) * KH + kh) * KW + kw) * Cw
-            for k0 in range(0, Cw, BLOCK_K):
-                k = k0 + kk
-                a = tl.load(x_ptr + a_base[:, None] + k[None, :],
-                            mask=tap_ok[:, None] & (k[None, :] < Cw), other=0)
-                b = tl.load(w_ptr + w_base[:, None] + k[None, :],
-                            mask=oc_ok[:, None] & (k[None, :] < Cw), other=0)
-                x = a[:, None, :] ^ b[None, :, :]
-                cnt = tl.sum(_popc(x, HW_POPC), axis=2)
-                acc += tl.where(tap_ok[:, None], cnt, 0)  # a tap outside the image adds nothing
+            # int32 offsets (the launcher checks that they fit): int64 ones
+            # double the registers of the per-row state and make ptxas spill
+            a_off = ((n * H + ih) * W + iw) * Cw
+            b_off = ((oc * KH + kh) * KW + kw) * Cw
+            tap = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            for k in range(0, Cw):  # one word a step: wider steps spill too
+                a = tl.load(x_ptr + (a_off + k), mask=tap_ok, other=0)
+                b = tl.load(w_ptr + (b_off + k), mask=oc_ok, other=0)
+                tap += _popc(a[:, None] ^ b[None, :], HW_POPC)
+            acc += tl.where(tap_ok[:, None], tap, 0)  # a tap outside the image adds nothing
     val = valid[:, None] * C - 2 * acc
     y = val.to(tl.float32)
     if HAS_SCALE:
@@ -107,7 +105,9 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
 
 
 def _hw_popc(t):
-    return t.device.type == "cuda"
+    # CPU tensors reach Triton only under the interpreter, which lacks libdevice;
+    # any other device (CUDA, or meta tensors compiled ahead of time) has it
+    return t.device.type != "cpu"
 
 
 def pack_bits(x):
@@ -136,6 +136,9 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
     M = N * OH * OW
     if M == 0 or O == 0:
         return out
+    if max(x.numel(), wbits.numel()) >= 2**31:  # the kernel's int32 offsets
+        raise ValueError(f"binary_conv2d (Triton): x ({x.numel()} words) and the weight "
+                         f"({wbits.numel()} words) must each hold under 2^31 words: split the batch")
     grid = (triton.cdiv(M, CONV_BLOCK_M), triton.cdiv(O, CONV_BLOCK_N))
     _binary_conv_kernel[grid](
         x, wbits, scale if scale is not None else out, bias if bias is not None else out,
@@ -143,5 +146,5 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
         N, in_channels, H, W, Cw, O, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, PACKED=packed_out, HW_POPC=_hw_popc(x), BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
-        BLOCK_K=CONV_BLOCK_K, enable_fp_fusion=False)
+        num_stages=CONV_STAGES, num_warps=CONV_WARPS, enable_fp_fusion=False)
     return out

@@ -187,7 +187,9 @@ def _soft_bf16(t):
 
 # No FMA contraction: x * inv - floor(x * inv) fused would round differently
 # from torch's nearbyint(x * inv); every kernel keeps torch's op-by-op rounding.
-_EXACT = {"enable_fp_fusion": False}
+# No flush to zero: with Triton's default (reflect FTZ), tl.floor compiles to
+# cvt.rmi.ftz, which maps a negative denormal to +0 (level +1/n, not -1/n).
+_EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def _grid(numel):
