@@ -27,10 +27,9 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     numel = a.numel or (64 * 2**20 if a.device == "cuda" else 4 * 2**20)
     name = bench.device_name(a.device)
-    copy_gbps, rows = bench.run(a.device, dtype, numel, compile=not a.no_compile)
+    on_row = bench.json_row_writer(a.json, name, numel=numel, dtype=str(dtype)) if a.json else None
+    copy_gbps, rows = bench.run(a.device, dtype, numel, compile=not a.no_compile, on_row=on_row)
     print(bench.format_table(copy_gbps, rows, name))
-    if a.json:
-        bench.write_json(a.json, copy_gbps, rows, name, numel=numel, dtype=str(dtype))
 
 
 # ------------------------------------------------- pytest-benchmark (CPU) ----

@@ -2,11 +2,11 @@
 quantizers vs the same model with eager torch quantizer expressions, eager and
 torch.compile'd. Every ratio is to the FP step of the same mode in the same run.
 
-    python benchmarks/bench_qat_step.py                 # CUDA: bf16 autocast, b256, 224x224
+    python benchmarks/bench_qat_step.py                 # CUDA: bf16 autocast, b256, 224x224, eager
+    python benchmarks/bench_qat_step.py --compile-bits 32 4   # also torch.compile'd
     python benchmarks/bench_qat_step.py --device cpu --batch 4 --image-size 64 --width 0.25
 """
 import argparse
-import json
 import sys
 import time
 import types
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ctmq import bench
-from ctmq._io import atomic_open
 from ctmq.models import resnet18
 from ctmq.nn import quantized_layers, set_bits
 
@@ -66,17 +65,18 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
     p.add_argument("--bits", type=int, nargs="+", default=[32, 4, 1])
-    p.add_argument("--compile-bits", type=int, nargs="*", default=None,
-                   help="bit depths also timed under torch.compile (default: 32 4 on cuda, none on cpu)")
+    p.add_argument("--compile-bits", type=int, nargs="*", default=[],
+                   help="bit depths also timed under torch.compile, e.g. 32 4 (each compiles "
+                        "ResNet-18 once: about a minute on a GPU); default none: the target is eager")
     p.add_argument("--compile-torch-quantizers", action="store_true",
                    help="also compile the eager-torch-quantizer model (one more compilation per depth)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     batch = a.batch or (256 if device.type == "cuda" else 8)
-    compile_bits = a.compile_bits if a.compile_bits is not None else ([32, 4] if device.type == "cuda" else [])
+    compile_bits = a.compile_bits
     torch.manual_seed(0)
     model = resnet18(1000, stem="imagenet", width=a.width).to(device)
     x = torch.randn(batch, 3, a.image_size, a.image_size, device=device)
@@ -84,7 +84,12 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    rows = []
+    name = bench.device_name(device)
+    log = bench.JsonRows(a.json, device=name, batch=batch, image_size=a.image_size, width=a.width)
+    print(f"ResNet-18 train step, {name}, batch {batch}, {a.image_size}x{a.image_size}, "
+          f"width {a.width}{', bf16 autocast, channels_last' if device.type == 'cuda' else ', fp32'}")
+    print(f"{'mode':9s} {'stage':6s} {'quantizers':10s} {'ms':>9s} {'img/s':>9s} {'vs FP':>7s}", flush=True)
+    fp = {}
     for compiled in (False, True):
         for bits in a.bits:
             if compiled and bits not in compile_bits:
@@ -97,24 +102,17 @@ def main(argv=None):
                 set_bits(model, bits, bits)
                 use_quantizers(model, kind)
                 t = step_time(model, x, y, device, a.steps, compiled)
-                rows.append({"mode": "compiled" if compiled else "eager", "bits": bits,
-                             "quantizers": kind if bits != 32 else "-", "ms": t * 1e3,
-                             "img_s": batch / t})
+                mode = "compiled" if compiled else "eager"
+                if bits == 32:
+                    fp[mode] = t * 1e3
+                r = {"mode": mode, "bits": bits, "quantizers": kind if bits != 32 else "-",
+                     "ms": t * 1e3, "img_s": batch / t,
+                     "vs_fp": fp[mode] / (t * 1e3) if mode in fp else float("nan")}
+                log.add(r)  # written as measured: a run stopped later keeps it
+                stage = "FP" if bits == 32 else f"W{bits}A{bits}"
+                print(f"{r['mode']:9s} {stage:6s} {r['quantizers']:10s} {r['ms']:9.2f} "
+                      f"{r['img_s']:9.0f} {r['vs_fp']:6.3f}x", flush=True)
     use_quantizers(model, "ctmq")
-    fp = {r["mode"]: r["ms"] for r in rows if r["bits"] == 32}
-    name = bench.device_name(device)
-    print(f"ResNet-18 train step, {name}, batch {batch}, {a.image_size}x{a.image_size}, "
-          f"width {a.width}{', bf16 autocast, channels_last' if device.type == 'cuda' else ', fp32'}")
-    print(f"{'mode':9s} {'stage':6s} {'quantizers':10s} {'ms':>9s} {'img/s':>9s} {'vs FP':>7s}")
-    for r in rows:
-        r["vs_fp"] = fp[r["mode"]] / r["ms"] if r["mode"] in fp else float("nan")
-        stage = "FP" if r["bits"] == 32 else f"W{r['bits']}A{r['bits']}"
-        print(f"{r['mode']:9s} {stage:6s} {r['quantizers']:10s} {r['ms']:9.2f} {r['img_s']:9.0f} "
-              f"{r['vs_fp']:6.3f}x")
-    if a.json:
-        with atomic_open(a.json) as f:
-            json.dump({"device": name, "batch": batch, "image_size": a.image_size,
-                       "width": a.width, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

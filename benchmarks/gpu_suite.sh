@@ -1,60 +1,152 @@
 #!/usr/bin/env bash
-# The GPU suite: on a GPU machine with no network (torch, triton, nvcc, ninja
-# present; nothing installable) build ctmq, run the GPU tests and every GPU
-# benchmark, and print one short table. Logs and JSON go to $OUT (or a temp dir).
-#   bash benchmarks/gpu_suite.sh            # everything
-#   SUITE_SKIP_TESTS=1 bash benchmarks/gpu_suite.sh
+# The GPU suite: build ctmq on a GPU machine (torch, triton, nvcc and ninja
+# present; no network needed), run the GPU tests and benchmarks, and report.
+#
+#   bash benchmarks/gpu_suite.sh                  # stage 1, then stage 2
+#   SUITE_STAGE=1 bash benchmarks/gpu_suite.sh    # binary kernels and deploy
+#   SUITE_STAGE=2 bash benchmarks/gpu_suite.sh    # quantizers and the training step
+#
+# Stage 1: build, the mma layout probe, the binary conv and deploy GPU tests,
+# the binary conv benchmark, the deploy benchmark. Stage 2: the quantizer
+# kernel tests, the fake-quant benchmark, the QAT-step benchmark. Each stage
+# builds what it needs, so either runs alone on a bare machine.
+#
+# SUITE_DEADLINE_S (default 270 s per stage asked for): steps that would start
+# after it are skipped, and a running step is stopped there. Whatever ends the
+# suite (the deadline, a failure, Ctrl-C, SIGTERM), it prints the summary table
+# and leaves at most 7 files in $OUT (default: a new temp folder): summary.txt,
+# the benchmarks' JSON (each written row by row, so a stopped benchmark keeps
+# what it measured) and logs.tar.gz with every step's log.
+# Exit status: 0 all steps passed, 1 a step failed, 2 steps were skipped.
+# SUITE_DRY_RUN=1 runs each step as `sleep $SUITE_DRY_RUN_SLEEP` (default 1):
+# the suite's own plumbing, testable without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
-status=0
-STEP_TIMEOUT=${STEP_TIMEOUT:-300}  # seconds; a step that hangs must not take the whole lease
-step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failures
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "== $name: $*"
-  if timeout "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1; then
-    echo "   ok ($((SECONDS - t0)) s)"
-  else
-    echo "   FAILED ($((SECONDS - t0)) s); last lines:"; tail -n 25 "$OUT/$name.log"; status=1
-  fi
+
+cuda_home() {  # the toolkit folder, from nvcc itself: `which nvcc` may be a wrapper script
+  [ -n "${CUDA_HOME:-}" ] && { echo "$CUDA_HOME"; return; }
+  local top
+  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  [ -z "$top" ] && top=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  readlink -f "$top"
 }
 
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+build() {  # ctmq._C with its CUDA kernels; the C++ kernels alone if that fails
+  export CUDA_HOME
+  CUDA_HOME=$(cuda_home)
+  echo "CUDA_HOME=$CUDA_HOME (nvcc: $(command -v nvcc))"
+  [ -x "$CUDA_HOME/bin/nvcc" ] || echo "warning: $CUDA_HOME/bin/nvcc not found: the CUDA build will be skipped"
+  if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} python3 setup.py build_ext --inplace; then
+    echo "the CUDA build failed: building the C++ kernels alone (CTMQ_SKIP_CUDA_BUILD=1)"
+    CTMQ_SKIP_CUDA_BUILD=1 python3 setup.py build_ext --inplace
+    return 1  # reported as failed; the steps after it still run
+  fi
+  python3 -c "import ctmq; from ctmq import binary, ops; print('bmma built:', ops.bmma_built()); print(binary.backend_info())"
+}
 
-step build python3 setup.py build_ext --inplace
-if ! python3 -c "import ctmq._C" 2>/dev/null; then  # keep the rest of the suite running
-  echo "   the CUDA build failed: building the C++ kernels alone (CTMQ_SKIP_CUDA_BUILD=1)"
-  CTMQ_SKIP_CUDA_BUILD=1 step build_cpu python3 setup.py build_ext --inplace
-fi
-python3 -c "import torch, ctmq; print('binary conv kernel for CUDA built:', torch._C._dispatch_has_kernel_for_dispatch_key('ctmq::binary_conv2d_bmma', 'CUDA'))"
-# Most urgent first (the open GPU questions: the binary kernels and the deploy
-# runtime), so that a lease that runs out still answers them.
-if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
-  # test_gpu_mma_matches_emulator checks the mma fragment layout the emulator
-  # assumes against the GPU itself; without -x, so that a failing conv test below
-  # still says whether the layout or the kernel logic is at fault
-  step tests_mma python3 -m pytest -q -p no:cacheprovider tests/test_csrc_cuda.py -k "mma_matches"
-  grep -E "passed|failed" "$OUT/tests_mma.log" | tail -n 1
-  step tests_binary python3 -m pytest -q -p no:cacheprovider tests/test_kernels_binary.py tests/test_deploy.py
-  grep -E "passed|failed" "$OUT/tests_binary.log" | tail -n 1
-fi
-step bench_binary_conv python3 benchmarks/bench_binary_conv.py --device cuda --json "$OUT/binary_conv.json"
-step bench_deploy python3 benchmarks/bench_resnet18_deploy.py --device cuda --json "$OUT/deploy.json"
-if [ -z "${SUITE_SKIP_TESTS:-}" ]; then
-  # the other tests that touch the GPU (the CPU-only engine tests run in CI)
-  step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
-    tests/test_quant.py tests/test_ops.py tests/test_nn.py tests/test_models.py
-  grep -E "passed|failed" "$OUT/tests.log" | tail -n 1
-  step train_smoke python3 -m ctmq.cli train --device cuda --width 0.25 --cycles 1 \
-    --start-bits 2 --epochs-per-stage 1 --no-progress --restart --out /tmp/ctmq_smoke_run
-  tail -n 3 "$OUT/train_smoke.log"
-fi
-step bench_fake_quant python3 benchmarks/bench_fake_quant.py --device cuda --json "$OUT/fake_quant.json"
-step bench_qat_step python3 benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat_step.json"
+if [ "${1:-}" = --build ]; then build; exit; fi
 
-python3 benchmarks/summarize.py "$OUT"
-exit $status
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+STAGES=${SUITE_STAGE:-1 2}
+n_stages=$(wc -w <<< "$STAGES")
+DEADLINE_S=${SUITE_DEADLINE_S:-$((270 * n_stages))}
+STEP_TIMEOUT=${STEP_TIMEOUT:-200}   # seconds: no single step may take the whole window
+LOGS=$(mktemp -d)
+START=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+RESULTS=()   # "name|status|seconds|detail"
+status=0
+
+summary() {
+  {
+    echo "== GPU suite summary (stages: $STAGES; $((SECONDS - START)) s of a $DEADLINE_S s deadline)"
+    printf '%-18s %-22s %6s  %s\n' step status seconds detail
+    for r in "${RESULTS[@]}"; do
+      IFS='|' read -r name st secs detail <<< "$r"
+      printf '%-18s %-22s %6s  %s\n' "$name" "$st" "$secs" "$detail"
+    done
+    if ls "$OUT"/*.json > /dev/null 2>&1; then
+      python3 benchmarks/summarize.py "$OUT" 2>&1
+    fi
+  } | tee "$OUT/summary.txt"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null
+  rm -rf "$LOGS"
+}
+on_exit() {
+  trap - EXIT INT TERM
+  if [ -n "${CURRENT:-}" ]; then  # stopped inside a step: stop it (timeout passes it on)
+    kill -TERM "$STEP_PID" 2> /dev/null
+    wait "$STEP_PID" 2> /dev/null
+    RESULTS+=("$CURRENT|interrupted|$((SECONDS - CURRENT_T0))|$(tail -n 1 "$LOGS/$CURRENT.log" 2> /dev/null)")
+    status=1
+  fi
+  summary
+  exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 1' INT TERM
+
+step() {  # step NAME CMD...: run with a timeout within the deadline, log to $LOGS/NAME.log
+  local name=$1; shift
+  local left=$((DEADLINE_S - (SECONDS - START)))
+  if [ "$left" -le 5 ]; then
+    echo "== $name: skipped (deadline)"
+    RESULTS+=("$name|skipped (deadline)|0|")
+    [ "$status" -eq 0 ] && status=2
+    return 1
+  fi
+  local limit=$(( left < STEP_TIMEOUT ? left : STEP_TIMEOUT ))
+  echo "== $name (limit ${limit} s): $*"
+  CURRENT=$name CURRENT_T0=$SECONDS
+  if [ -n "${SUITE_DRY_RUN:-}" ]; then
+    set -- sleep "${SUITE_DRY_RUN_SLEEP:-1}"
+  fi
+  # in the background: `wait` returns at once on a signal, so the trap runs now
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
+  local rc=$? secs=$((SECONDS - CURRENT_T0))
+  CURRENT=
+  # pytest's closing line, or the log's last line
+  local detail
+  detail=$(grep -E "^=+ .*(passed|failed|error|skipped).* in " "$LOGS/$name.log" | tail -n 1 | tr -d '=')
+  [ -z "$detail" ] && detail=$(tail -n 1 "$LOGS/$name.log")
+  if [ "$rc" -eq 0 ]; then
+    echo "   ok (${secs} s) $detail"
+    RESULTS+=("$name|ok|$secs|$detail")
+    return 0
+  fi
+  local why="FAILED (exit $rc)"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="FAILED (time limit)"
+  echo "   $why (${secs} s); last lines:"; tail -n 20 "$LOGS/$name.log" | sed 's/^/   | /'
+  RESULTS+=("$name|$why|$secs|$detail")
+  status=1
+  return 1
+}
+
+if [ -z "${SUITE_DRY_RUN:-}" ]; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+fi
+PYTEST=(python3 -m pytest -q -p no:cacheprovider)
+built=
+for stage in $STAGES; do
+  if [ -z "$built" ]; then step build bash benchmarks/gpu_suite.sh --build; built=1; fi
+  case $stage in
+    1)
+      # the mma fragment layout the CUDA emulator assumes, against the GPU itself
+      step tests_mma "${PYTEST[@]}" tests/test_csrc_cuda.py -k mma_matches
+      step tests_binary "${PYTEST[@]}" tests/test_kernels_binary.py tests/test_deploy.py -k "triton or cuda or bmma"
+      step bench_binary_conv python3 benchmarks/bench_binary_conv.py --device cuda --json "$OUT/binary_conv.json"
+      step bench_deploy python3 benchmarks/bench_resnet18_deploy.py --device cuda --json "$OUT/deploy.json"
+      ;;
+    2)
+      step tests_quant "${PYTEST[@]}" tests/test_kernels_quant.py
+      step bench_fake_quant python3 benchmarks/bench_fake_quant.py --device cuda --no-compile --json "$OUT/fake_quant.json"
+      step bench_qat_step python3 benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat_step.json"
+      ;;
+    *) echo "SUITE_STAGE must be 1, 2 or '1 2', got '$stage'"; status=1 ;;
+  esac
+done

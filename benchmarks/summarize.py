@@ -31,37 +31,44 @@ def qat_step(data):
 
 
 def binary_conv(data):
-    from bench_binary_conv import CUDA_COLUMNS
-    print(f"\nbinary conv 3x3 (ResNet-18 shapes), total ms, {data['device']}, ctmq path {data['path']}; "
-          "f = float in/out, p = packed in/out")
+    from bench_binary_conv import CUDA_COLUMNS, cuda_totals
+    print(f"\nbinary conv 3x3 (ResNet-18 shapes), total ms, {data['device']}, ctmq CUDA kernels "
+          f"{data.get('cuda_kernels')}; f = float in/out, p = packed in/out")
     print(f"{'batch':>5s} " + " ".join(f"{h:>10s}" for _, h in CUDA_COLUMNS) + f" {'p vs bf16':>9s}")
-    for b in sorted({r["batch"] for r in data["rows"]}):
-        mine = [r for r in data["rows"] if r["batch"] == b]
-        total = {k: sum(r[k] for r in mine) for k, _ in CUDA_COLUMNS if all(k in r for r in mine)}
-        best = min(v for k, v in total.items() if k.endswith("_packed_ms"))
+    rows = data["rows"]
+    for b in sorted({r["batch"] for r in rows}):
+        total = cuda_totals(rows, b)
+        packed = [v for k, v in total.items() if k.endswith("_packed_ms")]
+        ratio = f" {total['cudnn_bf16_ms'] / min(packed):8.2f}x" if packed and "cudnn_bf16_ms" in total else ""
         print(f"{b:5d} " + " ".join(f"{total[k]:10.3f}" if k in total else f"{'-':>10s}"
-                                    for k, _ in CUDA_COLUMNS)
-              + f" {total['cudnn_bf16_ms'] / best:8.2f}x")
+                                    for k, _ in CUDA_COLUMNS) + ratio)
+    for r in rows:
+        for k in r:
+            if k.endswith("_error"):
+                print(f"  {r['shape']} b{r['batch']}: {k[:-6]} failed: {r[k][:200]}")
 
 
 def deploy(data):
     print(f"\nbinarized ResNet-18 deploy, {data['device']}, vs torch {data['reference']}")
     for r in data["rows"]:
-        print(f"batch {r['batch']:4d}: ctmq {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} img/s), "
-              f"torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
-        if "bmma_ms" in r:
-            print(f"{'':11s}bmma {r['bmma_ms']:8.2f} ms ({r['bmma_img_s']:8.0f} img/s): "
-                  f"{r['bmma_speedup']:.2f}x")
+        if "error" in r:
+            print(f"batch {r['batch']:4d}: {r['kernel']:6s} failed: {r['error'][:200]}")
+            continue
+        print(f"batch {r['batch']:4d}: {r['kernel']:6s} {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} "
+              f"img/s), torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
 
 
 def main(folder):
     folder = pathlib.Path(folder)
     shown = False
-    for name, fn in (("fake_quant.json", fake_quant), ("qat_step.json", qat_step),
-                     ("binary_conv.json", binary_conv), ("deploy.json", deploy)):
+    for name, fn in (("binary_conv.json", binary_conv), ("deploy.json", deploy),
+                     ("fake_quant.json", fake_quant), ("qat_step.json", qat_step)):
         path = folder / name
         if path.exists():
-            fn(json.loads(path.read_text()))
+            try:
+                fn(json.loads(path.read_text()))
+            except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:  # a stopped benchmark
+                print(f"\n{name}: incomplete ({type(e).__name__}: {e})")
             shown = True
     if not shown:
         print(f"no benchmark results in {folder}")

@@ -7,10 +7,8 @@ torch.compile of (a). Bandwidth counts the minimum bytes of fwd+bwd (read x,
 write y, read dy, write dx) and is shown as a fraction of a plain device copy
 measured in the same run. Every ratio is between numbers of one run.
 """
-import contextlib
 import dataclasses
 import json
-import os
 import statistics
 import time
 
@@ -47,19 +45,22 @@ def timeit(fn, device, min_time=0.5, max_reps=1000):
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def bmma_kernel(enabled=True):
-    """Run CUDA binary convs on the tensor-core kernel (or not) inside the block:
-    CTMQ_BINARY_BMMA, set and restored."""
-    old = os.environ.get("CTMQ_BINARY_BMMA")
-    os.environ["CTMQ_BINARY_BMMA"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("CTMQ_BINARY_BMMA")
-        else:
-            os.environ["CTMQ_BINARY_BMMA"] = old
+class JsonRows:
+    """A benchmark's JSON file, rewritten (atomically) after every row, so that a
+    benchmark killed half way keeps what it measured: {**meta, "rows": [...]}."""
+
+    def __init__(self, file, **meta):
+        self.file, self.meta, self.rows = file, meta, []
+
+    def add(self, row):
+        self.rows.append(row)
+        self.write()
+
+    def write(self, **meta):
+        self.meta.update(meta)
+        if self.file:
+            with atomic_open(self.file) as f:
+                json.dump({**self.meta, "rows": self.rows}, f, indent=1)
 
 
 def timeit_interleaved(fns, min_time=1.0, calls_per_turn=8):
@@ -151,8 +152,9 @@ def cases(numel):
     ]
 
 
-def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, only=None):
-    """Benchmark every case; returns (copy GB/s, [Row])."""
+def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, only=None, on_row=None):
+    """Benchmark every case; returns (copy GB/s, [Row]); on_row(copy GB/s, row)
+    is called as each row is measured."""
     device = torch.device(device)
     src = torch.randn(numel, device=device, dtype=dtype)
     dst = torch.empty_like(src)
@@ -176,6 +178,8 @@ def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, onl
         for impl, t in times.items():
             gbps = nbytes / t / 1e9
             rows.append(Row(name, impl, t * 1e3, gbps, gbps / copy_gbps, times["eager"] / t))
+            if on_row is not None:
+                on_row(copy_gbps, rows[-1])
     return copy_gbps, rows
 
 
@@ -204,7 +208,12 @@ def device_name(device):
 
 
 def write_json(path, copy_gbps, rows, device_name, **meta):
-    payload = {"device": device_name, "copy_gbps": copy_gbps, **meta,
-               "rows": [dataclasses.asdict(r) for r in rows]}
-    with atomic_open(path) as f:
-        json.dump(payload, f, indent=1)
+    log = JsonRows(path, device=device_name, copy_gbps=copy_gbps, **meta)
+    log.rows = [dataclasses.asdict(r) for r in rows]
+    log.write()
+
+
+def json_row_writer(path, device_name, **meta):
+    """on_row callback for run(): the JSON file of write_json, rewritten per row."""
+    log = JsonRows(path, device=device_name, **meta)
+    return lambda copy_gbps, row: (log.meta.update(copy_gbps=copy_gbps), log.add(dataclasses.asdict(row)))
