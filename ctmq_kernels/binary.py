@@ -16,7 +16,11 @@ PACK_BLOCK_P = 64   # pixels per program when packing
 CONV_BLOCK_M = 32   # output pixels per program
 CONV_BLOCK_N = 32   # output channels per program: one packed output word
 CONV_STAGES = 1     # nothing to pipeline: one word per step
-CONV_WARPS = 8      # with 4, ptxas spills (sm_80 and sm_90, tests/test_triton_aot.py)
+CONV_WARPS = 8
+# An explicit register budget: left to itself, ptxas (triton 3.6's and 3.9's)
+# caps some specializations at 64 registers and spills; 128 keeps every
+# configuration of tests/triton_aot.py spill-free at 31-85 registers.
+CONV_MAXNREG = 128
 
 
 @triton.jit
@@ -146,5 +150,6 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
         N, in_channels, H, W, Cw, O, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, PACKED=packed_out, HW_POPC=_hw_popc(x), BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
-        num_stages=CONV_STAGES, num_warps=CONV_WARPS, enable_fp_fusion=False)
+        num_stages=CONV_STAGES, num_warps=CONV_WARPS, maxnreg=CONV_MAXNREG,
+        enable_fp_fusion=False)
     return out
