@@ -1,8 +1,8 @@
 """Execute an exported binarized ResNet-18 (see ctmq.export for the format).
 
 The runtime walks the artifact's node list: binary convolutions run on ctmq's
-XNOR-popcount kernels (C++ on the CPU; Triton on CUDA, or the tensor-core
-kernel with CTMQ_BINARY_BMMA=1) with the folded
+XNOR-popcount kernels (C++ on the CPU; on CUDA the kernel chosen with
+ctmq.binary.use_kernel: Triton or the tensor-core kernel) with the folded
 scale/bias in their epilogue, and pass packed activations to each other where
 the graph allows, with the residual add of a shortcut fused into their
 epilogue; the full-precision stem, shortcuts and FC run as the same
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import binary, ops
+from .. import _backend, binary, ops
 from ..export import FORMAT, VERSION, artifact_checksum
 
 KNOWN_OPS = {"conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "binary_conv", "add", "hardtanh",
@@ -235,9 +235,10 @@ class Runtime:
         return self._run_graph(images)
 
     def _run_graph(self, images):
-        # one CUDA graph per batch size: static input, replayed for new inputs
-        n = images.shape[0]
-        if n not in self._graphs:
+        # one CUDA graph per batch size and binary kernel (use_kernel): static
+        # input, replayed for new inputs
+        key = (images.shape[0], _backend.cuda_binary_kernel())
+        if key not in self._graphs:
             static_in = images.to(self.device, torch.float32).clone()
             with torch.inference_mode():
                 stream = torch.cuda.Stream()
@@ -249,8 +250,8 @@ class Runtime:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     static_out = self.run(static_in)
-            self._graphs[n] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[n]
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
         static_in.copy_(images)
         graph.replay()
         return static_out.clone()
