@@ -72,12 +72,19 @@ def force_triton(enabled=True):
     if enabled and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("force_triton(): Triton runs on CPU tensors only under the "
                            "interpreter; set TRITON_INTERPRET=1 before triton is imported")
-    previous = getattr(_state, "force_triton", None)
-    _state.force_triton = enabled
+    with _thread_setting("force_triton", enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _thread_setting(name, value):
+    """_state.<name> = value for the `with` block, in this thread."""
+    previous = getattr(_state, name, None)
+    setattr(_state, name, value)
     try:
         yield
     finally:
-        _state.force_triton = previous
+        setattr(_state, name, previous)
 
 
 def cuda_binary_kernel():
@@ -89,13 +96,8 @@ def cuda_binary_kernel():
     return kernel
 
 
-@contextlib.contextmanager
 def use_binary_kernel(kernel):
+    """ctmq.binary.use_kernel's context manager (documented there)."""
     if kernel not in CUDA_BINARY_KERNELS:
         raise ValueError(f"kernel must be one of {CUDA_BINARY_KERNELS}, got {kernel!r}")
-    previous = getattr(_state, "binary_kernel", None)
-    _state.binary_kernel = kernel
-    try:
-        yield
-    finally:
-        _state.binary_kernel = previous
+    return _thread_setting("binary_kernel", kernel)

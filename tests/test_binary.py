@@ -264,3 +264,18 @@ def test_pack_bits_ref_is_the_packed_format():
     x[0, :3, 0, 0] = torch.tensor([0.0, -0.0, -1e-30])
     x[1, 31, 1, 1] = 1.0  # bit 31: the word's sign bit
     assert torch.equal(ops.pack_bits_ref(x), ops.pack_bits(x))
+
+
+def test_cuda_kernels_without_the_extension(monkeypatch):
+    """The GPU benchmarks ask binary.cuda_kernels() which kernels to time: without
+    ctmq._C (or without its CUDA kernels) that is Triton alone, not a crash on an
+    op the dispatcher does not know."""
+    from ctmq import _backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "_bmma_built", None)
+    monkeypatch.setattr(_backend, "has_extension", lambda: False)
+    assert binary.cuda_kernels("cuda") == ("triton",)
+    monkeypatch.setattr(ops, "_bmma_built", None)
+    monkeypatch.setattr(_backend, "has_extension", lambda: True)
+    assert binary.cuda_kernels("cuda") == ("triton",)  # a CPU build: no CUDA kernel registered
