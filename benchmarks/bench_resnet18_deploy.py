@@ -49,6 +49,35 @@ def main(argv=None):
     model = model.to(dev, ref_dtype)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    name = bench.device_name(dev)
+    ref = "float16 channels_last" if dev.type == "cuda" else "float32"
+    log = bench.JsonRows(a.json, device=name, reference=ref, checkpoint_bytes=sizes[0],
+                         artifact_bytes=sizes[1])
+    rows = []
+    for b in a.batch or ([256, 1] if dev.type == "cuda" else [1, 8]):
+        x = torch.randn(b, 3, 224, 224, device=dev)
+        xr = x.to(ref_dtype)
+        if dev.type == "cuda":
+            xr = xr.contiguous(memory_format=torch.channels_last)
+
+        def ref_fn():
+            with torch.inference_mode():
+                return model(xr)
+        if dev.type != "cuda":  # in turn, call by call: this CPU's speed drifts within seconds
+            rt = runtimes["cpp"]
+            t = bench.timeit_interleaved({"ref": ref_fn, "ctmq": lambda: rt(x)}, min_time=a.min_time)
+            rows.append(_row(b, "cpp", t["ctmq"], t["ref"]))
+            log.add(rows[-1])
+            continue
+        t_ref = bench.timeit(ref_fn, dev)
+        for kernel, rt in runtimes.items():
+            try:
+                with binary.use_kernel(kernel):
+                    rows.append(_row(b, kernel, bench.timeit(lambda: rt(x), dev), t_ref))
+            except Exception as e:  # keep the other kernel's figures
+                rows.append({"batch": b, "kernel": kernel, "torch_ms": t_ref * 1e3,
+                             "error": f"{type(e).__name__}: {e}"[:500]})
+            log.add(rows[-1])
     print(f"binarized ResNet-18 deploy, 224x224, {name}; torch {ref} eval in the same run")
     print(f"{'batch':>5s} {'kernel':>7s} {'ctmq ms':>9s} {'torch ms':>9s} {'speedup':>8s} "
           f"{'ctmq img/s':>11s} {'torch img/s':>12s}")

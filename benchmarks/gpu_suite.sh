@@ -14,7 +14,7 @@
 # SUITE_DEADLINE_S (default 270 s per stage asked for): steps that would start
 # after it are skipped, and a running step is stopped there. Whatever ends the
 # suite (the deadline, a failure, Ctrl-C, SIGTERM), it prints the summary table
-# and leaves at most 7 files in $OUT (default: a new temp folder): summary.txt,
+# and leaves at most 6 files in $OUT (default: a new temp folder): summary.txt,
 # the benchmarks' JSON (each written row by row, so a stopped benchmark keeps
 # what it measured) and logs.tar.gz with every step's log.
 # Exit status: 0 all steps passed, 1 a step failed, 2 steps were skipped.
@@ -23,21 +23,28 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-cuda_home() {  # the toolkit folder, from nvcc itself: `which nvcc` may be a wrapper script
-  [ -n "${CUDA_HOME:-}" ] && { echo "$CUDA_HOME"; return; }
-  local top
-  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  [ -z "$top" ] && top=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+cuda_home() {  # the toolkit folder, asked of nvcc itself (`which nvcc` may be a wrapper script)
+  if [ -n "${CUDA_HOME:-}" ]; then echo "$CUDA_HOME"; return; fi
+  local nvcc top
+  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  [ -x "$nvcc" ] || return 0
+  top=$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  [ -z "$top" ] && top=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
   readlink -f "$top"
 }
 
-build() {  # ctmq._C with its CUDA kernels; the C++ kernels alone if that fails
-  export CUDA_HOME
-  CUDA_HOME=$(cuda_home)
-  echo "CUDA_HOME=$CUDA_HOME (nvcc: $(command -v nvcc))"
-  [ -x "$CUDA_HOME/bin/nvcc" ] || echo "warning: $CUDA_HOME/bin/nvcc not found: the CUDA build will be skipped"
-  if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} python3 setup.py build_ext --inplace; then
-    echo "the CUDA build failed: building the C++ kernels alone (CTMQ_SKIP_CUDA_BUILD=1)"
+build() {  # ctmq._C (with its CUDA kernels unless CTMQ_SKIP_CUDA_BUILD=1); C++ alone if that fails
+  local home
+  home=$(cuda_home)
+  if [ -n "$home" ] && [ -x "$home/bin/nvcc" ]; then
+    export CUDA_HOME=$home
+    echo "CUDA_HOME=$CUDA_HOME"
+  else
+    echo "warning: no CUDA toolkit found (nvcc): the CUDA kernels will not be built"
+  fi
+  # the CUDA build gets its own limit, so that the C++ fallback still fits the step's
+  if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout "${SUITE_BUILD_TIMEOUT:-150}" python3 setup.py build_ext --inplace; then
+    echo "the build failed: building the C++ kernels alone (CTMQ_SKIP_CUDA_BUILD=1)"
     CTMQ_SKIP_CUDA_BUILD=1 python3 setup.py build_ext --inplace
     return 1  # reported as failed; the steps after it still run
   fi
@@ -71,14 +78,14 @@ summary() {
       python3 benchmarks/summarize.py "$OUT" 2>&1
     fi
   } | tee "$OUT/summary.txt"
+  rm -f "$OUT"/*.tmp  # a benchmark stopped while rewriting its JSON
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null
   rm -rf "$LOGS"
 }
 on_exit() {
   trap - EXIT INT TERM
   if [ -n "${CURRENT:-}" ]; then  # stopped inside a step: stop it (timeout passes it on)
-    kill -TERM "$STEP_PID" 2> /dev/null
-    wait "$STEP_PID" 2> /dev/null
+    if [ -n "${STEP_PID:-}" ]; then kill -TERM "$STEP_PID" 2> /dev/null; wait "$STEP_PID" 2> /dev/null; fi
     RESULTS+=("$CURRENT|interrupted|$((SECONDS - CURRENT_T0))|$(tail -n 1 "$LOGS/$CURRENT.log" 2> /dev/null)")
     status=1
   fi
@@ -86,11 +93,12 @@ on_exit() {
   exit "$status"
 }
 trap on_exit EXIT
-trap 'exit 1' INT TERM
+trap 'status=1; exit 1' INT TERM
 
 step() {  # step NAME CMD...: run with a timeout within the deadline, log to $LOGS/NAME.log
   local name=$1; shift
-  local left=$((DEADLINE_S - (SECONDS - START)))
+  # 15 s kept back: a stopped step's kill-after grace and the summary
+  local left=$((DEADLINE_S - (SECONDS - START) - 15))
   if [ "$left" -le 5 ]; then
     echo "== $name: skipped (deadline)"
     RESULTS+=("$name|skipped (deadline)|0|")
@@ -99,7 +107,7 @@ step() {  # step NAME CMD...: run with a timeout within the deadline, log to $LO
   fi
   local limit=$(( left < STEP_TIMEOUT ? left : STEP_TIMEOUT ))
   echo "== $name (limit ${limit} s): $*"
-  CURRENT=$name CURRENT_T0=$SECONDS
+  CURRENT=$name CURRENT_T0=$SECONDS STEP_PID=
   if [ -n "${SUITE_DRY_RUN:-}" ]; then
     set -- sleep "${SUITE_DRY_RUN_SLEEP:-1}"
   fi
@@ -111,7 +119,7 @@ step() {  # step NAME CMD...: run with a timeout within the deadline, log to $LO
   CURRENT=
   # pytest's closing line, or the log's last line
   local detail
-  detail=$(grep -E "^=+ .*(passed|failed|error|skipped).* in " "$LOGS/$name.log" | tail -n 1 | tr -d '=')
+  detail=$(grep -E "[0-9]+ (passed|failed|error|skipped).* in [0-9.]+s" "$LOGS/$name.log" | tail -n 1 | tr -d '=')
   [ -z "$detail" ] && detail=$(tail -n 1 "$LOGS/$name.log")
   if [ "$rc" -eq 0 ]; then
     echo "   ok (${secs} s) $detail"
@@ -131,6 +139,8 @@ if [ -z "${SUITE_DRY_RUN:-}" ]; then
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 fi
 PYTEST=(python3 -m pytest -q -p no:cacheprovider)
+# stage 2 alone needs the C++ kernels only, not the (slower) CUDA build
+case " $STAGES " in *" 1 "*) ;; *) export CTMQ_SKIP_CUDA_BUILD=${CTMQ_SKIP_CUDA_BUILD:-1} ;; esac
 built=
 for stage in $STAGES; do
   if [ -z "$built" ]; then step build bash benchmarks/gpu_suite.sh --build; built=1; fi

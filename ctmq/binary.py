@@ -42,23 +42,25 @@ class PackedActivation:
 @dataclasses.dataclass
 class PackedWeight:
     """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))
-    in the packed format. `gemm` and `tap_popc` cache the running kernel's own
-    form of the same bits (ops.binary_weight_layout: for the C++ kernel 8
-    output channels interleaved in 64-bit words + per-tap popcounts, for the
-    tensor-core kernel the per-tap popcounts), made once, not per call;
-    `layout_key` says for which (device, backend) they were made."""
+    in the packed format. Each kernel's own form of the same bits
+    (ops.binary_weight_layout: for the C++ kernel 8 output channels
+    interleaved in 64-bit words + per-tap popcounts, for the tensor-core kernel
+    the per-tap popcounts) is made once per (device, kernel) and kept in
+    `layouts` for the weight's lifetime, so a CUDA graph captured with either
+    kernel keeps reading live buffers; `gemm` and `tap_popc` are the last one
+    asked for."""
     bits: Tensor
     in_channels: int
     gemm: Tensor = None
     tap_popc: Tensor = None
-    layout_key: tuple = None
+    layouts: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def layout_for(self, bits: Tensor, backend: str):
         """(gemm, tap_popc) for `bits` (self.bits on the input's device) under `backend`."""
         key = (bits.device, backend)
-        if self.layout_key != key:
-            self.gemm, self.tap_popc = ops.binary_weight_layout(bits, backend)
-            self.layout_key = key
+        if key not in self.layouts:
+            self.layouts[key] = ops.binary_weight_layout(bits, backend)
+        self.gemm, self.tap_popc = self.layouts[key]
         return self.gemm, self.tap_popc
 
     @property

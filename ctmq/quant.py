@@ -113,6 +113,9 @@ def fake_quant_affine(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis=N
 
     scale: float or float tensor (> 0, finite); zero_point: int or integer
     tensor in [qmin, qmax]; per channel, both are 1-D of length x.shape[axis].
+    Bad values are a ValueError, except in CUDA tensors: those are checked on
+    the device (no host sync per call), and a bad one fails as a device-side
+    assert at the next synchronization.
     """
     _check_tensor("x", x)
     for name, v in (("qmin", qmin), ("qmax", qmax)):

@@ -205,10 +205,11 @@ def test_backend_info_reports_a_path():
         ops.binary_cpu_path("avx512")
 
 
-def test_use_kernel_is_scoped_and_per_thread():
+def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
     import threading
 
     from ctmq import _backend
+    monkeypatch.setattr(_backend, "_ENV_BINARY_KERNEL", "triton")  # whatever CTMQ_BINARY_KERNEL says
     assert _backend.cuda_binary_kernel() == "triton"
     seen = []
     with binary.use_kernel("bmma"):
@@ -253,10 +254,22 @@ def test_bmma_refused_clearly_where_it_cannot_run(monkeypatch):
     ops._check_bmma(dev)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_backend_info_without_cuda():
     info = binary.backend_info()
-    if not torch.cuda.is_available():
-        assert info["cuda"].startswith("unavailable") and info["cuda_kernels"] == ()
+    assert info["cuda"].startswith("unavailable") and info["cuda_kernels"] == ()
+
+
+def test_packed_weight_keeps_each_kernels_layout():
+    """A CUDA graph captured with one kernel must keep reading live buffers after
+    another kernel ran: each (device, kernel) layout is made once and kept."""
+    pw = binary.pack_weight(torch.randn(9, 40, 3, 3))
+    gemm, popc = pw.layout_for(pw.bits, "cpp")
+    _, bmma_popc = pw.layout_for(pw.bits, "bmma")
+    assert torch.equal(bmma_popc, ops.tap_popcounts(pw.bits))
+    again = pw.layout_for(pw.bits, "cpp")
+    assert again[0] is gemm and again[1] is popc
+    assert pw.layout_for(pw.bits, "bmma")[1] is bmma_popc
 
 
 def test_pack_bits_ref_is_the_packed_format():
@@ -266,6 +279,7 @@ def test_pack_bits_ref_is_the_packed_format():
     assert torch.equal(ops.pack_bits_ref(x), ops.pack_bits(x))
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build registers the CUDA kernel")
 def test_cuda_kernels_without_the_extension(monkeypatch):
     """The GPU benchmarks ask binary.cuda_kernels() which kernels to time: without
     ctmq._C (or without its CUDA kernels) that is Triton alone, not a crash on an

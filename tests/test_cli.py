@@ -58,3 +58,17 @@ def test_binary_conv_benchmark_runs(tmp_path):
     mod.main(["--batch", "1", "--min-time", "0.01", "--json", str(out)])
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 7 and all(r["ctmq_ms"] > 0 and r["speedup"] > 0 for r in data["rows"])
+
+
+def test_deploy_benchmark_runs(tmp_path, capsys):
+    import ctmq
+    if not ctmq.has_extension():
+        import pytest
+        pytest.skip("ctmq._C not built")
+    mod = _benchmark_module("bench_resnet18_deploy")
+    out = tmp_path / "d.json"
+    mod.main(["--width", "0.125", "--batch", "1", "--min-time", "0.05", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [(r["batch"], r["kernel"]) for r in data["rows"]] == [(1, "cpp")]
+    assert data["rows"][0]["speedup"] > 0 and data["artifact_bytes"] < data["checkpoint_bytes"]
+    assert "smaller" in capsys.readouterr().out

@@ -242,3 +242,22 @@ def _check_cuda_runtime_graph_replay(tmp_path):
         assert torch.equal(got.argmax(1), want.argmax(1))
         assert ((got - want).norm() / want.norm()).item() <= 1e-4
     assert len(rt._graphs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runtime_switching_kernels_keeps_graphs_valid(tmp_path):
+    """A graph captured with bmma, then triton at another batch size, then the
+    bmma graph again: each replay still reads its own weight layout."""
+    if "bmma" not in binary.cuda_kernels():
+        pytest.skip("ctmq._C was built without the CUDA kernels, or the GPU is older than sm_80")
+    m = _binarized("imagenet", "basic", 32)
+    export_binary(m, tmp_path / "m.ctmq", input_size=32)
+    rt, cpu = deploy.load(tmp_path / "m.ctmq", device="cuda"), deploy.load(tmp_path / "m.ctmq")
+    for kernel, batch in (("bmma", 7), ("triton", 3), ("bmma", 7), ("triton", 7)):
+        x = torch.randn(batch, 3, 32, 32)
+        with binary.use_kernel(kernel):
+            got = rt(x.cuda()).cpu()
+        want = cpu(x)
+        assert torch.equal(got.argmax(1), want.argmax(1)), kernel
+        assert ((got - want).norm() / want.norm()).item() <= 1e-4, kernel
+    assert len(rt._graphs) == 3
