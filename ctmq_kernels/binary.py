@@ -140,9 +140,10 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
     M = N * OH * OW
     if M == 0 or O == 0:
         return out
-    if max(x.numel(), wbits.numel()) >= 2**31:  # the kernel's int32 offsets
-        raise ValueError(f"binary_conv2d (Triton): x ({x.numel()} words) and the weight "
-                         f"({wbits.numel()} words) must each hold under 2^31 words: split the batch")
+    if max(x.numel(), wbits.numel(), M + CONV_BLOCK_M) >= 2**31:  # the kernel's int32 offsets
+        raise ValueError(f"binary_conv2d (Triton): x ({x.numel()} words), the weight "
+                         f"({wbits.numel()} words) and the output ({M} pixels) must each stay "
+                         f"under 2^31: split the batch")
     grid = (triton.cdiv(M, CONV_BLOCK_M), triton.cdiv(O, CONV_BLOCK_N))
     _binary_conv_kernel[grid](
         x, wbits, scale if scale is not None else out, bias if bias is not None else out,
