@@ -71,7 +71,14 @@ def _read_config_file(path):
     return values
 
 
+TRAIN_EXTRAS = ("tqdm", "matplotlib")  # always; scikit-learn (digits) and PyYAML where used
+
+
 def _train(args):
+    import importlib.util
+    missing = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CliError(f"training needs {', '.join(missing)}: pip install 'ctmq[train]'")
     from . import data as data_mod
     from .engine import RunConfig, RunConfigError, StageDiverged, run
     from .engine import report as report_mod

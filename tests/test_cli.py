@@ -72,3 +72,11 @@ def test_deploy_benchmark_runs(tmp_path, capsys):
     assert [(r["batch"], r["kernel"]) for r in data["rows"]] == [(1, "cpp")]
     assert data["rows"][0]["speedup"] > 0 and data["artifact_bytes"] < data["checkpoint_bytes"]
     assert "smaller" in capsys.readouterr().out
+
+
+def test_train_without_the_training_extras_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert cli.main(["train", "--out", "unused"]) == 2
+    assert "training needs tqdm: pip install 'ctmq[train]'" in capsys.readouterr().err

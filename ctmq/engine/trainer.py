@@ -8,7 +8,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..nn import set_bits
@@ -132,7 +131,7 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, 
     for epoch in range(stage.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        bar = tqdm(train_loader, desc=f"{label} epoch {epoch + 1}/{stage.epochs}", leave=False,
+        bar = _tqdm()(train_loader, desc=f"{label} epoch {epoch + 1}/{stage.epochs}", leave=False,
                    disable=None if (cfg.progress and info.is_main) else True,  # None: off unless a TTY
                    dynamic_ncols=True)
         running = torch.zeros((), device=device)
@@ -197,3 +196,13 @@ def evaluate(model, loader, device, cfg):
         n += len(y)
     model.train(was_training)
     return 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)
+
+
+def _tqdm():
+    """tqdm, imported when training starts (a training extra: `import ctmq.engine`
+    and `ctmq infer` work without it)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise ImportError("training needs tqdm: pip install 'ctmq[train]'") from e
+    return tqdm
