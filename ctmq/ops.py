@@ -12,7 +12,6 @@ tensor) for backward instead of a float tensor: it is what the gradient
 needs, 1/16 of a bf16 activation, and it keeps the fused fwd+bwd within 3% of
 the minimum bytes. approx_sign needs |x| itself, so it saves x.
 """
-import os
 from typing import Optional
 
 import torch
