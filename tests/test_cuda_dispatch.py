@@ -225,3 +225,5 @@ def test_deploy_runtime_on_cuda_reaches_cuda_kernels(fake_cuda, tmp_path, kernel
         logits = rt.run(torch.empty(2, 3, 8, 8, device="cuda"))
     assert logits.shape == (2, 10) and logits.device.type == "cuda"
     _no_cpu_only_ops(rec)
+    bmma_ran = "ctmq::binary_conv2d_bmma" in {n for n, _ in rec.ops}
+    assert bmma_ran == (kernel == "bmma") and ("_binary_conv_kernel" in launched) == (kernel == "triton")
