@@ -56,8 +56,7 @@ class JsonRows:
         self.rows.append(row)
         self.write()
 
-    def write(self, **meta):
-        self.meta.update(meta)
+    def write(self):
         if self.file:
             with atomic_open(self.file) as f:
                 json.dump({**self.meta, "rows": self.rows}, f, indent=1)

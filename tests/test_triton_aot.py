@@ -2,7 +2,7 @@
 in the configurations ctmq launches, without spills, and the quantizer
 kernels round exactly (no flush to zero). Runs tests/triton_aot.py in a
 subprocess per target: it needs the real compiler, not the interpreter
-this test session runs under."""
+the other tests run Triton under."""
 import json
 import os
 import pathlib
