@@ -7,7 +7,8 @@
 namespace ctmq {
 void register_quant_cpu(torch::Library& m);
 void register_binary_cpu(torch::Library& m);
-// Binary CPU kernels' code path: "auto" (AVX2 + POPCNT when the CPU has them)
-// or "scalar" (portable); "" only queries. Returns the path now in use.
+// Binary CPU kernels' code path: "auto" (the best the CPU has), a cap ("avx2"
+// on x86-64, "neon" on aarch64) or "scalar" (portable); "" only queries.
+// Returns the path now in use (csrc/cpu/binary_cpu.cpp lists them).
 std::string binary_cpu_path(const std::string& request);
 }  // namespace ctmq

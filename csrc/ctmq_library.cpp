@@ -1,7 +1,8 @@
 // The one TORCH_LIBRARY(ctmq) of the C++ extension: schemas of the kernels
-// implemented in csrc/, registered per device by their own files. The
-// user-facing ops (ctmq/ops.py) call these and fall back to torch code where
-// the extension is not built.
+// implemented in csrc/, registered per device by their own files. ctmq's ops
+// (ctmq/ops) call them from their CPU and CUDA kernels (ctmq/ops/cpu.py,
+// ctmq/ops/cuda.py), which fall back to the torch references where the
+// extension is not built.
 #include <torch/extension.h>
 
 #include "ctmq.h"
@@ -9,9 +10,9 @@
 TORCH_LIBRARY(ctmq, m) {
   m.def("quantize_act_fused(Tensor x, int bits) -> (Tensor, Tensor)");
   m.def("masked_grad_fused(Tensor grad, Tensor mask) -> Tensor");
-  m.def("pack_bits(Tensor x) -> Tensor");
+  m.def("pack_bits_cpu(Tensor x) -> Tensor");
   m.def("binary_weight_gemm(Tensor bits) -> (Tensor, Tensor)");
-  m.def("binary_conv2d(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
+  m.def("binary_conv2d_cpu(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
         "Tensor? bias, Tensor? residual, bool packed_out) -> Tensor");
   m.def("binary_conv2d_bmma(Tensor x, int in_channels, Tensor bits, Tensor tap_popc, int[2] stride, "

@@ -148,17 +148,13 @@ def _pair(name, v, low):
     return pair
 
 
-def _check_vector(name, v, n):
+def _float32_on(name, v, like):
+    """An optional float tensor argument as float32 on like's device; its
+    shape is checked by the op (ctmq::binary_conv2d)."""
     if v is None:
         return None
-    if not isinstance(v, Tensor) or not v.is_floating_point() or v.shape != (n,):
-        raise ValueError(f"{name} must be a float tensor of shape ({n},) (one per output "
-                         f"channel), got {getattr(v, 'shape', type(v).__name__)}")
-    return v.detach().to(torch.float32)
-
-
-def _on(v, like):
-    return None if v is None else v.to(like.device)
+    _check_float(name, v)
+    return v.detach().to(like.device, torch.float32)
 
 
 def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float",
@@ -186,26 +182,11 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
         raise ValueError(f"weight expects {weight.in_channels} input channels, x has {channels}")
     stride, padding, dilation = (_pair("stride", stride, 1), _pair("padding", padding, 0),
                                  _pair("dilation", dilation, 1))
-    scale = _check_vector("scale", scale, weight.out_channels)
-    bias = _check_vector("bias", bias, weight.out_channels)
-    out_hw = []
-    for i, name in ((0, "height"), (1, "width")):
-        size = ops.conv_output_size(xb.shape[1 + i], weight.kernel_size[i], stride[i], padding[i],
-                                    dilation[i])
-        if size < 1:
-            raise ValueError(f"kernel {weight.kernel_size} (dilation {tuple(dilation)}) does not fit "
-                             f"the padded input {name} {xb.shape[1 + i]} + 2 * {padding[i]}")
-        out_hw.append(size)
     bits = weight.bits.to(xb.device)
     gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
-    if residual is not None:
-        oshape = (xb.shape[0], weight.out_channels, *out_hw)
-        if not isinstance(residual, Tensor) or not residual.is_floating_point() or tuple(residual.shape) != oshape:
-            raise ValueError(f"residual must be a float tensor of the output's shape {oshape}, got "
-                             f"{getattr(residual, 'shape', type(residual).__name__)}")
-        residual = residual.to(xb.device, torch.float32).contiguous()
-    y = ops.binary_conv2d(xb, channels, bits, gemm, tap_popc, stride, padding,
-                          dilation, _on(scale, xb), _on(bias, xb), residual, out == "packed")
+    y = ops.binary_conv2d(xb, channels, bits, gemm, tap_popc, stride, padding, dilation,
+                          _float32_on("scale", scale, xb), _float32_on("bias", bias, xb),
+                          _float32_on("residual", residual, xb), out == "packed")
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 
 
@@ -258,7 +239,7 @@ def cuda_kernels(device=None):
         found.append("triton")
     except RuntimeError:
         pass
-    if ops.bmma_built() and ops.cuda_capability(device) >= ops.BMMA_MIN_CAPABILITY:
+    if ops.selection.bmma_built() and ops.selection.cuda_capability(device) >= ops.BMMA_MIN_CAPABILITY:
         found.append("bmma")
     return tuple(found)
 

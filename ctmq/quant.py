@@ -41,7 +41,7 @@ def check_bits(name, bits):
 
 def _check_ste(ste, bits):
     # at full precision no quantizer runs; any known STE is accepted there
-    ops._check_ste(ste, 1 if bits == FULL_PRECISION else bits)
+    ops.check_ste(ste, 1 if bits == FULL_PRECISION else bits)
 
 
 def quantize_act(x: Tensor, bits: int, ste: str = "clipped") -> Tensor:

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from ctmq.ops.shapes import binary_conv2d_output_shape, pack_bits_output_shape
+
 PACK_BLOCK_P = 64   # pixels per program when packing
 CONV_BLOCK_M = 32   # output pixels per program
 CONV_BLOCK_N = 32   # output channels per program: one packed output word
@@ -117,8 +119,8 @@ def _hw_popc(t):
 def pack_bits(x):
     """float (N, C, H, W), any strides -> int32 (N, H, W, ceil(C/32))."""
     N, C, H, W = x.shape
-    Cw = (C + 31) // 32
-    out = torch.empty((N, H, W, Cw), dtype=torch.int32, device=x.device)
+    out = torch.empty(pack_bits_output_shape(x.shape), dtype=torch.int32, device=x.device)
+    Cw = out.shape[3]
     P = N * H * W
     if P:
         grid = (triton.cdiv(P, PACK_BLOCK_P), Cw)
@@ -128,15 +130,13 @@ def pack_bits(x):
 
 def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias, residual,
                   packed_out):
-    """x: int32 (N, H, W, Cw); wbits: int32 (O, KH, KW, Cw) (the packed format)."""
+    """x: int32 (N, H, W, Cw); wbits: int32 (O, KH, KW, Cw) (the packed format);
+    arguments checked by ctmq::binary_conv2d (ctmq/ops/shapes.py)."""
     N, H, W, Cw = x.shape
     O, KH, KW, _ = wbits.shape
-    OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
-    if packed_out:
-        out = torch.empty((N, OH, OW, (O + 31) // 32), dtype=torch.int32, device=x.device)
-    else:
-        out = torch.empty((N, O, OH, OW), dtype=torch.float32, device=x.device)
+    shape = binary_conv2d_output_shape(x.shape, wbits.shape, stride, padding, dilation, packed_out)
+    OH, OW = shape[1:3] if packed_out else shape[2:]
+    out = torch.empty(shape, dtype=torch.int32 if packed_out else torch.float32, device=x.device)
     M = N * OH * OW
     if M == 0 or O == 0:
         return out

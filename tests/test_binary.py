@@ -1,6 +1,7 @@
 """ctmq.binary on the CPU: packing and XNOR-popcount conv against the float
 reference F.conv2d(sign(x), sign(w)), exactly, on both code paths."""
 import itertools
+import platform
 
 import pytest
 import torch
@@ -16,7 +17,14 @@ def sign(t):
     return torch.where(t >= 0, 1.0, -1.0)
 
 
-@pytest.fixture(params=["auto", "avx2", "scalar"])
+# What set_cpu_path accepts in this architecture's build (csrc/cpu/binary_gemm.h):
+# "auto", the SIMD path's cap where there is one, "scalar".
+_SIMD_REQUEST = {"x86_64": "avx2", "amd64": "avx2", "aarch64": "neon",
+                 "arm64": "neon"}.get(platform.machine().lower())
+_REQUESTS = ["auto", *([_SIMD_REQUEST] if _SIMD_REQUEST else []), "scalar"]
+
+
+@pytest.fixture(params=_REQUESTS)
 def cpu_path(request):
     ops.binary_cpu_path(request.param)
     yield ops.binary_cpu_path("")
@@ -51,6 +59,62 @@ def test_binary_conv_matches_float_reference(cpu_path, c, hw, k, stride, pad, ba
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref_sb))
 
 
+def _available_cpu_paths():
+    """{path in effect: the request that selects it} on this CPU and build."""
+    if not ctmq.has_extension():
+        return {"auto": "auto"}
+    paths = {}
+    try:
+        for request in ("scalar", "avx2", "neon", "auto"):
+            try:
+                paths[ops.binary_cpu_path(request)] = request
+            except RuntimeError:  # a path of another architecture
+                pass
+    finally:
+        ops.binary_cpu_path("auto")
+    return paths
+
+
+_PATHS = _available_cpu_paths()
+
+
+@pytest.fixture(params=list(_PATHS))
+def each_cpu_path(request):
+    try:
+        assert ops.binary_cpu_path(_PATHS[request.param]) == request.param
+        yield request.param
+    finally:
+        ops.binary_cpu_path("auto")
+
+
+# K = KH * KW * ceil(C / 64) 64-bit words per output: the SIMD paths count in
+# bytes and flush them into wider lanes every 31 words, so K > 31 and K > 64
+# cover one flush and several; x = +1 against w = -1 makes every bit a mismatch
+# (8 per byte per word), the most a byte counter ever holds.
+@pytest.mark.parametrize("c,k,hw,stride,pad", [
+    (512, 3, (5, 7), 1, 1),     # K = 9 * 8 = 72
+    (512, 3, (7, 6), 2, 1),     # K = 72, stride 2
+    (2080, 1, (3, 5), 1, 0),    # K = 33
+    (2080, 1, (5, 5), 2, 1),    # K = 33, stride 2, zero-padded border pixels
+    (4160, 1, (3, 3), 1, 0),    # K = 65
+    (1000, 3, (3, 5), 1, 1),    # K = 9 * 16 = 144, C not a multiple of 32
+])
+def test_binary_conv_long_k_on_every_cpu_path(each_cpu_path, c, k, hw, stride, pad):
+    """Reductions of more than 31 and 64 words per output are exact on every CPU path."""
+    o = 13
+    x = torch.randn(2, c, *hw)
+    w = torch.randn(o, c, k, k)
+    w[:4] = -1.0  # channels 0-3 (one AVX2 vector) mismatch wherever x is +1
+    x[1] = 1.0
+    ref = F.conv2d(sign(x), sign(w), stride=stride, padding=pad)
+    y = binary.binary_conv2d(x, binary.pack_weight(w), stride=stride, padding=pad)
+    assert torch.equal(y, ref)
+    assert ref[1, :4].min().item() == -c * k * k  # every bit of a full window mismatched
+    packed = binary.binary_conv2d(x, w, stride=stride, padding=pad, bias=torch.full((o,), 0.5),
+                                  out="packed")
+    assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref + 0.5))
+
+
 @pytest.mark.parametrize("o", [8, 13, 64])
 def test_residual_is_added_last_in_the_epilogue(cpu_path, o):
     x = torch.randn(2, 40, 9, 9)
@@ -62,7 +126,7 @@ def test_residual_is_added_last_in_the_epilogue(cpu_path, o):
     assert torch.equal(y, ref)
     packed = binary.binary_conv2d(x, w, padding=1, scale=scale, bias=bias, residual=res, out="packed")
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref))
-    with pytest.raises(ValueError, match="residual must be a float tensor of the output's shape"):
+    with pytest.raises(ValueError, match="residual must be a float32 tensor of shape"):
         binary.binary_conv2d(x, w, padding=1, residual=res[:, :, 1:])
 
 
@@ -164,10 +228,40 @@ def test_binary_linear_is_the_sign_gemm(cpu_path, k):
     assert torch.equal(binary.binary_linear(packed, w2), sign(ref * scale + bias) @ sign(w2).T)
 
 
+def test_op_checks_name_the_argument():
+    """ctmq::binary_conv2d checks its arguments once, for every device."""
+    x = binary.pack_bits(torch.randn(1, 40, 5, 5))
+    bits = binary.pack_weight(torch.randn(3, 40, 3, 3)).bits
+    conv = torch.ops.ctmq.binary_conv2d
+    args = [x, 40, bits, None, None, [1, 1], [0, 0], [1, 1], None, None, None, False]
+
+    def call(**changes):
+        names = ["x", "in_channels", "bits", "gemm", "tap_popc", "stride", "padding", "dilation",
+                 "scale", "bias", "residual", "packed_out"]
+        return conv(*[changes.get(n, a) for n, a in zip(names, args)])
+    assert call().shape == (1, 3, 3, 3)
+    for changes, message in [
+            ({"in_channels": 70}, "in_channels \\(70\\) does not fit x's 2 words"),
+            ({"x": x.float()}, "x must be an int32 4-D tensor"),
+            ({"bits": binary.pack_weight(torch.randn(3, 70, 3, 3)).bits}, "weight bits are packed for 3"),
+            ({"stride": [0, 1]}, "stride must be 2 values >= 1"),
+            ({"padding": [-1, 0]}, "padding must be 2 values >= 0"),
+            ({"dilation": [3, 3]}, "does not fit the padded input"),
+            ({"scale": torch.ones(4)}, "scale must be a float32 tensor of shape \\(3,\\)"),
+            ({"bias": torch.ones(3, dtype=torch.float64)}, "bias must be a float32"),
+            ({"residual": torch.zeros(1, 3, 5, 5)}, "residual must be a float32 tensor of shape "
+                                                    "\\(1, 3, 3, 3\\)")]:
+        with pytest.raises(ValueError, match=message):
+            call(**changes)
+    with pytest.raises(ValueError, match="x must be a float 4-D"):
+        torch.ops.ctmq.pack_bits(torch.zeros(2, 3, dtype=torch.int32))
+
+
 def test_kernel_level_checks():
+    """The C++ kernel keeps its own checks: it may be called directly."""
     bits = binary.pack_bits(torch.randn(1, 40, 5, 5))
     pw = binary.pack_weight(torch.randn(3, 40, 3, 3))
-    conv = torch.ops.ctmq.binary_conv2d
+    conv = torch.ops.ctmq.binary_conv2d_cpu
     with pytest.raises(RuntimeError, match="does not fit x's"):
         conv(bits, 70, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
     other = binary.pack_weight(torch.randn(3, 70, 3, 3))
@@ -186,23 +280,33 @@ def test_kernel_level_checks():
 def test_opcheck_binary_ops():
     x = torch.randn(2, 33, 5, 5)
     torch.library.opcheck(torch.ops.ctmq.pack_bits.default, (x,))
+    torch.library.opcheck(torch.ops.ctmq.pack_bits_cpu.default, (x,))
     bits = binary.pack_bits(x)
     pw = binary.pack_weight(torch.randn(4, 33, 3, 3))
     torch.library.opcheck(torch.ops.ctmq.binary_weight_gemm.default, (pw.bits,))
     for packed in (False, True):
-        torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
+        torch.library.opcheck(torch.ops.ctmq.binary_conv2d_cpu.default,
                               (bits, 33, pw.gemm, pw.tap_popc, 4, [3, 3], [2, 2], [1, 1], [1, 1],
                                torch.rand(4), None, torch.randn(2, 4, 3, 3), packed))
+        for gemm, tap_popc in ((None, None), (pw.gemm, pw.tap_popc)):
+            torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
+                                  (bits, 33, pw.bits, gemm, tap_popc, [2, 2], [1, 1], [1, 1],
+                                   torch.rand(4), None, torch.randn(2, 4, 3, 3), packed))
 
 
 def test_backend_info_reports_a_path():
     info = binary.backend_info()
-    assert info["cpu"] in ("avx512-vpopcntdq", "avx2", "scalar")
+    assert info["cpu"] in ("avx512-vpopcntdq", "avx2", "neon", "scalar")
     assert ops.binary_cpu_path("scalar") == "scalar"
     assert binary.backend_info()["cpu"] == "scalar"
     ops.binary_cpu_path("auto")
-    with pytest.raises(RuntimeError, match="must be 'auto', 'avx2' or 'scalar'"):
-        ops.binary_cpu_path("avx512")
+    quoted = [f"'{r}'" for r in _REQUESTS]
+    choices = ", ".join(quoted[:-1]) + " or " + quoted[-1]  # x86-64: 'auto', 'avx2' or 'scalar'
+    foreign = ["avx512"] + [r for r in ("avx2", "neon") if r != _SIMD_REQUEST]
+    for request in foreign:  # the best x86 path is detected only; another architecture's is refused
+        with pytest.raises(RuntimeError, match=f"must be {choices}"):
+            ops.binary_cpu_path(request)
+    assert ops.binary_cpu_path("") == info["cpu"]  # a refused request changes nothing
 
 
 def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
@@ -243,15 +347,15 @@ def test_binary_kernel_env_is_the_default_and_checked():
 
 def test_bmma_refused_clearly_where_it_cannot_run(monkeypatch):
     dev = torch.device("cuda", 0)
-    monkeypatch.setattr(ops, "bmma_built", lambda: False)
+    monkeypatch.setattr(ops.selection, "bmma_built", lambda: False)
     with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
-        ops._check_bmma(dev)
-    monkeypatch.setattr(ops, "bmma_built", lambda: True)
-    monkeypatch.setattr(ops, "cuda_capability", lambda device: (7, 5))
+        ops.check_bmma(dev)
+    monkeypatch.setattr(ops.selection, "bmma_built", lambda: True)
+    monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (7, 5))
     with pytest.raises(RuntimeError, match=r"compute capability 8.0 or newer .* cuda:0 is 7.5"):
-        ops._check_bmma(dev)
-    monkeypatch.setattr(ops, "cuda_capability", lambda device: (8, 0))
-    ops._check_bmma(dev)
+        ops.check_bmma(dev)
+    monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (8, 0))
+    ops.check_bmma(dev)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -286,10 +390,10 @@ def test_cuda_kernels_without_the_extension(monkeypatch):
     op the dispatcher does not know."""
     from ctmq import _backend
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ops, "cuda_capability", lambda device: (9, 0))
-    monkeypatch.setattr(ops, "_bmma_built", None)
+    monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops.selection, "_bmma_built", None)
     monkeypatch.setattr(_backend, "has_extension", lambda: False)
     assert binary.cuda_kernels("cuda") == ("triton",)
-    monkeypatch.setattr(ops, "_bmma_built", None)
+    monkeypatch.setattr(ops.selection, "_bmma_built", None)
     monkeypatch.setattr(_backend, "has_extension", lambda: True)
     assert binary.cuda_kernels("cuda") == ("triton",)  # a CPU build: no CUDA kernel registered

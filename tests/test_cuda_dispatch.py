@@ -6,8 +6,8 @@ torch.ops.ctmq op reached, and Triton launches are recorded instead of run.
 
 C++ ops must have a CUDA kernel in csrc (a TORCH_LIBRARY_IMPL(ctmq, CUDA, m)
 block: what a CUDA build registers). Python ops (torch.library.custom_op)
-register a CUDA kernel by construction, so the test follows their bodies
-on the CUDA tensors and checks what those reach in turn."""
+must have a CUDA kernel registered (ctmq/ops/cuda.py): the test runs it on
+the CUDA tensors and checks what it reaches in turn."""
 import pathlib
 import re
 import shutil
@@ -68,8 +68,8 @@ def fake_cuda_guard(tmp_path_factory):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records (op, devices) of every ctmq op and host sync reached; follows the
-    bodies of ctmq's Python ops instead of their fake implementations."""
+    """Records (op, devices) of every ctmq op and host sync reached; runs the
+    registered CUDA kernels of ctmq's Python ops instead of their fakes."""
 
     def __init__(self):
         super().__init__()
@@ -87,9 +87,10 @@ class OpRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         name = func._schema.name
         self.ops.append((name, devices))
-        if name in OPDEFS:  # a Python op: run its body on these CUDA tensors
+        cuda_kernel = OPDEFS[name]._backend_fns.get("cuda") if name in OPDEFS else None
+        if "cuda" in devices and cuda_kernel is not None:  # a Python op's CUDA kernel
             with self:
-                return OPDEFS[name]._init_fn(*args, **kwargs)
+                return cuda_kernel(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -109,8 +110,8 @@ def fake_cuda(fake_cuda_guard, monkeypatch):
     """(recorder, launched Triton kernels): the test body runs in FakeTensorMode
     with CUDA 'available', a 9.0 device, and ctmq._C's CUDA kernels 'built'."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ops, "cuda_capability", lambda device: (9, 0))
-    monkeypatch.setattr(ops, "bmma_built", lambda: True)
+    monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops.selection, "bmma_built", lambda: True)
     launched = []
     from ctmq_kernels import binary as kb
     from ctmq_kernels import quant as kq
@@ -131,7 +132,8 @@ def fake_cuda(fake_cuda_guard, monkeypatch):
 def _no_cpu_only_ops(rec):
     cuda = cuda_kernels_in_csrc()
     reached = [name for name, devices in rec.ops if "cuda" in devices]
-    bad = sorted({n for n in reached if n not in OPDEFS and n.split("::")[1] not in cuda})
+    bad = sorted({n for n in reached if n.split("::")[1] not in cuda
+                  and "cuda" not in getattr(OPDEFS.get(n), "_backend_fns", {})})
     assert not bad, f"ops without a CUDA kernel reached on CUDA tensors: {bad}"
     return reached
 

@@ -32,14 +32,14 @@ def test_quantize_act_kernel(triton_device, dtype, shape, bits):
     base.view(-1)[:2] = torch.tensor([0.0, -0.0], dtype=dtype)[: base.numel()]
     for x in _variants(base):
         out, mask = torch.ops.ctmq.quantize_act(_on(x, triton_device), bits, "clipped")
-        ref_out, ref_mask = ops.quantize_act_ref(ops._dense(x), bits)
+        ref_out, ref_mask = ops.quantize_act_ref(ops.dense(x), bits)
         assert out.stride() == ref_out.stride()
         assert torch.equal(out.cpu(), ref_out) and torch.equal(mask.cpu(), ref_mask)
         g = ops.restride(torch.randn(x.shape).to(dtype), ref_out.shape, ref_out.stride())
         grad = torch.ops.ctmq.ste_masked_grad(_on(g, triton_device), mask)
         assert torch.equal(grad.cpu(), ops.masked_grad_ref(g, ref_mask))
         if bits == 1:
-            xd = ops._dense(x)
+            xd = ops.dense(x)
             ours = torch.ops.ctmq.approx_sign_grad(_on(g, triton_device), _on(xd, triton_device))
             assert torch.equal(ours.cpu(), torch.ops.ctmq.approx_sign_grad(g, xd))
 

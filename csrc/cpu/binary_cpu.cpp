@@ -6,11 +6,14 @@
 // zero padding (as F.conv2d on sign(x)): it adds nothing, and each output
 // counts only its valid taps: out = C * valid_taps - 2 * popc(a XOR w).
 //
-// Three code paths, chosen at run time from what the CPU has:
-//   "avx512-vpopcntdq"  the GEMM on 8 output channels per vector (VPOPCNTQ);
-//   "avx2"              4 output channels per vector, vpshufb nibble popcount;
-//   "scalar"            the same C++ for the baseline ISA (popcount in software).
-// set_cpu_path("avx2" | "scalar") caps the path, so the tests check each.
+// Code paths (binary_gemm.h says which each architecture builds); the best one
+// the CPU has is chosen at run time:
+//   "avx512-vpopcntdq"  x86-64: the GEMM on 8 output channels per vector (VPOPCNTQ);
+//   "avx2"              x86-64: 4 output channels per vector, vpshufb nibble popcount;
+//   "neon"              aarch64: 8 output channels per tile, CNT on 16 bytes;
+//   "scalar"            the same C++ for the baseline ISA (on x86-64 popcount
+//                       in software, on aarch64 CNT one word at a time).
+// set_cpu_path("avx2" | "neon" | "scalar") caps the path, so the tests check each.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,35 +33,41 @@ namespace ctmq {
 using namespace binary_detail;
 namespace {
 
-enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-std::atomic<int> g_max_path{kAvx512};  // lowered by set_cpu_path
-
-Path cpu_best_path() {
-  static const Path best = [] {
-    if (!__builtin_cpu_supports("popcnt") || !__builtin_cpu_supports("avx2")) return kScalar;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      return kAvx512;
-    }
-    return kAvx2;
-  }();
-  return best;
-}
+std::atomic<int> g_max_path{kBestPath};  // lowered by set_cpu_path
 
 Path current_path() { return static_cast<Path>(std::min<int>(g_max_path.load(), cpu_best_path())); }
 
-const char* path_name(Path p) {
-  return p == kAvx512 ? "avx512-vpopcntdq" : (p == kAvx2 ? "avx2" : "scalar");
-}
+// What a request may name besides "auto": this build's paths, except the best
+// x86 one, which is only ever detected. Another architecture's path is an error.
+struct Requestable {
+  const char* name;
+  Path path;
+};
+#if defined(CTMQ_X86_SIMD)
+constexpr Requestable kRequestable[] = {{"avx2", kAvx2}, {"scalar", kScalar}};
+#elif defined(CTMQ_NEON)
+constexpr Requestable kRequestable[] = {{"neon", kNeon}, {"scalar", kScalar}};
+#else
+constexpr Requestable kRequestable[] = {{"scalar", kScalar}};
+#endif
 
 }  // namespace
 
 std::string binary_cpu_path(const std::string& request) {
-  TORCH_CHECK(request.empty() || request == "auto" || request == "avx2" || request == "scalar",
-              "set_cpu_path: path must be 'auto', 'avx2' or 'scalar', got '", request, "'");
-  if (!request.empty()) {
-    g_max_path = request == "auto" ? kAvx512 : (request == "avx2" ? kAvx2 : kScalar);
+  if (request.empty()) return path_name(current_path());
+  Path cap = kBestPath;
+  bool known = request == "auto";
+  std::string choices = "'auto'";
+  constexpr size_t count = sizeof(kRequestable) / sizeof(kRequestable[0]);
+  for (size_t i = 0; i < count; ++i) {
+    choices += (i + 1 < count ? ", '" : " or '") + std::string(kRequestable[i].name) + "'";
+    if (request == kRequestable[i].name) {
+      cap = kRequestable[i].path;
+      known = true;
+    }
   }
+  TORCH_CHECK(known, "set_cpu_path: path must be ", choices, " in this build, got '", request, "'");
+  g_max_path = cap;
   return path_name(current_path());
 }
 
@@ -95,6 +104,7 @@ CTMQ_INLINE void pack_row(const T* x, const PackArgs& a, int64_t n, int64_t h, u
   }
 }
 
+#if defined(CTMQ_X86_SIMD)
 template <typename T>
 CTMQ_HW void pack_row_hw(const T* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
   pack_row<T>(x, a, n, h, out);
@@ -131,6 +141,7 @@ bool pack_row_float_avx512(const float* x, const PackArgs& a, int64_t n, int64_t
   pack_row_avx512(x, a, n, h, out);
   return true;
 }
+#endif
 
 template <typename T>
 void pack_row_scalar(const T* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
@@ -145,19 +156,27 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
              x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   auto out = at::empty({a.N, a.H, a.W, a.Cw}, x.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
+#if defined(CTMQ_X86_SIMD)
   const Path path = current_path();
   const bool hw = path >= kAvx2;
   // the avx512 row kernel reads rows of W contiguous float32 values per channel
   const bool rows512 = path == kAvx512 && x.scalar_type() == at::kFloat && a.sW == 1 && a.sC != 1;
+#endif
   auto* o = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_bits_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         uint32_t* row = o + r * a.W * a.Cw;
+#if defined(CTMQ_X86_SIMD)
         if (rows512 && pack_row_float_avx512(xp, a, r / a.H, r % a.H, row)) continue;
-        if (hw) pack_row_hw<scalar_t>(xp, a, r / a.H, r % a.H, row);
-        else pack_row_scalar<scalar_t>(xp, a, r / a.H, r % a.H, row);
+        if (hw) {
+          pack_row_hw<scalar_t>(xp, a, r / a.H, r % a.H, row);
+          continue;
+        }
+#endif
+        // elsewhere one build for the baseline ISA (on aarch64 that includes NEON)
+        pack_row_scalar<scalar_t>(xp, a, r / a.H, r % a.H, row);
       }
     });
   });
@@ -240,8 +259,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   TORCH_CHECK(a.sh >= 1 && a.sw >= 1, "stride must be >= 1, got ", stride);
   TORCH_CHECK(a.ph >= 0 && a.pw >= 0, "padding must be >= 0, got ", padding);
   TORCH_CHECK(a.dh >= 1 && a.dw >= 1, "dilation must be >= 1, got ", dilation);
-  a.OH = (a.H + 2 * a.ph - a.dh * (a.KH - 1) - 1) / a.sh + 1;
-  a.OW = (a.W + 2 * a.pw - a.dw * (a.KW - 1) - 1) / a.sw + 1;
+  a.OH = conv_output_size(a.H, a.KH, a.sh, a.ph, a.dh);
+  a.OW = conv_output_size(a.W, a.KW, a.sw, a.pw, a.dw);
   TORCH_CHECK(a.OH >= 1 && a.OW >= 1, "the kernel (", a.KH, "x", a.KW, ", dilation ", dilation,
               ") does not fit the padded input (", a.H, "x", a.W, ", padding ", padding, ")");
   a.Ow = (a.O + 31) / 32;
@@ -273,9 +292,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
       const int64_t ob = t % oblocks, mb = (t / oblocks) % mblocks, n = t / (oblocks * mblocks);
       const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
       const int64_t oc0 = ob * kBlockO, oc1 = std::min(a.O, oc0 + kBlockO);
-      if (path == kAvx512) conv_block_avx512(a, n, m0, rows, oc0, oc1, P.data());
-      else if (path == kAvx2) conv_block_hw(a, n, m0, rows, oc0, oc1, P.data());
-      else conv_block_scalar(a, n, m0, rows, oc0, oc1, P.data());
+      conv_block_on(path, a, n, m0, rows, oc0, oc1, P.data());
     }
   });
   return out;
@@ -284,8 +301,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
 }  // namespace
 
 void register_binary_cpu(torch::Library& m) {
-  m.impl("pack_bits", &pack_bits_cpu);
-  m.impl("binary_conv2d", &binary_conv2d_cpu);
+  m.impl("pack_bits_cpu", &pack_bits_cpu);
+  m.impl("binary_conv2d_cpu", &binary_conv2d_cpu);
   m.impl("binary_weight_gemm", &weight_gemm_cpu);
 }
 

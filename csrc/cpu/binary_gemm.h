@@ -1,16 +1,33 @@
 // Shared by the CPU binary conv's code paths (binary_cpu.cpp drives them,
-// binary_simd.cpp holds the AVX2 and AVX-512 tiles): the conv's arguments and
-// the portable GEMM pieces, which each path's target attributes compile anew.
+// binary_simd.cpp holds the SIMD tiles): the conv's arguments and the portable
+// GEMM pieces, which each x86 path's target attributes compile anew. Nothing
+// here needs torch, so tests can drive the kernels standalone.
+//
+// Which paths exist is decided at compile time by the target architecture:
+//   x86-64   "avx512-vpopcntdq", "avx2" (per-function target attributes, chosen
+//            at run time from what the CPU has) and "scalar" (baseline ISA);
+//   aarch64  "neon" (Advanced SIMD is part of the AArch64 baseline) and "scalar";
+//   others   "scalar" (32-bit x86 too: torch does not build there).
+// CTMQ_NO_SIMD leaves only "scalar" on every architecture, so that the tests
+// can build and run the portable path on any machine.
 #pragma once
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#define CTMQ_INLINE inline __attribute__((always_inline))
+#include "../conv_shape.h"
+
+#if !defined(CTMQ_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+#define CTMQ_X86_SIMD 1
+#include <immintrin.h>
 #define CTMQ_HW __attribute__((target("avx2,popcnt")))
 #define CTMQ_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512vpopcntdq,avx2,popcnt")))
+#elif !defined(CTMQ_NO_SIMD) && defined(__aarch64__)
+#define CTMQ_NEON 1
+#include <arm_neon.h>
+#endif
+
+#define CTMQ_INLINE inline __attribute__((always_inline))
 
 namespace ctmq {
 namespace binary_detail {
@@ -138,13 +155,22 @@ CTMQ_INLINE void conv_block(const ConvArgs& a, int64_t n, int64_t m0, int64_t ro
 }
 
 
-// The three code paths' drivers of one task (binary_simd.cpp).
-void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
-                       int64_t oc1, uint64_t* P);
-void conv_block_hw(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+// ---------------------------------------------------------------- paths
+// This build's code paths, ranked: set_cpu_path caps the rank.
+#if defined(CTMQ_X86_SIMD)
+enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kBestPath = kAvx512 };
+#elif defined(CTMQ_NEON)
+enum Path : int { kScalar = 0, kNeon = 1, kBestPath = kNeon };
+#else
+enum Path : int { kScalar = 0, kBestPath = kScalar };
+#endif
+
+Path cpu_best_path();  // the best path this CPU runs (detected once)
+const char* path_name(Path p);
+
+// One task (see conv_block) on path p, which must be <= cpu_best_path().
+void conv_block_on(Path p, const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
                    int64_t oc1, uint64_t* P);
-void conv_block_avx512(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
-                       int64_t oc1, uint64_t* P);
 
 }  // namespace binary_detail
 }  // namespace ctmq

@@ -1,11 +1,18 @@
-// SIMD tiles of the CPU binary conv: AVX2 (vpshufb popcount) and AVX-512
-// (VPOPCNTQ), and the portable scalar build of the generic loops; each
-// function carries its own target attributes (chosen at run time).
+// Code paths of the CPU binary conv: on x86-64 the AVX2 (vpshufb popcount) and
+// AVX-512 (VPOPCNTQ) tiles, each function with its own target attributes
+// (chosen at run time); on aarch64 the NEON tile (CNT); everywhere the
+// portable scalar build of the generic loops. Torch-free (see binary_gemm.h).
 #include "binary_gemm.h"
 
 namespace ctmq {
 namespace binary_detail {
 
+void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                       int64_t oc1, uint64_t* P) {
+  conv_block(a, n, m0, rows, oc0, oc1, P);
+}
+
+#if defined(CTMQ_X86_SIMD)
 // ------------------------------------------------------- avx2 (vpshufb popcount)
 // MR output pixels x 4 output channels (one vector of 4 64-bit counts per
 // pixel); popcount by nibble lookup (vpshufb), counted in bytes and summed into
@@ -66,11 +73,6 @@ CTMQ_HW void conv_block_hw(const ConvArgs& a, int64_t n, int64_t m0, int64_t row
     for (; r < rows; ++r) tile_avx2<1>(a, P, invalid, n, m0, r, oc, lanes);
   }
 }
-void conv_block_scalar(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
-                       int64_t oc1, uint64_t* P) {
-  conv_block(a, n, m0, rows, oc0, oc1, P);
-}
-
 
 // ------------------------------------------------------- avx512 (VPOPCNTQ)
 
@@ -166,8 +168,113 @@ CTMQ_AVX512 void conv_block_avx512(const ConvArgs& a, int64_t n, int64_t m0, int
   }
 }
 
-// (O, KH, KW, Cw) 32-bit words -> the GEMM layout every path reads: 64-bit
-// words, 8 output channels interleaved, (ceil(O/8), K, 8), zeros past O; and the
+Path cpu_best_path() {
+  static const Path best = [] {
+    if (!__builtin_cpu_supports("popcnt") || !__builtin_cpu_supports("avx2")) return kScalar;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      return kAvx512;
+    }
+    return kAvx2;
+  }();
+  return best;
+}
+
+const char* path_name(Path p) {
+  return p == kAvx512 ? "avx512-vpopcntdq" : (p == kAvx2 ? "avx2" : "scalar");
+}
+
+void conv_block_on(Path p, const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                   int64_t oc1, uint64_t* P) {
+  if (p == kAvx512) conv_block_avx512(a, n, m0, rows, oc0, oc1, P);
+  else if (p == kAvx2) conv_block_hw(a, n, m0, rows, oc0, oc1, P);
+  else conv_block_scalar(a, n, m0, rows, oc0, oc1, P);
+}
+
+#elif defined(CTMQ_NEON)
+// ------------------------------------------------------- neon (CNT)
+// MR output pixels x the 8 output channels of a weight group (four vectors of
+// two 64-bit words per pixel). A plain __builtin_popcountll also becomes CNT
+// here, but one word at a time, with a move to and from the vector registers
+// and a horizontal add (ADDV) per word; this tile counts 16 bytes per CNT,
+// adds the byte counts up (ADD) and widens them to the 64-bit lanes
+// (UADDLP, UADALP) only every 31 words, before a byte could overflow.
+template <int MR>
+CTMQ_INLINE void tile_neon(const ConvArgs& a, const uint64_t* P, const uint64_t* invalid, int64_t n,
+                           int64_t m0, int64_t r, int64_t ocg, int lanes) {
+  const int64_t T = a.KH * a.KW;
+  const uint64_t* wg = a.w8 + (ocg / 8) * a.K * 8;
+  const int64_t* pg = a.popw8 + (ocg / 8) * T * 8;
+  uint64x2_t acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = vdupq_n_u64(0);
+  for (int64_t k0 = 0; k0 < a.K; k0 += 31) {
+    const int64_t k1 = std::min(a.K, k0 + 31);
+    uint8x16_t bytes[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) bytes[i][j] = vdupq_n_u8(0);
+    for (int64_t k = k0; k < k1; ++k) {
+      uint64x2_t w[4];
+      for (int j = 0; j < 4; ++j) w[j] = vld1q_u64(wg + k * 8 + 2 * j);
+      for (int i = 0; i < MR; ++i) {
+        const uint64x2_t p = vld1q_dup_u64(P + (r + i) * a.K + k);
+        for (int j = 0; j < 4; ++j) {
+          bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(vreinterpretq_u8_u64(veorq_u64(w[j], p))));
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = vpadalq_u32(acc[i][j], vpaddlq_u16(vpaddlq_u8(bytes[i][j])));
+  }
+  for (int i = 0; i < MR; ++i) {
+    uint64_t counts[8];
+    for (int j = 0; j < 4; ++j) vst1q_u64(counts + 2 * j, acc[i][j]);
+    int64_t popc[8];
+    for (int l = 0; l < 8; ++l) popc[l] = static_cast<int64_t>(counts[l]);
+    int64_t valid = T;
+    for (uint64_t b = invalid[r + i]; b; b &= b - 1) {  // border taps: see build_patches
+      const int64_t* tap = pg + __builtin_ctzll(b) * 8;
+      for (int l = 0; l < 8; ++l) popc[l] -= tap[l];
+      --valid;
+    }
+    for (int l = 0; l < lanes; ++l) store(a, n, m0 + r + i, ocg + l, valid * a.C - 2 * popc[l]);
+  }
+}
+
+void conv_block_neon(const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                     int64_t oc1, uint64_t* P) {
+  uint64_t invalid[kBlockM];
+  build_patches(a, n, m0, rows, P, invalid);
+  clear_packed(a, n, m0, rows, oc0, oc1);
+  for (int64_t ocg = oc0; ocg < oc1; ocg += 8) {  // oc0 is a multiple of 8
+    const int lanes = static_cast<int>(std::min<int64_t>(8, oc1 - ocg));
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) tile_neon<4>(a, P, invalid, n, m0, r, ocg, lanes);
+    for (; r < rows; ++r) tile_neon<1>(a, P, invalid, n, m0, r, ocg, lanes);
+  }
+}
+
+// Advanced SIMD is mandatory on AArch64 Linux: nothing to detect.
+Path cpu_best_path() { return kNeon; }
+
+const char* path_name(Path p) { return p == kNeon ? "neon" : "scalar"; }
+
+void conv_block_on(Path p, const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                   int64_t oc1, uint64_t* P) {
+  if (p == kNeon) conv_block_neon(a, n, m0, rows, oc0, oc1, P);
+  else conv_block_scalar(a, n, m0, rows, oc0, oc1, P);
+}
+
+#else
+Path cpu_best_path() { return kScalar; }
+
+const char* path_name(Path) { return "scalar"; }
+
+void conv_block_on(Path, const ConvArgs& a, int64_t n, int64_t m0, int64_t rows, int64_t oc0,
+                   int64_t oc1, uint64_t* P) {
+  conv_block_scalar(a, n, m0, rows, oc0, oc1, P);
+}
+#endif
 
 }  // namespace binary_detail
 }  // namespace ctmq

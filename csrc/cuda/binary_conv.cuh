@@ -11,6 +11,8 @@
 #endif
 #include <stdint.h>
 
+#include "../conv_shape.h"
+
 namespace ctmq {
 
 struct BinaryConvParams {

@@ -51,8 +51,8 @@ at::Tensor binary_conv2d_bmma_cuda(const at::Tensor& x, int64_t in_channels, con
   p.dh = dilation[0]; p.dw = dilation[1];
   TORCH_CHECK(p.sh >= 1 && p.sw >= 1 && p.ph >= 0 && p.pw >= 0 && p.dh >= 1 && p.dw >= 1,
               "stride and dilation must be >= 1 and padding >= 0, got ", stride, padding, dilation);
-  p.OH = (p.H + 2 * p.ph - p.dh * (p.KH - 1) - 1) / p.sh + 1;
-  p.OW = (p.W + 2 * p.pw - p.dw * (p.KW - 1) - 1) / p.sw + 1;
+  p.OH = conv_output_size(p.H, p.KH, p.sh, p.ph, p.dh);
+  p.OW = conv_output_size(p.W, p.KW, p.sw, p.pw, p.dw);
   TORCH_CHECK(p.OH >= 1 && p.OW >= 1, "the kernel does not fit the padded input");
   TORCH_CHECK((int64_t)p.N * p.OH * p.OW < (int64_t{1} << 31) - 128,
               "binary_conv2d_bmma: N * OH * OW must be below 2^31 (split the batch), got ",

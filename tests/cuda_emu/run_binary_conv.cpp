@@ -55,8 +55,8 @@ int main(int argc, char** argv) {
   p.sh = v[7]; p.sw = v[8]; p.ph = v[9]; p.pw = v[10]; p.dh = v[11]; p.dw = v[12];
   const int flags = v[13], x_offset = v[14];
   p.Cw = (p.C + 31) / 32;
-  p.OH = (p.H + 2 * p.ph - p.dh * (p.KH - 1) - 1) / p.sh + 1;
-  p.OW = (p.W + 2 * p.pw - p.dw * (p.KW - 1) - 1) / p.sw + 1;
+  p.OH = ctmq::conv_output_size(p.H, p.KH, p.sh, p.ph, p.dh);
+  p.OW = ctmq::conv_output_size(p.W, p.KW, p.sw, p.pw, p.dw);
   const size_t T = (size_t)p.KH * p.KW, M = (size_t)p.N * p.OH * p.OW;
   std::vector<Buffer> keep;  // moving a Buffer keeps its words where they were registered
   keep.push_back(read_file(dir + "/x.bin", (size_t)p.N * p.H * p.W * p.Cw, x_offset));

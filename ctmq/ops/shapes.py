@@ -1,0 +1,88 @@
+"""Shapes and argument checks shared by every implementation of an op (fake,
+CPU, CUDA): one output-shape formula and one argument check per op."""
+from torch import Tensor
+import torch
+
+VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+STE_MODES = ("clipped", "approx_sign")
+
+
+def check_bits(bits: int):
+    if bits not in VALID_BITS:
+        raise ValueError(f"bits must be one of {VALID_BITS} (32 is handled as identity "
+                         f"by ctmq.quant), got {bits}")
+
+
+def check_ste(ste: str, bits: int):
+    if ste not in STE_MODES:
+        raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
+    if ste == "approx_sign" and bits != 1:
+        raise ValueError(f"ste='approx_sign' applies to bits=1 only, got bits={bits}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """torch.nn.Conv2d's output size along one dimension."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def words(channels: int) -> int:
+    """int32 words per pixel of `channels` packed channels."""
+    return (channels + 31) // 32
+
+
+def pack_bits_output_shape(shape) -> tuple:
+    n, c, h, w = shape
+    return (n, h, w, words(c))
+
+
+def binary_conv2d_output_shape(x_shape, bits_shape, stride, padding, dilation,
+                               packed_out: bool) -> tuple:
+    """(N, O, OH, OW), or (N, OH, OW, ceil(O/32)) packed, of a binary conv of
+    packed x (N, H, W, words) with packed weight bits (O, KH, KW, words)."""
+    n, h, w, _ = x_shape
+    o, kh, kw, _ = bits_shape
+    oh = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    return (n, oh, ow, words(o)) if packed_out else (n, o, oh, ow)
+
+
+def _check_packed(name, t, device):
+    if t.dtype != torch.int32 or t.dim() != 4:
+        raise ValueError(f"{name} must be an int32 4-D tensor of packed bits, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
+
+
+def _check_float32(name, t, shape, device):
+    if t is None:
+        return
+    if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(f"{name} must be a float32 tensor of shape {tuple(shape)} on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def check_binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, stride, padding, dilation,
+                        scale, bias, residual):
+    """Every argument of a binary conv, with a ValueError naming the one that
+    is wrong; the kernels rely on it (besides their own layout tensors)."""
+    _check_packed("x", x, x.device)
+    _check_packed("weight bits", bits, x.device)
+    if in_channels < 1 or words(in_channels) != x.shape[3]:
+        raise ValueError(f"in_channels ({in_channels}) does not fit x's {x.shape[3]} words "
+                         f"per pixel")
+    if bits.shape[3] != x.shape[3]:
+        raise ValueError(f"weight bits are packed for {bits.shape[3]} words per pixel, x has "
+                         f"{x.shape[3]}")
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or min(v) < low:
+            raise ValueError(f"{name} must be 2 values >= {low}, got {tuple(v)}")
+    shape = binary_conv2d_output_shape(x.shape, bits.shape, stride, padding, dilation, False)
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"kernel {tuple(bits.shape[1:3])} (dilation {tuple(dilation)}) does "
+                         f"not fit the padded input {tuple(x.shape[1:3])} + 2 * "
+                         f"{tuple(padding)}")
+    o = bits.shape[0]
+    _check_float32("scale", scale, (o,), x.device)
+    _check_float32("bias", bias, (o,), x.device)
+    _check_float32("residual", residual, shape, x.device)
