@@ -82,19 +82,32 @@ def _find(root, stem, layout):
     raise DataError(f"{os.path.join(root, stem)}[.gz] not found; expected layout: {layout}")
 
 
-def read_idx(path):
-    """An IDX array (the MNIST format), gzip or not."""
+# the IDX data-type byte (third byte of the magic); only unsigned bytes are read
+_IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
+              0x0E: "float64"}
+
+
+def read_idx(path, ndim=None):
+    """An IDX array (the MNIST format) of unsigned bytes, gzip or not; ndim, when
+    given, is the number of dimensions the file must declare."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX data type 0x{raw[2]:02X} ({_IDX_TYPES.get(raw[2], 'unknown')}); "
+                        "only 0x08 (unsigned byte) is supported")
+    declared = raw[3]
+    if ndim is not None and declared != ndim:
+        raise DataError(f"{path}: IDX file declares {declared} dimensions, expected {ndim}")
+    if len(raw) < 4 + 4 * declared:
+        raise DataError(f"{path}: header of {declared} dimensions is truncated")
+    dims = struct.unpack(f">{declared}I", raw[4:4 + 4 * declared])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * declared)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), "
                         f"file holds {data.size}: truncated or corrupt")
@@ -103,7 +116,8 @@ def read_idx(path):
 
 def load_idx_data(name, root):
     layout = ", ".join(f"{v}[.gz]" for v in _IDX_FILES.values()) + f" in {root}"
-    arrays = {k: read_idx(_find(root, v, layout)) for k, v in _IDX_FILES.items()}
+    arrays = {k: read_idx(_find(root, v, layout), ndim=3 if k.endswith("_x") else 1)
+              for k, v in _IDX_FILES.items()}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):

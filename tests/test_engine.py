@@ -114,6 +114,40 @@ def test_resume_after_kill_continues_from_last_complete_stage(tmp_path):
     assert len(rep["stages"]) == 8
 
 
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAt(_Recorder):
+    """Records each stage's starting state; interrupts the run when stage `index` starts."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def stage_start(self, sched, i, model):
+        super().stage_start(sched, i, model)
+        if i == self.index:
+            raise _Interrupted
+
+
+def test_resume_starts_from_the_last_complete_checkpoint(tmp_path):
+    """A resumed run trains on from the last complete stage's weights and BN statistics."""
+    cfg = _cfg(tmp_path, schedule="ctmq", cycles=1)  # FP, W2A2, W1A1
+    with pytest.raises(_Interrupted):
+        run(cfg, log=lambda *a: None, callback=_StopAt(2))  # FP and W2A2 complete
+    stages, sched = tmp_path / "run" / "stages", cfg.schedules()[0]
+    first, last = (load_checkpoint(str(stages / f"{sched.stage_key(i)}.safetensors"))[0] for i in (0, 1))
+    resumed = _StopAt(2)
+    with pytest.raises(_Interrupted):
+        run(cfg, log=lambda *a: None, callback=resumed)
+    assert [(name, i) for name, i, _ in resumed.starts] == [("ctmq", 2)]
+    state = resumed.starts[0][2]
+    assert state.keys() == last.keys()
+    assert all(torch.equal(state[k], last[k]) for k in state)
+    assert not all(torch.equal(state[k], first[k]) for k in state)  # the FP stage's weights differ
+
+
 def test_changed_config_against_run_dir_fails_unless_restart(tmp_path, capsys):
     cfg = _cfg(tmp_path, schedule="direct", cycles=1)
     run(cfg, log=lambda *a: None)
