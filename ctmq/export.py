@@ -1,47 +1,24 @@
 """Export a binarized (W1A1) ResNet-18 to one deployable file.
 
-The artifact is a safetensors file: tensors (packed binary weights with their
-folded per-channel scale/bias; the full-precision stem, shortcuts and FC as
-they are) and, in its metadata, a JSON header: format version, architecture,
-the node list the runtime executes, input size and normalization, class names
-and a sha256 checksum of the header and the tensors. Loading it (ctmq.deploy) never unpickles
-anything.
+The artifact (format: ctmq.artifact) holds the packed binary weights with
+their folded per-channel scale/bias, the full-precision stem, shortcuts and
+FC as they are, and a JSON header with the node list the runtime executes.
 
 Each binary conv is folded with the BatchNorm that follows it into
     BN(conv(sign x, alpha * sign w)) = conv(sign x, sign w) * scale + bias
 by ctmq.nn.fold_binary_conv_bn, the function the model's own eval path uses,
 so the deployed network computes the same values as the trained one.
 """
-import hashlib
-import json
-
 import torch
 
 from . import binary
-from ._io import atomic_open
+from .artifact import write_artifact
 from .models import ResNet18
 from .models.resnet import BasicBlock, BiRealBlock
 from .nn import fold_binary_conv_bn, quantized_layers
 
-FORMAT = "ctmq-binary"
-VERSION = 1
-
-
 class ExportError(ValueError):
     """The model cannot be exported (not a W1A1 ResNet-18)."""
-
-
-def artifact_checksum(header, tensors):
-    """sha256 over the header (all but its checksum, canonical JSON) and the
-    names, dtypes, shapes and bytes of the tensors, in name order."""
-    h = hashlib.sha256()
-    body = {k: v for k, v in header.items() if k != "checksum"}
-    h.update(json.dumps(body, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 class _Graph:
@@ -151,13 +128,8 @@ def export_binary(model, path, input_size=None, mean=None, std=None, class_names
         g = _build_graph(model)
     finally:
         model.train(was_training)
-    header = {"format": FORMAT, "version": VERSION, "architecture": dict(cfg, name="resnet18"),
+    header = {"architecture": dict(cfg, name="resnet18"),
               "input": {"channels": channels, "size": int(input_size), "mean": [float(v) for v in mean],
                         "std": [float(v) for v in std]},
               "class_names": class_names, "nodes": g.nodes}
-    header["checksum"] = artifact_checksum(header, g.tensors)
-    from safetensors.torch import save
-    blob = save(g.tensors, metadata={"ctmq": json.dumps(header)})
-    with atomic_open(path, "wb") as f:
-        f.write(blob)
-    return header
+    return write_artifact(path, header, g.tensors)

@@ -14,7 +14,7 @@ from ctmq import binary, cli, deploy
 from ctmq.export import ExportError, export_binary
 from ctmq.models import resnet18
 from ctmq.models import resnet as resnet_mod
-from ctmq.nn import set_bits
+from ctmq.nn import QConv2d, conv_bn, fold_binary_conv_bn, set_bits
 
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
@@ -118,7 +118,7 @@ def _rewrite_header(src, dst, edit):
     ctmq, or a hand-edited file, would write it)."""
     from safetensors.torch import load_file, save_file
 
-    from ctmq.export import artifact_checksum
+    from ctmq.artifact import artifact_checksum
     header, tensors = deploy.read_artifact(src)
     edit(header)
     header["checksum"] = artifact_checksum(header, tensors)
@@ -160,6 +160,29 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
         cases[f"bin_{key}.ctmq"] = f"binary_conv node .*{words}"
     (tmp_path / "tiny.ctmq").write_bytes(b"abc")
     cases["tiny.ctmq"] = "truncated"
+
+    def edit_node(op, key, value):
+        def edit(h):
+            next(n for n in h["nodes"] if n["op"] == op)[key] = value
+        return edit
+    # crafted headers with a valid checksum: each is refused at load, naming the node
+    for name, edit, words in (
+            ("undef", edit_node("global_avg_pool", "in", ["v999"]), r"reads \['v999'\], not defined"),
+            ("arity", edit_node("linear", "in", []), "needs 1..1 inputs"),
+            ("dup", lambda h: h["nodes"][1].update(out=h["nodes"][0]["out"]), "must be a new value"),
+            ("noout", lambda h: h["nodes"].pop(), "must end with its one 'output' node"),
+            ("twoout", lambda h: h["nodes"].insert(0, {"op": "output", "in": ["input"], "out": "o"}),
+             "must end with its one 'output' node"),
+            ("convw", edit_node("conv2d", "weight", "missing.weight"),
+             "conv2d node .*weight names no tensor of the file: 'missing.weight'"),
+            ("eps", edit_node("batch_norm", "eps", "small"), "batch_norm node .*eps must be a float"),
+            ("fcw", edit_node("linear", "weight", "conv1.weight"),
+             r"linear node .*weight \(conv1.weight\) must be 2-D"),
+            ("bnlen", edit_node("batch_norm", "mean", "fc.bias"), "mean .* of length"),
+            ("input", lambda h: h["input"].update(std=[1.0]), "one nonzero std"),
+            ("classes", lambda h: h.update(class_names=[1, 2]), "class_names must be a list of str")):
+        _rewrite_header(good, tmp_path / f"{name}.ctmq", edit)
+        cases[f"{name}.ctmq"] = words
     for name, words in cases.items():
         with pytest.raises(deploy.ArtifactError, match=words):
             deploy.load(tmp_path / name)
@@ -190,6 +213,30 @@ def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):
     with pytest.raises(ExportError, match=r"not W1A1: layer1.0.conv1 \(W2A2\)"):
         export_binary(m, tmp_path / "x.ctmq")
     assert not (tmp_path / "x.ctmq").exists()
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 0)])
+def test_folded_binary_conv_bn_equals_unfolded_batchnorm(stride, pad):
+    """The folded scale/bias on the sign conv (eval path and deploy kernel) equal a W1A1
+    QConv2d followed by an eval-mode nn.BatchNorm2d, eps included."""
+    torch.manual_seed(0)
+    o = 24
+    conv = QConv2d(40, o, 3, stride=stride, padding=pad, bias=False, w_bits=1, a_bits=1)
+    bn = torch.nn.BatchNorm2d(o).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(10 ** torch.empty(o).uniform_(-4, -2))  # eps = 1e-5 is 0.1% to 10% of it
+        bn.running_mean.copy_(torch.randn(o) * 0.5)
+        bn.weight.copy_(torch.rand(o) + 0.5)
+        bn.bias.copy_(torch.randn(o))
+        x = torch.randn(2, 40, 9, 9)
+        ref = bn(conv(x))  # float conv of sign(x) with alpha * sign(w), then torch's BatchNorm
+        scale, bias = fold_binary_conv_bn(conv, bn)
+        deployed = binary.binary_conv2d(x, binary.pack_weight(conv.weight), stride=stride, padding=pad,
+                                        scale=scale, bias=bias)
+        evaluated = conv_bn(conv, bn, x)
+    tol = dict(rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(deployed, ref, **tol)
+    torch.testing.assert_close(evaluated, ref, **tol)
 
 
 def test_runtime_max_pool_equals_torch():

@@ -1,6 +1,8 @@
-"""Execute an exported binarized ResNet-18 (see ctmq.export for the format).
+"""Execute an exported binarized network (the format: ctmq.artifact).
 
-The runtime walks the artifact's node list: binary convolutions run on ctmq's
+At load, every node of the artifact is checked (its inputs, attributes and
+tensors) and lowered to a prepared call; a bad node is an ArtifactError
+naming it. Running walks the prepared calls: binary convolutions run on ctmq's
 XNOR-popcount kernels (C++ on the CPU; on CUDA the kernel chosen with
 ctmq.binary.use_kernel: Triton or the tensor-core kernel) with the folded
 scale/bias in their epilogue, and pass packed activations to each other where
@@ -11,72 +13,15 @@ eval-mode logits. On CUDA, each batch size is captured once as a CUDA graph so
 that small batches are not launch-bound.
 """
 import contextlib
-import json
-import os
-import struct
+import numbers
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend, binary, ops
-from ..export import FORMAT, VERSION, artifact_checksum
-
-KNOWN_OPS = {"conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "binary_conv", "add", "hardtanh",
-             "global_avg_pool", "linear", "output"}
-
-
-class ArtifactError(ValueError):
-    """A file that is not a valid, intact ctmq artifact; the message says why."""
-
-
-def read_artifact(path):
-    """(header, tensors) of an artifact, checked: format, version, nodes, checksum."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from e
-    if len(blob) < 8:
-        raise ArtifactError(f"{path}: truncated ({len(blob)} bytes): not a ctmq artifact")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8:
-        raise ArtifactError(f"{path}: truncated: its header claims {n} bytes, the file has {len(blob) - 8}")
-    try:
-        meta = json.loads(blob[8:8 + n]).get("__metadata__", {})
-        header = json.loads(meta["ctmq"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ArtifactError(f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)") from e
-    if header.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    version = header.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise ArtifactError(f"{path}: format version {version} is newer than this ctmq reads "
-                            f"({VERSION}); upgrade ctmq")
-    unknown = sorted({nd.get("op") for nd in header.get("nodes", [])} - KNOWN_OPS)
-    if unknown:
-        raise ArtifactError(f"{path}: unknown layer type(s) {unknown}; known: {sorted(KNOWN_OPS)}")
-    from safetensors.torch import load as load_bytes
-    try:
-        tensors = load_bytes(blob)
-    except Exception as e:  # safetensors raises its own error types
-        raise ArtifactError(f"{path}: corrupt tensor data ({e})") from e
-    if artifact_checksum(header, tensors) != header.get("checksum"):
-        raise ArtifactError(f"{path}: checksum mismatch: the file was changed or damaged")
-    return header, tensors
-
-
-class _BinaryNode(NamedTuple):
-    weight: binary.PackedWeight
-    stride: list
-    padding: list
-    dilation: list
-    scale: torch.Tensor
-    bias: torch.Tensor
-    packed: bool
-
+from ..artifact import ArtifactError, read_artifact
 
 def _max_pool2d(x, kernel, stride, padding):
     """F.max_pool2d's values, fast on the CPU too: torch's NCHW CPU pool is about
@@ -119,6 +64,143 @@ def load(path, device="cpu"):
     return Runtime(header, tensors, device)
 
 
+class _Step(NamedTuple):
+    op: str
+    fn: Callable
+    inputs: list
+    out: str
+
+
+class _Node:
+    """A node's attributes and tensors, read with checks: a missing or
+    mistyped one is an ArtifactError naming the node."""
+
+    def __init__(self, node, tensors):
+        self.node, self.tensors = node, tensors
+
+    def fail(self, message):
+        raise ArtifactError(f"{self.node['op']} node {self.node['out']!r}: {message}")
+
+    def attr(self, key, kind, default=None):
+        value = self.node.get(key, default)
+        ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "bool": isinstance(value, bool),
+              "str": isinstance(value, str)}[kind]
+        if not ok:
+            self.fail(f"{key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+        return value
+
+    def pair(self, key, low, default=None):
+        value = self.node.get(key, default)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        try:
+            return binary._pair(key, value, low)
+        except (TypeError, ValueError) as e:
+            self.fail(str(e))
+
+    def tensor(self, key, dims, optional=False, dtype=torch.float32, length=None):
+        name = self.node.get(key)
+        if name is None and optional:
+            return None
+        if not isinstance(name, str) or name not in self.tensors:
+            self.fail(f"{key} names no tensor of the file: {name!r}")
+        t = self.tensors[name]
+        if t.dtype != dtype or t.dim() != dims or (length is not None and t.shape[0] != length):
+            want = f"{dims}-D {dtype}" + (f" of length {length}" if length is not None else "")
+            self.fail(f"{key} ({name}) must be {want}, got {t.dtype} {tuple(t.shape)}")
+        return t
+
+
+def _lower_conv2d(n):
+    w = n.tensor("weight", 4)
+    b = n.tensor("bias", 1, optional=True, length=w.shape[0])
+    stride, padding, dilation = n.pair("stride", 1), n.pair("padding", 0), n.pair("dilation", 1)
+    return lambda x: F.conv2d(x, w, b, stride, padding, dilation)
+
+
+def _lower_batch_norm(n):
+    w = n.tensor("weight", 1)
+    b, mean, var = (n.tensor(k, 1, length=w.shape[0]) for k in ("bias", "mean", "var"))
+    eps = n.attr("eps", "float")
+    return lambda x: F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+
+
+def _lower_max_pool2d(n):
+    kernel, stride, padding = n.pair("kernel", 1), n.pair("stride", 1), n.pair("padding", 0, 0)
+    return lambda x: _max_pool2d(x, kernel, stride, padding)
+
+
+def _lower_avg_pool2d(n):
+    kernel, stride, padding = n.pair("kernel", 1), n.pair("stride", 1), n.pair("padding", 0, 0)
+    ceil_mode = n.attr("ceil_mode", "bool", False)
+    return lambda x: F.avg_pool2d(x, kernel, stride, padding, ceil_mode, False)
+
+
+def _lower_binary_conv(n):
+    bits = n.tensor("weight", 4, dtype=torch.int32)
+    in_channels = n.attr("in_channels", "int")
+    if in_channels < 1 or bits.shape[3] != (in_channels + 31) // 32:
+        n.fail(f"weight {tuple(bits.shape)} is not packed for {in_channels} input channels")
+    weight = binary.PackedWeight(bits, in_channels)
+    scale = n.tensor("scale", 1, length=weight.out_channels)
+    bias = n.tensor("bias", 1, length=weight.out_channels)
+    stride, padding, dilation = n.pair("stride", 1), n.pair("padding", 0), n.pair("dilation", 1)
+    output = n.attr("output", "str")
+    if output not in ("float", "packed"):
+        n.fail(f"output must be 'float' or 'packed', got {output!r}")
+    packed = output == "packed"
+    # inference on tensors of one device: the ops' kernels without the dispatcher
+    pack_bits = ops.device_kernel(ops.pack_bits, bits.device.type)
+    conv = ops.device_kernel(ops.binary_conv2d, bits.device.type)
+
+    def run(x, residual=None):
+        xb = x.bits if isinstance(x, binary.PackedActivation) else pack_bits(x)
+        gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
+        y = conv(xb, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
+                 residual, packed)
+        return binary.PackedActivation(y, weight.out_channels) if packed else y
+    return run
+
+
+def _lower_linear(n):
+    w = n.tensor("weight", 2)
+    b = n.tensor("bias", 1, optional=True, length=w.shape[0])
+    return lambda x: F.linear(x, w, b)
+
+
+_LOWER = {
+    "conv2d": _lower_conv2d,
+    "batch_norm": _lower_batch_norm,
+    "max_pool2d": _lower_max_pool2d,
+    "avg_pool2d": _lower_avg_pool2d,
+    "binary_conv": _lower_binary_conv,
+    "add": lambda n: torch.add,
+    "hardtanh": lambda n: F.hardtanh,
+    "global_avg_pool": lambda n: lambda x: torch.flatten(F.adaptive_avg_pool2d(x, 1), 1),
+    "linear": _lower_linear,
+    "output": lambda n: lambda x: x,
+}
+
+
+def _check_input_spec(header):
+    spec = header.get("input")
+    try:
+        channels, size = spec["channels"], spec["size"]
+        mean, std = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]
+        ok = (isinstance(channels, int) and isinstance(size, int) and channels >= 1 and size >= 1
+              and len(mean) == len(std) == channels and min(abs(v) for v in std) > 0)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"input must give channels, size and one nonzero std and one mean per "
+                            f"channel, got {spec!r}")
+    names = header.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+        raise ArtifactError(f"class_names must be a list of strings, got {names!r}")
+
+
 class Runtime:
     """Callable: runtime(images) -> logits; runtime.predict(images, topk)."""
 
@@ -126,6 +208,7 @@ class Runtime:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA device is available here")
+        _check_input_spec(header)
         self.header = header
         self.class_names = header["class_names"]
         self.input_channels = header["input"]["channels"]
@@ -133,43 +216,9 @@ class Runtime:
         self.mean = torch.tensor(header["input"]["mean"]).view(1, -1, 1, 1)
         self.std = torch.tensor(header["input"]["std"]).view(1, -1, 1, 1)
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
-        self.binary_nodes = {node["out"]: self._prepare_binary(node) for node in header["nodes"]
-                             if node["op"] == "binary_conv"}
+        self.steps = [_Step(node["op"], _LOWER[node["op"]](_Node(node, self.t)), list(node["in"]),
+                            node["out"]) for node in header["nodes"]]
         self._graphs = {}
-
-    def _prepare_binary(self, node):
-        """A binary conv node's arguments, checked once here so that run() can
-        call the kernel without per-call checks (about 14 us a layer on a CPU)."""
-        try:
-            bits = self.t[node["weight"]]
-            weight = binary.PackedWeight(bits, int(node["in_channels"]))
-            if bits.dtype != torch.int32 or bits.dim() != 4 or bits.shape[3] != (weight.in_channels + 31) // 32:
-                raise ValueError(f"weight {tuple(bits.shape)} {bits.dtype} is not packed for "
-                                 f"{weight.in_channels} input channels")
-            scale, bias = self.t[node["scale"]], self.t[node["bias"]]
-            for name, v in (("scale", scale), ("bias", bias)):
-                if v.dtype != torch.float32 or tuple(v.shape) != (weight.out_channels,):
-                    raise ValueError(f"{name} must be float32 ({weight.out_channels},), got "
-                                     f"{v.dtype} {tuple(v.shape)}")
-            if node["output"] not in ("float", "packed"):
-                raise ValueError(f"output must be 'float' or 'packed', got {node['output']!r}")
-            return _BinaryNode(weight, binary._pair("stride", node["stride"], 1),
-                               binary._pair("padding", node["padding"], 0),
-                               binary._pair("dilation", node["dilation"], 1), scale, bias,
-                               node["output"] == "packed")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"binary_conv node {node.get('out')!r}: {e}") from e
-
-    @staticmethod
-    def _binary_conv(spec, x, residual):
-        xb = x.bits if isinstance(x, binary.PackedActivation) else ops.pack_bits(x)
-        w = spec.weight
-        gemm, tap_popc = w.layout_for(w.bits, ops.binary_backend(xb))
-        if residual is not None:
-            residual = residual.contiguous()
-        y = ops.binary_conv2d(xb, w.in_channels, w.bits, gemm, tap_popc, spec.stride, spec.padding,
-                              spec.dilation, spec.scale, spec.bias, residual, spec.packed)
-        return binary.PackedActivation(y, w.out_channels) if spec.packed else y
 
     # -------------------------------------------------------------- running
     def check_images(self, images):
@@ -189,37 +238,11 @@ class Runtime:
 
     def _run(self, images, trace, timings):
         env = {"input": images.to(self.device, torch.float32)}
-        t = self.t
-        for node in self.header["nodes"]:
+        for step in self.steps:
             start = time.perf_counter() if timings is not None else 0.0
-            op, args = node["op"], [env[i] for i in node["in"]]
-            x = args[0]
-            if op == "conv2d":
-                y = F.conv2d(x, t[node["weight"]], t[node["bias"]] if node["bias"] else None,
-                             node["stride"], node["padding"], node["dilation"])
-            elif op == "batch_norm":
-                y = F.batch_norm(x, t[node["mean"]], t[node["var"]], t[node["weight"]],
-                                 t[node["bias"]], False, 0.0, node["eps"])
-            elif op == "max_pool2d":
-                y = _max_pool2d(x, node["kernel"], node["stride"], node["padding"])
-            elif op == "avg_pool2d":
-                y = F.avg_pool2d(x, node["kernel"], node["stride"], 0, node["ceil_mode"], False)
-            elif op == "binary_conv":
-                y = self._binary_conv(self.binary_nodes[node["out"]], x,
-                                      args[1] if len(args) > 1 else None)
-            elif op == "add":
-                y = x + args[1]
-            elif op == "hardtanh":
-                y = F.hardtanh(x)
-            elif op == "global_avg_pool":
-                y = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-            elif op == "linear":
-                y = F.linear(x, t[node["weight"]], t[node["bias"]])
-            else:  # output
-                y = x
-            env[node["out"]] = y
+            env[step.out] = step.fn(*[env[i] for i in step.inputs])
             if timings is not None:
-                timings[op] = timings.get(op, 0.0) + time.perf_counter() - start
+                timings[step.op] = timings.get(step.op, 0.0) + time.perf_counter() - start
         return (env["output"], env) if trace else env["output"]
 
     def __call__(self, images):
