@@ -7,7 +7,7 @@
 
 bits = 32 is the identity (full precision). Each function is one torch.library
 op (ctmq.ops), so torch.compile(fullgraph=True) traces it without a break.
-The *_ref functions are float64 references of the formulas in DESIGN.md.
+The *_ref functions are float64 references of the formulas in docs/design.md.
 """
 import math
 import numbers
@@ -149,7 +149,7 @@ def fake_quant_affine(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis=N
 
 # ------------------------------------------------------------ float64 references
 def ctmq_quantize_ref(v: Tensor, bits: int) -> Tensor:
-    """DESIGN.md's Q_k, literally, in float64."""
+    """Q_k of docs/design.md, literally, in float64."""
     v = v.double()
     if bits == FULL_PRECISION:
         return v

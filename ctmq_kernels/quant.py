@@ -8,7 +8,7 @@ read that byte mask (1/8 byte per element) instead of a saved float tensor:
 fwd+bwd then moves 4 tensor passes + 1/4 pass of mask, the minimum plus 3%.
 
 Semantics are those of ctmq.ops' CPU implementations, which the tests compare
-against bit for bit (see DESIGN.md, "Quantizer semantics").
+against bit for bit (see docs/design.md, "Quantizer semantics").
 """
 import torch
 import triton

@@ -1,6 +1,6 @@
 // Bit packing and XNOR-popcount binary convolution on the CPU, exact.
 //
-// Packed format (DESIGN.md): NHWC, channels in 32-bit words, bit j of word w =
+// Packed format (docs/design.md): NHWC, channels in 32-bit words, bit j of word w =
 // channel 32w + j, bit 1 = +1 (x >= 0); channel padding bits are 0 in both the
 // activation and the weight, so they never count. A tap outside the image is
 // zero padding (as F.conv2d on sign(x)): it adds nothing, and each output

@@ -1,7 +1,7 @@
 // Fused CPU kernels of the CTMQ activation quantizer and its STE backward.
 // One pass over x writes Q_k(x) and the bit-packed STE mask (bit j of byte i =
 // memory element 8i + j), the same format and the same fp32 op order as the
-// Triton kernels and the torch reference in ctmq/ops.py (compiled with
+// Triton kernels and the torch reference in ctmq/ops/reference.py (compiled with
 // -ffp-contract=off so no FMA changes a rounding; -fno-trapping-math lets gcc
 // turn the selects into vector blends, without changing any value).
 #include <ATen/ATen.h>

@@ -79,8 +79,9 @@ def binary_weight_layout(bits: Tensor, backend: str) -> tuple[Optional[Tensor], 
 
 
 def binary_cpu_path(request: str = "") -> str:
-    """The CPU binary kernels' code path (e.g. "avx512-vpopcntdq", "avx2",
-    "scalar"); request "avx2"/"scalar" caps it, "auto" restores run-time
-    detection, "" only asks."""
+    """The CPU binary kernels' code path: "avx512-vpopcntdq", "avx2" or
+    "scalar" on x86-64, "neon" or "scalar" on aarch64. A request caps it
+    ("avx2"/"scalar" on x86-64, "neon"/"scalar" on aarch64), "auto" restores
+    run-time detection, "" only asks."""
     _backend.extension()
     return torch.ops.ctmq.set_cpu_path(request)
