@@ -93,6 +93,8 @@ def check_graph(header):
             raise ArtifactError(f"{where}: reads {undefined}, not defined by an earlier node")
         if (op == "output") != (i == len(nodes) - 1):
             raise ArtifactError(f"{where}: the graph must end with its one 'output' node")
+        if op == "output" and out != "output":
+            raise ArtifactError(f"{where}: the output node's value must be named 'output'")
         defined.add(out)
 
 

@@ -5,10 +5,12 @@ passes a dense tensor of any stride order, e.g. channels_last), 8 elements per
 row of a [R, 8] tile, so the STE mask of one row packs into one byte:
 bit j of mask byte i belongs to memory element 8 * i + j. The backward kernels
 read that byte mask (1/8 byte per element) instead of a saved float tensor:
-fwd+bwd then moves 4 tensor passes + 1/4 pass of mask, the minimum plus 3%.
+fwd+bwd then moves 4 tensor passes plus 1/4 byte per element of mask (the
+minimum plus 3% for 2-byte dtypes, 1.6% for float32).
 
-Semantics are those of ctmq.ops' CPU implementations, which the tests compare
-against bit for bit (see docs/design.md, "Quantizer semantics").
+Semantics are those of ctmq/ops/reference.py, which the tests compare against
+bit for bit (the 1-bit weight scale mean|w| within a few ulps: its summation
+order differs); see docs/design.md, "Quantizer semantics".
 """
 import torch
 import triton

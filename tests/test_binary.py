@@ -1,5 +1,6 @@
 """ctmq.binary on the CPU: packing and XNOR-popcount conv against the float
-reference F.conv2d(sign(x), sign(w)), exactly, on both code paths."""
+reference F.conv2d(sign(x), sign(w)), exactly, on every CPU code path the
+machine has (auto-detected, avx2 or neon, scalar)."""
 import itertools
 import platform
 
@@ -255,6 +256,27 @@ def test_op_checks_name_the_argument():
             call(**changes)
     with pytest.raises(ValueError, match="x must be a float 4-D"):
         torch.ops.ctmq.pack_bits(torch.zeros(2, 3, dtype=torch.int32))
+    big = torch.zeros(1, 1, 1, 2**19, dtype=torch.int32)  # 2^24 channels
+    with pytest.raises(ValueError, match="must stay below 2\\^24"):
+        conv(big, 2**24, torch.zeros(1, 1, 1, 2**19, dtype=torch.int32), None, None, [1, 1],
+             [0, 0], [1, 1], None, None, None, False)
+
+
+@pytest.mark.parametrize("packed_out", [False, True])
+@pytest.mark.parametrize("triton", [False, True])
+def test_binary_conv2d_op_equals_its_reference(packed_out, triton):
+    """ctmq::binary_conv2d (C++, or Triton in the interpreter) equals
+    ops.binary_conv2d_ref bit for bit: odd sizes, stride, padding, dilation,
+    every epilogue."""
+    g = torch.Generator().manual_seed(3)
+    x = ops.pack_bits(torch.randn(2, 70, 7, 6, generator=g))
+    bits = ops.pack_bits(torch.randn(5, 70, 3, 2, generator=g))
+    scale, bias = torch.rand(5, generator=g), torch.randn(5, generator=g)
+    residual = torch.randn(2, 5, 4, 4, generator=g)
+    args = (x, 70, bits, [2, 1], [1, 0], [1, 2], scale, bias, residual, packed_out)
+    with ctmq.force_triton(triton):
+        y = ops.binary_conv2d(*args[:3], None, None, *args[3:])
+    assert torch.equal(y, ops.binary_conv2d_ref(*args))
 
 
 def test_kernel_level_checks():

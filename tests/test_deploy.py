@@ -171,6 +171,7 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
             ("arity", edit_node("linear", "in", []), "needs 1..1 inputs"),
             ("dup", lambda h: h["nodes"][1].update(out=h["nodes"][0]["out"]), "must be a new value"),
             ("noout", lambda h: h["nodes"].pop(), "must end with its one 'output' node"),
+            ("outname", lambda h: h["nodes"][-1].update(out="logits"), "must be named 'output'"),
             ("twoout", lambda h: h["nodes"].insert(0, {"op": "output", "in": ["input"], "out": "o"}),
              "must end with its one 'output' node"),
             ("convw", edit_node("conv2d", "weight", "missing.weight"),

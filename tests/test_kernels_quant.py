@@ -1,5 +1,6 @@
 """ctmq_kernels.quant: the Triton kernels against the torch reference path, bit
-for bit (on CUDA, or on CPU tensors under TRITON_INTERPRET=1)."""
+for bit except the 1-bit weight scale mean|w| (a few ulps: another summation
+order), on CUDA, or on CPU tensors under TRITON_INTERPRET=1."""
 import pytest
 import torch
 

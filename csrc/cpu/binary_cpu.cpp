@@ -183,7 +183,9 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
   return out;
 }
 
-// popcount of each channel's tap, (ceil(O/8), KH * KW, 8). Made once per weight.
+// The weight in the GEMM's form, (ceil(O/8), K, 8): 8 output channels
+// interleaved per 64-bit word column, and the popcount of each channel's tap,
+// (ceil(O/8), KH * KW, 8), for the border correction. Made once per weight.
 std::tuple<at::Tensor, at::Tensor> weight_gemm_cpu(const at::Tensor& bits) {
   TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kInt && bits.dim() == 4,
               "weight bits must be a CPU int32 (O, KH, KW, words) tensor, got ", bits.scalar_type(),

@@ -9,8 +9,8 @@ scale/bias in their epilogue, and pass packed activations to each other where
 the graph allows, with the residual add of a shortcut fused into their
 epilogue; the full-precision stem, shortcuts and FC run as the same
 torch functions the trained model calls, so the logits agree with the model's
-eval-mode logits. On CUDA, each batch size is captured once as a CUDA graph so
-that small batches are not launch-bound.
+eval-mode logits. On CUDA, each (batch size, binary kernel) is captured once
+as a CUDA graph so that small batches are not launch-bound.
 """
 import contextlib
 import numbers

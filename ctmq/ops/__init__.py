@@ -8,9 +8,10 @@
     extension.py       fakes of the C++ extension's ops
     shapes.py          output shapes and argument checks shared by all of them
 
-CPU tensors run the C++ kernels (or the references where ctmq._C is not
-built, and always for float64); CUDA tensors run the Triton kernels, and for
-the binary conv the kernel ctmq.binary.use_kernel chose; inside
+CPU tensors run the C++ kernels where csrc has one (the activation quantizer,
+its STE backward, the binary ops) and the references otherwise (cpu.py says
+which); CUDA tensors run the Triton kernels (float64: the references), and
+for the binary conv the kernel ctmq.binary.use_kernel chose; inside
 ctmq.force_triton(), CPU tensors run the Triton kernels under the interpreter.
 """
 from . import cpu, cuda, extension  # noqa: F401  (registers the device kernels and fakes)

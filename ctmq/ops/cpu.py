@@ -1,7 +1,10 @@
-"""CPU kernels of ctmq's ops, registered with the dispatcher: the C++
-extension (csrc/cpu) for float32/float16/bfloat16 where it is built, else the
-torch references; inside ctmq.force_triton() (thread-local) the Triton
-kernels, run by the interpreter."""
+"""CPU kernels of ctmq's ops, registered with the dispatcher. The C++
+extension (csrc/cpu) has kernels for quantize_act and its STE backward
+(float32/float16/bfloat16) and for the binary ops; the other quantizer ops
+(weights, approx_sign, fake_quant_affine) run the torch references, as do
+float64 and a CPU without ctmq._C (the binary ops then raise: they have no
+slow fallback). Inside ctmq.force_triton() (thread-local) the Triton kernels
+run instead, in the interpreter."""
 import torch
 
 from .. import _backend

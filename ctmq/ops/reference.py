@@ -1,7 +1,8 @@
 """The references: every op in plain torch calls, on any device. They define
-the semantics (docs/design.md); the C++ and Triton kernels are tested against
-them bit for bit, and they run wherever no kernel applies (float64, or CPU
-without the C++ extension)."""
+the semantics (docs/design.md) and the kernels are tested against them (bit
+for bit, except the 1-bit weight scale mean|w|, whose summation order
+differs: within a few ulps). The quantizer references also run where no
+kernel applies (float64; CPU quantizer ops without a C++ kernel)."""
 from typing import Optional
 
 import torch

@@ -82,6 +82,10 @@ def check_binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, stride, paddi
         raise ValueError(f"kernel {tuple(bits.shape[1:3])} (dilation {tuple(dilation)}) does "
                          f"not fit the padded input {tuple(x.shape[1:3])} + 2 * "
                          f"{tuple(padding)}")
+    if in_channels * bits.shape[1] * bits.shape[2] >= 2**24:
+        raise ValueError(f"in_channels * KH * KW must stay below 2^24 (the conv's integer sums "
+                         f"are exact in float32), got {in_channels} * {bits.shape[1]} * "
+                         f"{bits.shape[2]}")
     o = bits.shape[0]
     _check_float32("scale", scale, (o,), x.device)
     _check_float32("bias", bias, (o,), x.device)
