@@ -81,13 +81,14 @@ def check_graph(header):
             raise ArtifactError(f"node {i} is not an object")
         op, out, inputs = node.get("op"), node.get("out"), node.get("in")
         where = f"node {i} ({op!r} -> {out!r})"
-        if op not in NODE_INPUTS:
+        if not isinstance(op, str) or op not in NODE_INPUTS:
             raise ArtifactError(f"{where}: unknown layer type {op!r}; known: {sorted(NODE_INPUTS)}")
         if not isinstance(out, str) or out in defined:
             raise ArtifactError(f"{where}: its output must be a new value name")
         low, high = NODE_INPUTS[op]
-        if not isinstance(inputs, list) or not low <= len(inputs) <= high:
-            raise ArtifactError(f"{where}: needs {low}..{high} inputs, got {inputs!r}")
+        if (not isinstance(inputs, list) or not low <= len(inputs) <= high
+                or not all(isinstance(v, str) for v in inputs)):
+            raise ArtifactError(f"{where}: needs {low}..{high} input names, got {inputs!r}")
         undefined = [v for v in inputs if v not in defined]
         if undefined:
             raise ArtifactError(f"{where}: reads {undefined}, not defined by an earlier node")
@@ -121,7 +122,9 @@ def read_artifact(path):
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{path}: format version {version!r} is not a version number")
+    if version > VERSION:
         raise ArtifactError(f"{path}: format version {version} is newer than this ctmq reads "
                             f"({VERSION}); upgrade ctmq")
     try:

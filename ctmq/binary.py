@@ -60,8 +60,9 @@ class PackedWeight:
         key = (bits.device, backend)
         if key not in self.layouts:
             self.layouts[key] = ops.binary_weight_layout(bits, backend)
-        self.gemm, self.tap_popc = self.layouts[key]
-        return self.gemm, self.tap_popc
+        layout = self.layouts[key]
+        self.gemm, self.tap_popc = layout
+        return layout  # the local pair: another thread may set self.gemm meanwhile
 
     @property
     def out_channels(self):

@@ -113,16 +113,37 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     assert cli.main(["bench", "--deploy", str(art), "--batch", "1"]) == 0
 
 
-def _rewrite_header(src, dst, edit):
-    """An artifact with an edited header and a correct checksum (as a newer
-    ctmq, or a hand-edited file, would write it)."""
+def _rewrite_header(src, dst, edit, extra=None):
+    """An artifact with an edited header (plus the tensors `extra`) and a
+    correct checksum, as a newer ctmq or a hand-edited file would write it."""
     from safetensors.torch import load_file, save_file
 
     from ctmq.artifact import artifact_checksum
     header, tensors = deploy.read_artifact(src)
     edit(header)
+    tensors = dict(load_file(str(src)), **(extra or {}))
     header["checksum"] = artifact_checksum(header, tensors)
-    save_file(load_file(str(src)), str(dst), metadata={"ctmq": json.dumps(header)})
+    save_file(tensors, str(dst), metadata={"ctmq": json.dumps(header)})
+
+
+def _first(h, op):
+    return next(n for n in h["nodes"] if n["op"] == op)
+
+
+def _packed_into_float_op(h):
+    """A Bi-Real block's second conv made to output packed bits, which the
+    next block reads as a float."""
+    _first(h, "binary_conv")["output"] = "packed"
+
+
+def _wrong_in_channels(h):
+    """20 input channels: the same word count as the 16 that arrive."""
+    _first(h, "binary_conv")["in_channels"] = 20
+
+
+def _nine_by_nine(h):
+    node = _first(h, "binary_conv")
+    node.update(weight="nine.bits", padding=[4, 4])
 
 
 def test_bad_artifacts_fail_clearly(tmp_path, capsys):
@@ -166,9 +187,21 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
             next(n for n in h["nodes"] if n["op"] == op)[key] = value
         return edit
     # crafted headers with a valid checksum: each is refused at load, naming the node
+    header, tensors = deploy.read_artifact(good)
+    first = tensors[_first(header, "binary_conv")["weight"]]  # 16 input channels
+    extra = {"nine.bits": torch.zeros(first.shape[0], 9, 9, first.shape[3], dtype=torch.int32)}
     for name, edit, words in (
             ("undef", edit_node("global_avg_pool", "in", ["v999"]), r"reads \['v999'\], not defined"),
-            ("arity", edit_node("linear", "in", []), "needs 1..1 inputs"),
+            ("arity", edit_node("linear", "in", []), "needs 1..1 input names"),
+            ("listop", lambda h: h["nodes"][0].update(op=["conv2d"]), "unknown layer type"),
+            ("listin", edit_node("linear", "in", [["v1"]]), "needs 1..1 input names"),
+            ("version", lambda h: h.update(version=True), "not a version number"),
+            ("packed", _packed_into_float_op, "fails on a \\(1, 3, 8, 8\\) input"),
+            ("inch", _wrong_in_channels, "expects 20 input channels, got 16"),
+            ("taps", _nine_by_nine, "at most 64 taps"),
+            ("huge", edit_node("binary_conv", "padding", [2**31, 0]), r"padding must be .* < 2\^31|in \[0, 2\^31\)"),
+            ("mean", lambda h: h["input"].update(mean=["0.5", "0.5", "0.5"]), "one nonzero std"),
+            ("chan", lambda h: h["input"].update(channels=True), "one nonzero std"),
             ("dup", lambda h: h["nodes"][1].update(out=h["nodes"][0]["out"]), "must be a new value"),
             ("noout", lambda h: h["nodes"].pop(), "must end with its one 'output' node"),
             ("outname", lambda h: h["nodes"][-1].update(out="logits"), "must be named 'output'"),
@@ -182,7 +215,7 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
             ("bnlen", edit_node("batch_norm", "mean", "fc.bias"), "mean .* of length"),
             ("input", lambda h: h["input"].update(std=[1.0]), "one nonzero std"),
             ("classes", lambda h: h.update(class_names=[1, 2]), "class_names must be a list of str")):
-        _rewrite_header(good, tmp_path / f"{name}.ctmq", edit)
+        _rewrite_header(good, tmp_path / f"{name}.ctmq", edit, extra)
         cases[f"{name}.ctmq"] = words
     for name, words in cases.items():
         with pytest.raises(deploy.ArtifactError, match=words):
@@ -190,6 +223,21 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
         assert cli.main(["infer", str(tmp_path / name), str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert "ctmq infer: error:" in err and "Traceback" not in err
+
+
+def test_weight_bits_past_in_channels_are_ignored(tmp_path):
+    """Bits past a binary conv's in_channels (zero as exported) do not change
+    the logits: the runtime clears them at load."""
+    m = _binarized("cifar", "bireal", 8)
+    good = tmp_path / "m.ctmq"
+    export_binary(m, good, input_size=8)
+    header, tensors = deploy.read_artifact(good)
+    name = _first(header, "binary_conv")["weight"]  # 16 input channels: 16 spare bits
+    dirty = tensors[name].clone()
+    dirty[..., -1] |= -(1 << 16)
+    _rewrite_header(good, tmp_path / "dirty.ctmq", lambda h: None, {name: dirty})
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(deploy.load(tmp_path / "dirty.ctmq")(x), deploy.load(good)(x))
 
 
 def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):

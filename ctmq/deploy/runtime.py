@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, binary, ops
-from ..artifact import ArtifactError, read_artifact
+from ..artifact import ArtifactError, check_graph, read_artifact
 
 def _max_pool2d(x, kernel, stride, padding):
     """F.max_pool2d's values, fast on the CPU too: torch's NCHW CPU pool is about
@@ -29,8 +29,7 @@ def _max_pool2d(x, kernel, stride, padding):
     on a 2-core AVX-512 VM, conversions included). A max is exact in any order;
     oneDNN may keep the other zero where +0.0 and -0.0 tie (no later layer can
     tell: sign() maps both to +1, adding either to a nonzero value gives the
-    same), and it ignores NaN, which is why the CPU runtime refuses NaN input.
-    A home-made NCHW pool in torch's exact order was tried: 2x slower than this."""
+    same), and it ignores NaN, which is why the CPU runtime refuses NaN input."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.max_pool2d(x, kernel, stride, padding)
     if torch.backends.mkldnn.is_available():
@@ -151,11 +150,21 @@ def _lower_binary_conv(n):
     if output not in ("float", "packed"):
         n.fail(f"output must be 'float' or 'packed', got {output!r}")
     packed = output == "packed"
+    spare = in_channels % 32
+    if spare:  # the kernels count every bit: clear those past in_channels (no host sync)
+        bits = bits.clone()
+        bits[..., -1] &= (1 << spare) - 1
+        weight = binary.PackedWeight(bits, in_channels)
+    name = n.node["out"]
     # inference on tensors of one device: the ops' kernels without the dispatcher
     pack_bits = ops.device_kernel(ops.pack_bits, bits.device.type)
     conv = ops.device_kernel(ops.binary_conv2d, bits.device.type)
 
     def run(x, residual=None):
+        channels = x.channels if isinstance(x, binary.PackedActivation) else x.shape[1]
+        if channels != in_channels:  # same word count, other channels: wrong values otherwise
+            raise ValueError(f"binary_conv node {name!r} expects {in_channels} input channels, "
+                             f"got {channels}")
         xb = x.bits if isinstance(x, binary.PackedActivation) else pack_bits(x)
         gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
         y = conv(xb, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
@@ -186,12 +195,18 @@ _LOWER = {
 
 def _check_input_spec(header):
     spec = header.get("input")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def numbers_(v):
+        return isinstance(v, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                           for f in v)
     try:
-        channels, size = spec["channels"], spec["size"]
-        mean, std = [float(v) for v in spec["mean"]], [float(v) for v in spec["std"]]
-        ok = (isinstance(channels, int) and isinstance(size, int) and channels >= 1 and size >= 1
-              and len(mean) == len(std) == channels and min(abs(v) for v in std) > 0)
-    except (KeyError, TypeError, ValueError):
+        channels, size, mean, std = spec["channels"], spec["size"], spec["mean"], spec["std"]
+        ok = (count(channels) and count(size) and numbers_(mean) and numbers_(std)
+              and len(mean) == len(std) == channels and all(v != 0 for v in std))
+    except (KeyError, TypeError):
         ok = False
     if not ok:
         raise ArtifactError(f"input must give channels, size and one nonzero std and one mean per "
@@ -208,6 +223,7 @@ class Runtime:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA device is available here")
+        check_graph(header)
         _check_input_spec(header)
         self.header = header
         self.class_names = header["class_names"]
@@ -219,6 +235,29 @@ class Runtime:
         self.steps = [_Step(node["op"], _LOWER[node["op"]](_Node(node, self.t)), list(node["in"]),
                             node["out"]) for node in header["nodes"]]
         self._graphs = {}
+        self._dry_run()
+
+    def _dry_run(self):
+        """Run every node once on an input of the declared size, so that nodes
+        that do not fit together (shapes, packed bits where floats are read,
+        a kernel's limits) fail here, as an ArtifactError naming the node,
+        and not at the first call."""
+        shape = (1, self.input_channels, self.input_size, self.input_size)
+        env = {"input": torch.zeros(shape, device=self.device)}
+        with torch.inference_mode(), \
+                _ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext():
+            for step in self.steps:
+                try:
+                    env[step.out] = step.fn(*[env[i] for i in step.inputs])
+                except Exception as e:  # any op's own error, with the node named
+                    raise ArtifactError(f"{step.op} node {step.out!r} fails on a {shape} input: "
+                                        f"{type(e).__name__}: {e}") from e
+        out = env["output"]
+        want = (1, len(self.class_names))
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != want:
+            raise ArtifactError(f"the graph's output on a {shape} input is "
+                                f"{getattr(out, 'shape', type(out).__name__)}, expected float "
+                                f"logits of shape {want} (one per class name)")
 
     # -------------------------------------------------------------- running
     def check_images(self, images):

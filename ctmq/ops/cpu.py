@@ -11,6 +11,7 @@ from .. import _backend
 from . import reference, schemas, triton_kernels
 from .schemas import kernel
 from .selection import binary_backend, binary_weight_layout
+from .shapes import check_cpu_taps
 from .triton_kernels import KERNEL_DTYPES
 
 
@@ -22,7 +23,7 @@ def _cpp(t) -> bool:
     return t.dtype in KERNEL_DTYPES and _backend.has_extension()
 
 
-def check_qparams(scale, zero_point, qmin, qmax):
+def check_qparams(x, scale, zero_point, qmin, qmax, axis):
     if not bool((torch.isfinite(scale) & (scale > 0)).all()):
         raise ValueError(f"scale must be finite and > 0, got {scale.tolist()}")
     if not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
@@ -30,9 +31,8 @@ def check_qparams(scale, zero_point, qmin, qmax):
                          f"got {zero_point.tolist()}")
 
 
-@kernel(schemas.fake_quant_affine, "cpu")
+@kernel(schemas.fake_quant_affine, "cpu", check_values=check_qparams)
 def fake_quant_affine(x, scale, zero_point, qmin, qmax, axis):
-    check_qparams(scale, zero_point, qmin, qmax)
     if _triton(x):
         return triton_kernels.fake_quant_affine(x, scale, zero_point, qmin, qmax, axis)
     return reference.fake_quant_affine_ref(x, scale, zero_point, qmin, qmax, axis)
@@ -90,6 +90,7 @@ def binary_conv2d(x, in_channels, bits, gemm, tap_popc, stride, padding, dilatio
     if binary_backend(x) == "triton":
         return triton_kernels.binary_conv2d(x, in_channels, bits, gemm, tap_popc, stride, padding,
                                             dilation, scale, bias, residual, packed_out)
+    check_cpu_taps(bits)
     if gemm is None or tap_popc is None:
         gemm, tap_popc = binary_weight_layout(bits, "cpp")
     return torch.ops.ctmq.binary_conv2d_cpu(x, in_channels, gemm, tap_popc, bits.shape[0],

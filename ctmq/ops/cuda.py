@@ -11,7 +11,7 @@ from .selection import binary_backend, binary_weight_layout
 from .triton_kernels import KERNEL_DTYPES
 
 
-def check_qparams(scale, zero_point, qmin, qmax):
+def check_qparams(x, scale, zero_point, qmin, qmax, axis):
     """A bad value fails as a device-side assert: no host sync (a training step
     must not stall, and CUDA graphs must capture it)."""
     torch._assert_async((torch.isfinite(scale) & (scale > 0)).all(),
@@ -31,9 +31,8 @@ def _triton_or_reference(triton_fn, reference_fn):
     return run
 
 
-@kernel(schemas.fake_quant_affine, "cuda")
+@kernel(schemas.fake_quant_affine, "cuda", check_values=check_qparams)
 def fake_quant_affine(x, scale, zero_point, qmin, qmax, axis):
-    check_qparams(scale, zero_point, qmin, qmax)
     if x.dtype in KERNEL_DTYPES:
         return triton_kernels.fake_quant_affine(x, scale, zero_point, qmin, qmax, axis)
     return reference.fake_quant_affine_ref(x, scale, zero_point, qmin, qmax, axis)

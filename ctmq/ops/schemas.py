@@ -36,14 +36,18 @@ def _define(op, prepare, outputs, is_empty):
     op.register_fake(lambda *args: spec.outputs(*spec.prepare(*args)))
 
 
-def kernel(op, device: str):
+def kernel(op, device: str, check_values: Optional[Callable] = None):
     """Decorator: fn becomes op's kernel for `device` (a dispatcher
-    registration), called with the op's prepared arguments."""
+    registration), called with the op's prepared arguments. check_values:
+    the device's check of argument values (not shapes), run even on an empty
+    input."""
     spec = _SPECS[op]
 
     def register(fn):
         def run(*args):
             args = spec.prepare(*args)
+            if check_values is not None:
+                check_values(*args)
             return spec.outputs(*args) if spec.is_empty(*args) else fn(*args)
         run.__name__ = run.__qualname__ = fn.__name__
         run.__module__ = fn.__module__

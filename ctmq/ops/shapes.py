@@ -4,6 +4,8 @@ from torch import Tensor
 import torch
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+CPU_MAX_TAPS = 64  # the C++ binary conv keeps each output's valid taps in a 64-bit mask
+_INT32_MAX = 2**31 - 1
 STE_MODES = ("clipped", "approx_sign")
 
 
@@ -46,6 +48,13 @@ def binary_conv2d_output_shape(x_shape, bits_shape, stride, padding, dilation,
     return (n, oh, ow, words(o)) if packed_out else (n, o, oh, ow)
 
 
+def check_cpu_taps(bits: Tensor):
+    """The C++ kernel's limit on the kernel size."""
+    if bits.shape[1] * bits.shape[2] > CPU_MAX_TAPS:
+        raise ValueError(f"the CPU binary conv takes kernels of at most {CPU_MAX_TAPS} taps, got "
+                         f"{bits.shape[1]}x{bits.shape[2]}")
+
+
 def _check_packed(name, t, device):
     if t.dtype != torch.int32 or t.dim() != 4:
         raise ValueError(f"{name} must be an int32 4-D tensor of packed bits, got {t.dtype} "
@@ -74,9 +83,12 @@ def check_binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, stride, paddi
     if bits.shape[3] != x.shape[3]:
         raise ValueError(f"weight bits are packed for {bits.shape[3]} words per pixel, x has "
                          f"{x.shape[3]}")
+    if bits.shape[1] < 1 or bits.shape[2] < 1:
+        raise ValueError(f"weight bits must have a kernel of at least 1x1, got "
+                         f"{tuple(bits.shape[1:3])}")
     for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(v) != 2 or min(v) < low:
-            raise ValueError(f"{name} must be 2 values >= {low}, got {tuple(v)}")
+        if len(v) != 2 or min(v) < low or max(v) > _INT32_MAX:
+            raise ValueError(f"{name} must be 2 values in [{low}, 2^31), got {tuple(v)}")
     shape = binary_conv2d_output_shape(x.shape, bits.shape, stride, padding, dilation, False)
     if shape[2] < 1 or shape[3] < 1:
         raise ValueError(f"kernel {tuple(bits.shape[1:3])} (dilation {tuple(dilation)}) does "
