@@ -118,6 +118,8 @@ def _add_train(sub):
     a("--epochs-per-stage", type=int, help="epochs of each low-bit stage (default 2)")
     a("--fp-epochs", type=int, help="epochs of FP stages (default: --epochs-per-stage; "
       "0 with --fp-checkpoint)")
+    a("--final-epochs", type=int, help="epochs of each cycle's last (target-bit) stage "
+      "(default: --epochs-per-stage)")
     a("--fp-checkpoint", help="FP starting point: a torchvision resnet18 state dict or a "
       "ctmq stage checkpoint")
     a("--optimizer", choices=["adam", "sgd"])
@@ -125,6 +127,16 @@ def _add_train(sub):
     a("--weight-decay", type=float)
     a("--batch-size", type=int)
     a("--label-smoothing", type=float)
+    a("--lr-schedule", choices=["cosine", "linear"], help="LR decay to zero within each stage "
+      "(default cosine)")
+    a("--warmup-epochs", type=float, help="linear LR warm-up at the start of each stage "
+      "(default 0)")
+    a("--weight-decay-binary", action=argparse.BooleanOptionalAction, default=None,
+      help="weight decay on the latent weights of quantized layers too (default: yes)")
+    a("--distill", action=argparse.BooleanOptionalAction, default=None,
+      help="low-bit stages also match the logits of their cycle's FP model (KL; default: no)")
+    a("--distill-temperature", type=float, help="softmax temperature of --distill (default 1)")
+    a("--distill-weight", type=float, help="weight of the --distill term (default 1)")
     a("--out", help="run directory (default runs/ctmq)")
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int)

@@ -49,6 +49,7 @@ class RunConfig:
     cycles: int = 2
     epochs_per_stage: int = 2
     fp_epochs: int = None       # default: epochs_per_stage (0 with an FP checkpoint)
+    final_epochs: int = None    # each cycle's target-bit stage; default: epochs_per_stage
     fp_checkpoint: str = None
     seed: int = 0
     optimizer: str = "adam"
@@ -56,6 +57,12 @@ class RunConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     label_smoothing: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    weight_decay_binary: bool = True
+    distill: bool = False
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0
     out: str = "runs/ctmq"
     device: str = "auto"
     compile: bool = False
@@ -95,14 +102,18 @@ class RunConfig:
 
     def schedules(self):
         ctmq = Schedule.ctmq(self.start_bits, self.target_bits, self.cycles,
-                             self.epochs_per_stage, self.resolved_fp_epochs())
+                             self.epochs_per_stage, self.resolved_fp_epochs(), self.final_epochs)
         direct = Schedule.direct_matching(ctmq)
         return {"both": [ctmq, direct], "ctmq": [ctmq], "direct": [direct]}[self.schedule]
 
     def train_config(self):
         return TrainConfig(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
                            batch_size=self.batch_size, label_smoothing=self.label_smoothing,
-                           workers=self.workers, compile=self.compile, progress=self.progress)
+                           workers=self.workers, compile=self.compile, progress=self.progress,
+                           lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
+                           weight_decay_binary=self.weight_decay_binary, distill=self.distill,
+                           distill_temperature=self.distill_temperature,
+                           distill_weight=self.distill_weight)
 
     def torch_device(self):
         if self.device == "auto":
@@ -178,6 +189,9 @@ def _prepare_dir(cfg, restart, info):
             with open(path) as f:
                 old = json.load(f)
             new = json.loads(json.dumps(cfg.semantic()))
+            # an option newer than the run directory's config.json had its default there
+            defaults = json.loads(json.dumps(RunConfig().semantic()))
+            old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff and not restart:
                 details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -188,6 +202,35 @@ def _prepare_dir(cfg, restart, info):
         os.makedirs(os.path.join(cfg.out, "stages"), exist_ok=True)
         _write_json(path, cfg.semantic())
     info.barrier()
+
+
+class _Teachers:
+    """The frozen FP model each low-bit stage distills from: the FP stage that
+    began its cycle (its checkpoint), else the starting weights. One kept at
+    a time, rebuilt when the cycle changes."""
+
+    def __init__(self, cfg, data, device, init_state, channels_last):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.init_state, self.channels_last = init_state, channels_last
+        self.key, self.model = None, None
+
+    def get(self, sched, index):
+        if not self.cfg.distill or sched.stages[index].is_fp:
+            return None
+        j = sched.cycle_teacher(index)
+        key = "init" if j is None else sched.stage_key(j)
+        if key != self.key:
+            from ..nn import set_bits
+            teacher = build_model(self.cfg, self.data).to(self.device)
+            if self.channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)
+            if j is None:
+                teacher.load_state_dict(self.init_state)
+            else:
+                load_checkpoint(os.path.join(self.cfg.out, "stages", key + ".safetensors"), teacher)
+            set_bits(teacher, 32, 32)
+            self.key, self.model = key, teacher.eval().requires_grad_(False)
+        return self.model
 
 
 def _notify(callback, name, *args):
@@ -241,6 +284,8 @@ def run(cfg, restart=False, log=print, callback=None):
                  "dataset": cfg.dataset, "mean": data.mean, "std": data.std,
                  "image_size": data.image_size, "class_names": data.class_names}
 
+    teachers = _Teachers(cfg, data, device, init_state,
+                         device.type == "cuda" and tcfg.channels_last)
     rows = []
     for sched in schedules:
         log(str(sched))
@@ -263,7 +308,8 @@ def run(cfg, restart=False, log=print, callback=None):
                 torch.manual_seed(_stage_seed(cfg.seed, key))
                 _notify(callback, "stage_start", sched, i, model)
                 metrics = train_stage(model, stage, label, loaders, tcfg, device, info,
-                                      augment=data.augment, forward=forward)
+                                      augment=data.augment, forward=forward,
+                                      teacher=teachers.get(sched, i))
                 metrics["top1"], metrics["top5"] = evaluate(model, loaders[1], device, tcfg)
                 log(f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
                     f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")

@@ -46,10 +46,13 @@ class Schedule:
     stages: list
 
     @classmethod
-    def ctmq(cls, start_bits=4, target_bits=1, cycles=2, epochs_per_stage=1, fp_epochs=None):
+    def ctmq(cls, start_bits=4, target_bits=1, cycles=2, epochs_per_stage=1, fp_epochs=None,
+             final_epochs=None):
         """Cyclic multi-step schedule; fp_epochs defaults to epochs_per_stage
         (0: the first FP stage is skipped, e.g. when an FP checkpoint is given;
-        later cycles then retrain FP for epochs_per_stage)."""
+        later cycles then retrain FP for epochs_per_stage); final_epochs: the
+        epochs of each cycle's last (target-bit) stage, default
+        epochs_per_stage."""
         _check_int("start_bits", start_bits, 1, 8)
         _check_int("target_bits", target_bits, 1, 8)
         if start_bits < target_bits:
@@ -59,12 +62,14 @@ class Schedule:
         _check_int("epochs_per_stage", epochs_per_stage, 1)
         fp_epochs = epochs_per_stage if fp_epochs is None else fp_epochs
         _check_int("fp_epochs", fp_epochs, 0)
+        final_epochs = epochs_per_stage if final_epochs is None else final_epochs
+        _check_int("final_epochs", final_epochs, 1)
         stages = []
         for cycle in range(1, cycles + 1):
             fp = fp_epochs if cycle == 1 else (fp_epochs or epochs_per_stage)
             if fp:
                 stages.append(Stage(cycle, FULL_PRECISION, FULL_PRECISION, fp))
-            stages += [Stage(cycle, b, b, epochs_per_stage)
+            stages += [Stage(cycle, b, b, final_epochs if b == target_bits else epochs_per_stage)
                        for b in range(start_bits, target_bits - 1, -1)]
         return cls("ctmq", stages)
 
@@ -88,6 +93,19 @@ class Schedule:
     @property
     def total_epochs(self):
         return sum(s.epochs for s in self.stages)
+
+    def cycle_teacher(self, index):
+        """Index of the FP stage that began stage `index`'s cycle (its
+        distillation teacher), or None where the cycle has no FP stage (the
+        first cycle after an FP checkpoint: the starting weights teach) or the
+        stage is itself FP."""
+        stage = self.stages[index]
+        if stage.is_fp:
+            return None
+        for j in range(index - 1, -1, -1):
+            if self.stages[j].cycle == stage.cycle and self.stages[j].is_fp:
+                return j
+        return None
 
     def stage_key(self, index):
         """File name of a stage's checkpoint; the first FP stage is shared."""

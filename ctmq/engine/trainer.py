@@ -10,9 +10,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import data as data_mod
-from ..nn import set_bits
+from ..nn import quantized_layers, set_bits
 
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "linear")
 _CHECK_EVERY = 16  # steps between finiteness checks of the loss on CUDA (one sync)
 
 
@@ -33,15 +34,24 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False
     progress: bool = True
+    lr_schedule: str = "cosine"        # per stage: cosine or linear decay to zero
+    warmup_epochs: float = 0.0         # linear warm-up at the start of each stage
+    weight_decay_binary: bool = True   # False: no decay on the latent weights of quantized layers
+    distill: bool = False              # low-bit stages learn from the cycle's FP model too
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("lr", "batch_size"):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for name in ("lr", "batch_size", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("weight_decay", "warmup_epochs", "distill_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ------------------------------------------------------------------ processes
@@ -93,11 +103,47 @@ def make_loaders(data, batch_size, info, seed, workers=0):
 
 
 # ---------------------------------------------------------------- one stage
-def _optimizer(params, cfg):
+def param_groups(model, cfg):
+    """The optimizer's parameter groups: with weight_decay_binary=False, the
+    latent weights of the layers quantized at this stage (w_bits < 32) get
+    no weight decay (decay pulls them to zero, where their signs flip)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.weight_decay_binary or cfg.weight_decay == 0:
+        return [{"params": params}]
+    binary = {id(m.weight) for m in quantized_layers(model) if m.w_bits < 32}
+    if not binary:  # an FP stage
+        return [{"params": params}]
+    return [{"params": [p for p in params if id(p) not in binary]},
+            {"params": [p for p in params if id(p) in binary], "weight_decay": 0.0}]
+
+
+def _optimizer(model, cfg):
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=True)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step, total, warmup, schedule):
+    """The LR multiplier at `step` of `total`: a linear warm-up over `warmup`
+    steps, then cosine or linear decay to zero over the rest."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def distillation_loss(student_logits, teacher_logits, temperature=1.0):
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), the batch mean
+    (Hinton et al.): zero where the two agree; the teacher's logits are
+    detached, so the gradient reaches the student only."""
+    t = float(temperature)
+    log_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
 
 
 def _autocast(device, cfg):
@@ -113,17 +159,22 @@ def _to_device(x, y, device, cfg):
     return x, y.to(device, non_blocking=True)
 
 
-def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, forward=None):
+def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, forward=None,
+                teacher=None):
     """Train `model` (already at the stage's weights) for stage.epochs with a
-    fresh optimizer and a cosine LR; `forward` is the (DDP/compiled) callable.
-    Returns {"train_loss": mean loss of the last epoch, "seconds": wall time}."""
+    fresh optimizer and cfg's LR schedule; `forward` is the (DDP/compiled)
+    callable; `teacher`: a frozen model whose logits the loss also follows
+    (cfg.distill_weight * distillation_loss). Returns {"train_loss": mean
+    loss of the last epoch, "seconds": wall time}."""
     base = model.module if hasattr(model, "module") else model
     set_bits(base, stage.w_bits, stage.a_bits)
     forward = forward or model
     train_loader, _ = loaders
-    opt = _optimizer(model.parameters(), cfg)
+    opt = _optimizer(model, cfg)
     total = max(1, stage.epochs * len(train_loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    warmup = min(total, round(cfg.warmup_epochs * len(train_loader)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
     t0 = time.time()
     step = 0
     last_loss = float("nan")
@@ -142,7 +193,13 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, 
             if augment:
                 x = data_mod.augment_batch(x)
             with _autocast(device, cfg):
-                loss = F.cross_entropy(forward(x), y, label_smoothing=cfg.label_smoothing)
+                logits = forward(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = loss + cfg.distill_weight * distillation_loss(
+                        logits, target, cfg.distill_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
