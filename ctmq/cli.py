@@ -44,7 +44,10 @@ def _bench(args):
         print(f"wrote {args.json}")
 
 
-def _read_config_file(path):
+STUDY_KEYS = ("seeds", "arms", "schedules")  # config keys of `ctmq study` besides RunConfig's
+
+
+def _read_config_file(path, extra=()):
     if not os.path.isfile(path):
         raise CliError(f"--config {path}: no such file")
     with open(path) as f:
@@ -64,7 +67,7 @@ def _read_config_file(path):
         raise CliError(f"--config {path}: expected a mapping of option names to values")
     values = {k.replace("-", "_"): v for k, v in values.items()}
     from .engine import RunConfig
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    known = {f.name for f in dataclasses.fields(RunConfig)} | set(extra)
     unknown = sorted(set(values) - known)
     if unknown:
         raise CliError(f"--config {path}: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -74,19 +77,28 @@ def _read_config_file(path):
 TRAIN_EXTRAS = ("tqdm", "matplotlib")  # always; scikit-learn (digits) and PyYAML where used
 
 
-def _train(args):
+def _check_train_extras():
     import importlib.util
     missing = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is None]
     if missing:
         raise CliError(f"training needs {', '.join(missing)}: pip install 'ctmq[train]'")
+
+
+def _options(args, extra=()):
+    """The config file's values, overridden by the flags given."""
+    values = _read_config_file(args.config, extra) if args.config else {}
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("command", "func", "config", "restart") and v is not None})
+    return values
+
+
+def _train(args):
+    _check_train_extras()
     from . import data as data_mod
     from .engine import RunConfig, RunConfigError, StageDiverged, run
     from .engine import report as report_mod
 
-    values = _read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items()
-                   if k not in ("command", "func", "config", "restart") and v is not None})
-    cfg = RunConfig(**values)
+    cfg = RunConfig(**_options(args))
     try:
         rep = run(cfg, restart=args.restart)
     except (RunConfigError, data_mod.DataError, StageDiverged) as e:
@@ -96,13 +108,61 @@ def _train(args):
         print(f"reports: {cfg.out}/report.json, report.csv, report.png")
 
 
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _study(args):
+    _check_train_extras()
+    from . import data as data_mod
+    from .engine import RunConfig, RunConfigError, StageDiverged
+    from .engine.study import ARMS, format_table, study
+
+    values = _options(args, STUDY_KEYS)
+    seeds = values.pop("seeds", None) or [0, 1, 2]
+    arms = values.pop("arms", None) or list(ARMS)
+    if isinstance(arms, str):
+        arms = [a.strip() for a in arms.split(",") if a.strip()]
+    custom = values.pop("schedules", None) or {}
+    if not isinstance(custom, dict):
+        raise CliError("schedules (config file): a mapping of schedule names to lists of stages")
+    values.setdefault("out", "runs/study")
+    cfg = RunConfig(**values)
+    try:
+        rep = study(cfg, seeds, arms, custom, restart=args.restart)
+    except (RunConfigError, data_mod.DataError, StageDiverged, ValueError) as e:
+        raise CliError(str(e)) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_table(rep))
+        print(f"reports: {cfg.out}/study.json, study.csv, study.png")
+
+
 def _add_train(sub):
-    from .data import DATASETS
-    from .engine.run import SCHEDULES
     t = sub.add_parser("train", help="train with CTMQ and the direct baseline; resumable",
                        description="Train a binarizable CNN with CTMQ (and the direct "
                        "baseline). Flags override --config; running the same command again "
                        "resumes from the last completed stage.")
+    _training_options(t)
+    t.set_defaults(func=_train)
+    s = sub.add_parser("study", help="several schedules x seeds: mean ± sd and paired "
+                       "differences against direct with 95%% confidence intervals",
+                       description="Train each arm (schedule) for each seed from a shared FP "
+                       "stage and report per arm mean ± sd and, against direct, the paired "
+                       "difference per seed with a 95%% CI (paired t). Takes train's options; "
+                       "resumable.")
+    _training_options(s)
+    s.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
+    s.add_argument("--arms", help="comma-separated arms: direct, direct-final, ladder, ctmq, or "
+                   "a schedule named in the config file's 'schedules' (default: the four)")
+    s.set_defaults(func=_study)
+
+
+def _training_options(t):
+    from .data import DATASETS
+    from .engine.run import SCHEDULES
     a = t.add_argument
     a("--config", help="a .json or .yaml file of options (flag names with _ or -)")
     a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
@@ -146,7 +206,6 @@ def _add_train(sub):
       help="SyncBatchNorm under torchrun")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
     a("--restart", action="store_true", help="discard an existing run in --out")
-    t.set_defaults(func=_train)
 
 
 def _deploy(name):

@@ -243,8 +243,9 @@ def _stage_seed(seed, key):
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
 
 
-def run(cfg, restart=False, log=print, callback=None):
-    """Train every schedule of cfg; returns the report dict.
+def run(cfg, restart=False, log=print, callback=None, schedules=None):
+    """Train every schedule of cfg (or `schedules`: a list of Schedule with
+    distinct names); returns the report dict.
 
     callback: an object with optional methods stage_start(schedule, index,
     model) and stage_end(schedule, index, model, metrics), called around each
@@ -257,7 +258,7 @@ def run(cfg, restart=False, log=print, callback=None):
     log = log if info.is_main else (lambda *a, **k: None)
     data = data_mod.load(cfg.dataset, cfg.data_root)
     _prepare_dir(cfg, restart, info)
-    schedules = cfg.schedules()
+    schedules = schedules or cfg.schedules()
     tcfg = cfg.train_config()
 
     torch.manual_seed(cfg.seed)

@@ -83,6 +83,44 @@ class Schedule:
         return cls("direct", stages + [Stage(1, target_bits, target_bits, epochs)])
 
     @classmethod
+    def ladder(cls, start_bits, target_bits, low_epochs, fp_epochs, name="ladder"):
+        """One cycle of the ladder, FP (fp_epochs, 0 to skip) then start_bits
+        down to target_bits sharing low_epochs (the remainder to the last)."""
+        _check_int("start_bits", start_bits, 1, 8)
+        _check_int("target_bits", target_bits, 1, start_bits)
+        steps = start_bits - target_bits + 1
+        _check_int("low_epochs", low_epochs, steps)
+        each = [low_epochs // steps] * steps
+        each[-1] += low_epochs - sum(each)
+        stages = [Stage(1, FULL_PRECISION, FULL_PRECISION, fp_epochs)] if fp_epochs else []
+        stages += [Stage(1, b, b, e) for b, e in zip(range(start_bits, target_bits - 1, -1), each)]
+        return cls(name, stages)
+
+    @classmethod
+    def custom(cls, name, stages, fp_epochs):
+        """A user's schedule after the shared FP stage (fp_epochs, 0 to skip):
+        stages is a list of {"bits": k, "epochs": e} (or w_bits/a_bits); bits 32
+        is an FP stage and begins a new cycle."""
+        out = [Stage(1, FULL_PRECISION, FULL_PRECISION, fp_epochs)] if fp_epochs else []
+        cycle = 1
+        if not isinstance(stages, list) or not stages:
+            raise ValueError(f"schedule {name!r}: a non-empty list of stages expected")
+        for i, st in enumerate(stages):
+            if not isinstance(st, dict) or "epochs" not in st or not ({"bits"} & set(st) or
+                                                                       {"w_bits", "a_bits"} <= set(st)):
+                raise ValueError(f"schedule {name!r}, stage {i}: expected {{'bits': k, 'epochs': e}} "
+                                 f"or {{'w_bits', 'a_bits', 'epochs'}}, got {st!r}")
+            w, a = (st["bits"], st["bits"]) if "bits" in st else (st["w_bits"], st["a_bits"])
+            for key, v in (("bits", w), ("bits", a)):
+                if v != FULL_PRECISION:
+                    _check_int(f"schedule {name!r}, stage {i}: {key}", v, 1, 8)
+            _check_int(f"schedule {name!r}, stage {i}: epochs", st["epochs"], 1)
+            if w == a == FULL_PRECISION and (out or i):
+                cycle += 1
+            out.append(Stage(cycle, w, a, st["epochs"]))
+        return cls(name, out)
+
+    @classmethod
     def direct_matching(cls, ctmq):
         """The direct baseline with ctmq's first FP stage and total epochs."""
         first = ctmq.stages[0]
