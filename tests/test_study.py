@@ -91,3 +91,20 @@ def test_study_on_the_digits_reports_what_its_runs_measured(tmp_path, capsys):
     assert cli.main(argv + ["--no-progress"]) == 0
     again = capsys.readouterr().out
     assert again.count("skipped") == 3 * 13 and " s)" not in again  # 2 + 2 + 3 + 6 stages a seed
+
+
+def test_shipped_configs_parse():
+    """configs/*.yaml hold only known options; digits-hard's arms share the
+    total epochs, its FP ceiling included."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    values = cli._read_config_file(str(root / "digits-hard.yaml"), cli.STUDY_KEYS)
+    seeds, arms, custom = values.pop("seeds"), values.pop("arms"), values.pop("schedules")
+    assert len(seeds) >= 3 and set(ARMS) <= set(arms)
+    schedules = arm_schedules(RunConfig(**values), arms, custom)
+    totals = {name: s.total_epochs for name, s in schedules.items() if name != "direct-final"}
+    assert len(set(totals.values())) == 1, totals
+    imagenet = RunConfig(**cli._read_config_file(str(root / "imagenet-resnet18.yaml")))
+    assert (imagenet.dataset, imagenet.stem, imagenet.block, imagenet.cycles) == \
+        ("imagenet", "imagenet", "bireal", 2)
+    assert [s.label for s in imagenet.schedules()[0].stages][:4] == ["W4A4", "W3A3", "W2A2", "W1A1"]

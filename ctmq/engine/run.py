@@ -280,7 +280,8 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
             model, device_ids=[info.local_rank] if device.type == "cuda" else None)
     if tcfg.compile:
         forward = torch.compile(forward)
-    loaders = make_loaders(data, tcfg.batch_size, info, cfg.seed, tcfg.workers)
+    loaders = make_loaders(data, tcfg.batch_size, info, cfg.seed, tcfg.workers,
+                           pin_memory=device.type == "cuda")
     meta_base = {"model": dict(model.config, name=cfg.model) if hasattr(model, "config") else {},
                  "dataset": cfg.dataset, "mean": data.mean, "std": data.std,
                  "image_size": data.image_size, "class_names": data.class_names}

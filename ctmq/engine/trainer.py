@@ -87,8 +87,12 @@ def init_distributed(device_type):
     return info
 
 
-def make_loaders(data, batch_size, info, seed, workers=0):
-    """(train, test) loaders; under DDP each rank reads its DistributedSampler shard."""
+def make_loaders(data, batch_size, info, seed, workers=0, pin_memory=False):
+    """(train, test) loaders; under DDP each rank reads its DistributedSampler
+    shard. With workers, the worker processes persist across epochs and
+    stages (no re-spawn per epoch) and prefetch 4 batches each; pin_memory
+    for CUDA (asynchronous host-to-device copies)."""
+    more = dict(persistent_workers=True, prefetch_factor=4) if workers else {}
     sampler = None
     if info.enabled:
         sampler = torch.utils.data.DistributedSampler(data.train, info.world_size, info.rank,
@@ -96,9 +100,10 @@ def make_loaders(data, batch_size, info, seed, workers=0):
     g = torch.Generator().manual_seed(seed)
     train = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=sampler is None,
                                         sampler=sampler, generator=g, num_workers=workers,
-                                        drop_last=len(data.train) > batch_size * info.world_size)
+                                        drop_last=len(data.train) > batch_size * info.world_size,
+                                        pin_memory=pin_memory, **more)
     test = torch.utils.data.DataLoader(data.test, batch_size=max(batch_size, 256), shuffle=False,
-                                       num_workers=workers)
+                                       num_workers=workers, pin_memory=pin_memory, **more)
     return train, test
 
 
