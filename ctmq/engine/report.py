@@ -54,7 +54,14 @@ def _plot(path, report):
             ax.annotate(r["label"], (xi, r["top1"]), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=color)
     cfg = report.get("config", {})
-    ax.set_title(f"{cfg.get('dataset', '')} {cfg.get('model', '')}: top-1 after each stage")
+    save_top1_figure(fig, ax, path,
+                     f"{cfg.get('dataset', '')} {cfg.get('model', '')}: top-1 after each stage")
+
+
+def save_top1_figure(fig, ax, path, title):
+    """Title, axes of top-1 against epochs, legend; written as a PNG, all or nothing."""
+    import matplotlib.pyplot as plt
+    ax.set_title(title)
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)

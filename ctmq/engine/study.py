@@ -22,6 +22,7 @@ import math
 import os
 
 from .._io import atomic_open
+from .report import save_top1_figure
 from .run import RunConfig, RunConfigError, run
 from .schedule import Schedule
 
@@ -178,15 +179,7 @@ def _plot(path, rep):
         for j, seed in enumerate(rep["seeds"]):
             ax.plot(x, arm["curve"][seed], marker="o", ms=3, lw=1, alpha=0.8,
                     color=colors[k % len(colors)], label=name if j == 0 else None)
-    ax.set_title("top-1 after each stage, one line per seed")
-    ax.set_xlabel("epochs trained")
-    ax.set_ylabel("top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_top1_figure(fig, ax, path, "top-1 after each stage, one line per seed")
 
 
 def format_table(rep):
