@@ -109,6 +109,8 @@ def _train(args):
 
 
 def _int_list(text):
+    if isinstance(text, str) and not text.strip():
+        raise argparse.ArgumentTypeError("expected comma-separated integers, got nothing")
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -122,7 +124,18 @@ def _study(args):
     from .engine.study import ARMS, format_table, study
 
     values = _options(args, STUDY_KEYS)
-    seeds = values.pop("seeds", None) or [0, 1, 2]
+    for key, instead in (("seed", "--seeds"), ("schedule", "--arms")):
+        if key in values:
+            raise CliError(f"{key} does not apply to a study: use {instead}")
+    seeds = values.pop("seeds", None)
+    if isinstance(seeds, str):
+        try:
+            seeds = _int_list(seeds)
+        except argparse.ArgumentTypeError as e:
+            raise CliError(f"seeds: {e}") from e
+    seeds = [0, 1, 2] if seeds is None else seeds
+    if not isinstance(seeds, list):
+        raise CliError(f"seeds: a list of integers expected, got {seeds!r}")
     arms = values.pop("arms", None) or list(ARMS)
     if isinstance(arms, str):
         arms = [a.strip() for a in arms.split(",") if a.strip()]
@@ -133,7 +146,7 @@ def _study(args):
     cfg = RunConfig(**values)
     try:
         rep = study(cfg, seeds, arms, custom, restart=args.restart)
-    except (RunConfigError, data_mod.DataError, StageDiverged, ValueError) as e:
+    except (RunConfigError, data_mod.DataError, StageDiverged, ValueError, TypeError) as e:
         raise CliError(str(e)) from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table(rep))
@@ -156,7 +169,8 @@ def _add_train(sub):
     _training_options(s)
     s.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
     s.add_argument("--arms", help="comma-separated arms: direct, direct-final, ladder, ctmq, or "
-                   "a schedule named in the config file's 'schedules' (default: the four)")
+                   "a schedule named in the config file's 'schedules' (default: the four; "
+                   "direct, the baseline of the paired differences, is always run)")
     s.set_defaults(func=_study)
 
 
@@ -197,7 +211,7 @@ def _training_options(t):
       help="low-bit stages also match the logits of their cycle's FP model (KL; default: no)")
     a("--distill-temperature", type=float, help="softmax temperature of --distill (default 1)")
     a("--distill-weight", type=float, help="weight of the --distill term (default 1)")
-    a("--out", help="run directory (default runs/ctmq)")
+    a("--out", help="run directory (default: runs/ctmq for train, runs/study for study)")
     a("--device", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int)
     a("--workers", type=int, help="data loader workers")

@@ -108,3 +108,17 @@ def test_shipped_configs_parse():
     assert (imagenet.dataset, imagenet.stem, imagenet.block, imagenet.cycles) == \
         ("imagenet", "imagenet", "bireal", 2)
     assert [s.label for s in imagenet.schedules()[0].stages][:4] == ["W4A4", "W3A3", "W2A2", "W1A1"]
+
+
+def test_study_cli_input_errors_are_clear(tmp_path, capsys):
+    cfg = tmp_path / "s.json"
+    for values, words in (({"seeds": "0,x"}, "seeds: expected comma-separated integers"),
+                          ({"seeds": 5}, "seeds: a list of integers expected"),
+                          ({"seeds": ["0", "1"]}, "seeds must be distinct integers"),
+                          ({"seed": 3}, "seed does not apply to a study: use --seeds"),
+                          ({"schedules": {"m": [{"bits": 1, "epochs": 2.5}]}, "arms": ["m"]},
+                           "epochs must be an int")):
+        cfg.write_text(json.dumps(values))
+        assert cli.main(["study", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

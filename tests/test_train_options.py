@@ -144,3 +144,21 @@ def test_cli_training_options_reach_the_config(tmp_path, monkeypatch):
         (4, "linear", 0.5, False, True, 3.0, 0.5)
     t = cfg.train_config()
     assert (t.lr_schedule, t.warmup_epochs, t.distill) == ("linear", 0.5, True)
+
+
+def test_options_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="warmup_epochs .* shorter than the shortest stage"):
+        RunConfig(warmup_epochs=2, epochs_per_stage=2).check()
+    RunConfig(warmup_epochs=1.5, epochs_per_stage=2).check()
+    with pytest.raises(ValueError, match="distill: the first cycle has no FP stage"):
+        RunConfig(distill=True, fp_epochs=0).check()
+
+
+def test_a_changed_schedule_does_not_reuse_stale_stages(tmp_path):
+    """A complete stage is reused only if its checkpoint was trained as the
+    schedule now asks."""
+    cfg = RunConfig(out=str(tmp_path / "run"), fp_epochs=1, **{**TINY, "cycles": 1})
+    run(cfg, log=lambda *a: None, schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 1}], 1)])
+    with pytest.raises(ValueError, match="holds stage .* now asks for"):
+        run(cfg, log=lambda *a: None,
+            schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 2}], 1)])

@@ -86,10 +86,18 @@ class RunConfig:
         if self.fp_checkpoint and not os.path.isfile(self.fp_checkpoint):
             raise RunConfigError(f"fp_checkpoint {self.fp_checkpoint} is not a file")
         try:
-            self.schedules()
+            schedules = self.schedules()
             self.train_config()
         except (TypeError, ValueError) as e:
             raise RunConfigError(str(e)) from e
+        shortest = min(st.epochs for s in schedules for st in s.stages)
+        if self.warmup_epochs >= shortest:
+            raise RunConfigError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than the "
+                                 f"shortest stage ({shortest} epochs): the LR would never decay")
+        if self.distill and not self.fp_checkpoint and not schedules[0].stages[0].is_fp:
+            raise RunConfigError("distill: the first cycle has no FP stage (fp_epochs 0) and no "
+                                 "fp_checkpoint, so its teacher would be the random starting "
+                                 "weights; give --fp-checkpoint or --fp-epochs")
         return self
 
     def semantic(self):
@@ -299,6 +307,12 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
             metrics_path = os.path.join(cfg.out, "stages", key + ".json")
             label = f"{sched.name} {i}/{len(sched.stages) - 1} c{stage.cycle} {stage.label}"
             if os.path.exists(ckpt) and os.path.exists(metrics_path):
+                trained = checkpoint_meta(ckpt).get("stage")
+                if trained != dataclasses.asdict(stage):
+                    raise RunConfigError(
+                        f"{ckpt} holds stage {trained}, but schedule {sched.name!r} now asks "
+                        f"for {dataclasses.asdict(stage)} there; use another --out, or "
+                        f"--restart to discard the run")
                 with open(metrics_path) as f:
                     metrics = json.load(f)
                 log(f"{label}: complete (top-1 {metrics['top1']:.2f}%), skipped")
@@ -307,11 +321,11 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
                 if pending:
                     load_checkpoint(pending, model)
                     pending = None
+                teacher = teachers.get(sched, i)  # before seeding: building it draws numbers
                 torch.manual_seed(_stage_seed(cfg.seed, key))
                 _notify(callback, "stage_start", sched, i, model)
                 metrics = train_stage(model, stage, label, loaders, tcfg, device, info,
-                                      augment=data.augment, forward=forward,
-                                      teacher=teachers.get(sched, i))
+                                      augment=data.augment, forward=forward, teacher=teacher)
                 metrics["top1"], metrics["top5"] = evaluate(model, loaders[1], device, tcfg)
                 log(f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
                     f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")

@@ -96,8 +96,9 @@ def study(cfg: RunConfig, seeds, arms=ARMS, custom=None, restart=False, log=prin
     """Train every arm for every seed (one run directory per seed under
     cfg.out) and write the study report; returns it."""
     seeds, arms = list(seeds), list(dict.fromkeys(arms))
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise RunConfigError(f"seeds must be distinct, at least one, got {seeds}")
+    if (not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise RunConfigError(f"seeds must be distinct integers, at least one, got {seeds}")
     if BASELINE not in arms:
         arms.insert(0, BASELINE)  # the paired differences are against it
     schedules = arm_schedules(cfg, arms, custom)
@@ -107,13 +108,16 @@ def study(cfg: RunConfig, seeds, arms=ARMS, custom=None, restart=False, log=prin
         log(f"seed {seed}: {', '.join(arms)}")
         runs[seed] = run(seed_cfg, restart=restart, log=log, schedules=list(schedules.values()))
     rep = summarize(runs, schedules, dataclasses.asdict(cfg))
-    write(cfg.out, rep)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
+        write(cfg.out, rep)
     return rep
 
 
 def summarize(runs, schedules, config):
-    """The study report from the runs' reports ({seed: report})."""
-    seeds = sorted(runs)
+    """The study report from the runs' reports ({seed: report}); per-seed
+    values are keyed by str(seed), as in study.json."""
+    runs = {str(s): r for s, r in sorted(runs.items())}
+    seeds = list(runs)
     arms = {}
     for name, sched in schedules.items():
         finals = {s: runs[s]["final"][name] for s in seeds}
@@ -134,7 +138,8 @@ def summarize(runs, schedules, config):
         diffs = [arm["top1"][s] - base[s] for s in seeds]
         arm["vs_direct"] = dict(paired_interval(diffs), per_seed=dict(zip(seeds, diffs)),
                                 test="paired t, 95% two-sided")
-    return {"config": config, "seeds": seeds, "baseline": BASELINE, "arms": arms}
+    return {"config": config, "seeds": [int(s) for s in seeds], "baseline": BASELINE,
+            "arms": arms}
 
 
 CSV_COLUMNS = ["arm", "seeds", "epochs", "seconds_mean", "top1_mean", "top1_sd", "top5_mean",
@@ -177,7 +182,7 @@ def _plot(path, rep):
             epochs += st["epochs"]
             x.append(epochs)
         for j, seed in enumerate(rep["seeds"]):
-            ax.plot(x, arm["curve"][seed], marker="o", ms=3, lw=1, alpha=0.8,
+            ax.plot(x, arm["curve"][str(seed)], marker="o", ms=3, lw=1, alpha=0.8,
                     color=colors[k % len(colors)], label=name if j == 0 else None)
     save_top1_figure(fig, ax, path, "top-1 after each stage, one line per seed")
 

@@ -90,9 +90,9 @@ def init_distributed(device_type):
 def make_loaders(data, batch_size, info, seed, workers=0, pin_memory=False):
     """(train, test) loaders; under DDP each rank reads its DistributedSampler
     shard. With workers, the worker processes persist across epochs and
-    stages (no re-spawn per epoch) and prefetch 4 batches each; pin_memory
-    for CUDA (asynchronous host-to-device copies)."""
-    more = dict(persistent_workers=True, prefetch_factor=4) if workers else {}
+    stages (no re-spawn per epoch); pin_memory for CUDA (asynchronous
+    host-to-device copies)."""
+    more = dict(persistent_workers=True) if workers else {}
     sampler = None
     if info.enabled:
         sampler = torch.utils.data.DistributedSampler(data.train, info.world_size, info.rank,
