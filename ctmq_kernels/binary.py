@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from ctmq.ops.shapes import binary_conv2d_output_shape, pack_bits_output_shape
+from ctmq.ops.shapes import binary_conv2d_empty, pack_bits_output_shape
 
 PACK_BLOCK_P = 64   # pixels per program when packing
 CONV_BLOCK_M = 32   # output pixels per program
@@ -134,9 +134,8 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
     arguments checked by ctmq::binary_conv2d (ctmq/ops/shapes.py)."""
     N, H, W, Cw = x.shape
     O, KH, KW, _ = wbits.shape
-    shape = binary_conv2d_output_shape(x.shape, wbits.shape, stride, padding, dilation, packed_out)
-    OH, OW = shape[1:3] if packed_out else shape[2:]
-    out = torch.empty(shape, dtype=torch.int32 if packed_out else torch.float32, device=x.device)
+    out = binary_conv2d_empty(x, wbits.shape, stride, padding, dilation, packed_out)
+    OH, OW = out.shape[1:3] if packed_out else out.shape[2:]
     M = N * OH * OW
     if M == 0 or O == 0:
         return out

@@ -5,7 +5,7 @@ import torch
 
 from .. import _backend
 from ._layout import mask_bytes
-from .shapes import binary_conv2d_output_shape, pack_bits_output_shape
+from .shapes import binary_conv2d_empty, pack_bits_output_shape
 
 
 def _fake(name):
@@ -39,19 +39,14 @@ def _(bits):
             bits.new_empty((groups, taps, 8), dtype=torch.int64))
 
 
-def _conv_fake(x, bits_shape, stride, padding, dilation, packed_out):
-    shape = binary_conv2d_output_shape(x.shape, bits_shape, stride, padding, dilation, packed_out)
-    return x.new_empty(shape, dtype=torch.int32 if packed_out else torch.float32)
-
-
 @_fake("binary_conv2d_bmma")
 def _(x, in_channels, bits, tap_popc, stride, padding, dilation, scale, bias, residual,
       packed_out):
-    return _conv_fake(x, bits.shape, stride, padding, dilation, packed_out)
+    return binary_conv2d_empty(x, bits.shape, stride, padding, dilation, packed_out)
 
 
 @_fake("binary_conv2d_cpu")
 def _(x, in_channels, weight, tap_popc, out_channels, kernel_size, stride, padding, dilation,
       scale, bias, residual, packed_out):
     bits_shape = (out_channels, kernel_size[0], kernel_size[1], x.shape[3])
-    return _conv_fake(x, bits_shape, stride, padding, dilation, packed_out)
+    return binary_conv2d_empty(x, bits_shape, stride, padding, dilation, packed_out)

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.library import custom_op
 
 from ._layout import dense, mask_bytes, restride, rows_dense
-from .shapes import (binary_conv2d_output_shape, check_binary_conv2d, check_bits, check_ste,
-                     pack_bits_output_shape)
+from .shapes import (binary_conv2d_empty, binary_conv2d_output_shape, check_binary_conv2d,
+                     check_bits, check_ste, pack_bits_output_shape)
 
 
 class _Spec(NamedTuple):
@@ -304,9 +304,9 @@ def _conv_shape(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation,
     return binary_conv2d_output_shape(x.shape, bits.shape, stride, padding, dilation, packed_out)
 
 
-def _conv_outputs(*args):
-    packed_out = args[-1]
-    return args[0].new_empty(_conv_shape(*args), dtype=torch.int32 if packed_out else torch.float32)
+def _conv_outputs(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
+                  residual, packed_out):
+    return binary_conv2d_empty(x, bits.shape, stride, padding, dilation, packed_out)
 
 
 _define(binary_conv2d, _conv_prepare, _conv_outputs, lambda *args: 0 in _conv_shape(*args))

@@ -55,6 +55,14 @@ def check_cpu_taps(bits: Tensor):
                          f"{bits.shape[1]}x{bits.shape[2]}")
 
 
+def binary_conv2d_empty(x: Tensor, bits_shape, stride, padding, dilation,
+                        packed_out: bool) -> Tensor:
+    """An uninitialized binary conv output on x's device: float32 (N, O, OH,
+    OW), or packed int32 (N, OH, OW, ceil(O/32))."""
+    shape = binary_conv2d_output_shape(x.shape, bits_shape, stride, padding, dilation, packed_out)
+    return x.new_empty(shape, dtype=torch.int32 if packed_out else torch.float32)
+
+
 def _check_packed(name, t, device):
     if t.dtype != torch.int32 or t.dim() != 4:
         raise ValueError(f"{name} must be an int32 4-D tensor of packed bits, got {t.dtype} "
