@@ -117,6 +117,11 @@ def _int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _epochs_arg(text):
+    values = _int_list(text)
+    return values[0] if len(values) == 1 else values
+
+
 def _study(args):
     _check_train_extras()
     from . import data as data_mod
@@ -189,7 +194,8 @@ def _training_options(t):
     a("--start-bits", type=int, help="first low-bit stage (default 4)")
     a("--target-bits", type=int, help="last stage (default 1)")
     a("--cycles", type=int, help="CTMQ cycles (default 2)")
-    a("--epochs-per-stage", type=int, help="epochs of each low-bit stage (default 2)")
+    a("--epochs-per-stage", type=_epochs_arg, help="epochs of each low-bit stage (default 2), "
+      "or one per step of the ladder, start bits first (e.g. 2,2,2,4 for W4A4..W1A1)")
     a("--fp-epochs", type=int, help="epochs of FP stages (default: --epochs-per-stage; "
       "0 with --fp-checkpoint)")
     a("--final-epochs", type=int, help="epochs of each cycle's last (target-bit) stage "

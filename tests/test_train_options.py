@@ -131,6 +131,35 @@ def test_a_run_directory_without_the_new_options_resumes(tmp_path):
         run(RunConfig(out=str(tmp_path / "run"), distill=True, **TINY), log=lambda *a: None)
 
 
+def test_epochs_per_stage_as_a_list_sets_each_step_of_the_ladder():
+    s = Schedule.ctmq(start_bits=4, target_bits=1, cycles=2, epochs_per_stage=[3, 1, 2, 4])
+    assert [(st.label, st.epochs) for st in s.stages] == [
+        ("FP", 3), ("W4A4", 3), ("W3A3", 1), ("W2A2", 2), ("W1A1", 4)] * 2
+    s = Schedule.ctmq(3, 1, 1, (1, 2, 3), fp_epochs=0, final_epochs=6)  # final_epochs wins
+    assert [(st.label, st.epochs) for st in s.stages] == [("W3A3", 1), ("W2A2", 2), ("W1A1", 6)]
+    cfg = RunConfig(epochs_per_stage=[2, 1, 1, 5], cycles=1).check()
+    assert cfg.resolved_fp_epochs() == 2
+    assert [st.epochs for st in cfg.schedules()[0].stages] == [2, 2, 1, 1, 5]
+    assert cfg.schedules()[1].total_epochs == 11  # direct: same total
+    with pytest.raises(ValueError, match=r"2 values given for a ladder of 4 steps"):
+        Schedule.ctmq(4, 1, 1, [1, 2])
+    with pytest.raises(ValueError, match=r"epochs_per_stage\[1\] must be >= 1"):
+        Schedule.ctmq(4, 1, 1, [1, 0, 1, 1])
+    with pytest.raises(TypeError, match="an int or a list of 4 ints"):
+        Schedule.ctmq(4, 1, 1, "2")
+    with pytest.raises(ValueError, match="epochs_per_stage"):
+        RunConfig(epochs_per_stage=[1, 1]).check()
+
+
+def test_cli_epochs_per_stage_takes_one_value_or_a_list(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr("ctmq.engine.run", lambda cfg, restart=False: got.append(cfg))
+    monkeypatch.setattr("ctmq.engine.report.format_table", lambda rep: "")
+    cli.main(["train", "--out", str(tmp_path / "a"), "--epochs-per-stage", "3"])
+    cli.main(["train", "--out", str(tmp_path / "b"), "--epochs-per-stage", "2,2,2,4"])
+    assert [c.epochs_per_stage for c in got] == [3, [2, 2, 2, 4]]
+
+
 def test_cli_training_options_reach_the_config(tmp_path, monkeypatch):
     got = {}
     monkeypatch.setattr("ctmq.engine.run", lambda cfg, restart=False: got.setdefault("cfg", cfg))

@@ -47,7 +47,7 @@ class RunConfig:
     start_bits: int = 4
     target_bits: int = 1
     cycles: int = 2
-    epochs_per_stage: int = 2
+    epochs_per_stage: int = 2   # or a list, one per step of the ladder (start_bits first)
     fp_epochs: int = None       # default: epochs_per_stage (0 with an FP checkpoint)
     final_epochs: int = None    # each cycle's target-bit stage; default: epochs_per_stage
     fp_checkpoint: str = None
@@ -106,7 +106,10 @@ class RunConfig:
     def resolved_fp_epochs(self):
         if self.fp_epochs is not None:
             return self.fp_epochs
-        return 0 if self.fp_checkpoint else self.epochs_per_stage
+        if self.fp_checkpoint:
+            return 0
+        e = self.epochs_per_stage
+        return e[0] if isinstance(e, (list, tuple)) and e else e
 
     def schedules(self):
         ctmq = Schedule.ctmq(self.start_bits, self.target_bits, self.cycles,

@@ -40,6 +40,24 @@ def _check_int(name, value, low, high=None):
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+def per_step_epochs(epochs_per_stage, steps):
+    """epochs_per_stage (an int, or a list of one int per step) as a list of
+    `steps` epochs."""
+    if isinstance(epochs_per_stage, (list, tuple)):
+        if len(epochs_per_stage) != steps:
+            raise ValueError(f"epochs_per_stage: {len(epochs_per_stage)} values given for a ladder "
+                             f"of {steps} steps (one per bit depth, start_bits first), "
+                             f"got {list(epochs_per_stage)}")
+        for i, e in enumerate(epochs_per_stage):
+            _check_int(f"epochs_per_stage[{i}]", e, 1)
+        return list(epochs_per_stage)
+    if isinstance(epochs_per_stage, bool) or not isinstance(epochs_per_stage, int):
+        raise TypeError(f"epochs_per_stage must be an int or a list of {steps} ints, "
+                        f"got {epochs_per_stage!r}")
+    _check_int("epochs_per_stage", epochs_per_stage, 1)
+    return [epochs_per_stage] * steps
+
+
 @dataclasses.dataclass
 class Schedule:
     name: str
@@ -48,10 +66,13 @@ class Schedule:
     @classmethod
     def ctmq(cls, start_bits=4, target_bits=1, cycles=2, epochs_per_stage=1, fp_epochs=None,
              final_epochs=None):
-        """Cyclic multi-step schedule; fp_epochs defaults to epochs_per_stage
-        (0: the first FP stage is skipped, e.g. when an FP checkpoint is given;
-        later cycles then retrain FP for epochs_per_stage); final_epochs: the
-        epochs of each cycle's last (target-bit) stage, default
+        """Cyclic multi-step schedule. epochs_per_stage: one int for every
+        low-bit stage, or a list with one entry per step of the ladder
+        (start_bits first: [4, 2, 2, 6] for W4A4, W3A3, W2A2, W1A1), the same
+        in every cycle. fp_epochs defaults to the first of them (0: the first
+        FP stage is skipped, e.g. when an FP checkpoint is given; later cycles
+        then retrain FP for the first of epochs_per_stage); final_epochs: the
+        epochs of each cycle's last (target-bit) stage, default its entry of
         epochs_per_stage."""
         _check_int("start_bits", start_bits, 1, 8)
         _check_int("target_bits", target_bits, 1, 8)
@@ -59,18 +80,19 @@ class Schedule:
             raise ValueError(f"start_bits ({start_bits}) must be >= target_bits ({target_bits}): "
                              "each step lowers the bit depth by one")
         _check_int("cycles", cycles, 1)
-        _check_int("epochs_per_stage", epochs_per_stage, 1)
-        fp_epochs = epochs_per_stage if fp_epochs is None else fp_epochs
+        per_step = per_step_epochs(epochs_per_stage, start_bits - target_bits + 1)
+        fp_epochs = per_step[0] if fp_epochs is None else fp_epochs
         _check_int("fp_epochs", fp_epochs, 0)
-        final_epochs = epochs_per_stage if final_epochs is None else final_epochs
-        _check_int("final_epochs", final_epochs, 1)
+        if final_epochs is not None:
+            _check_int("final_epochs", final_epochs, 1)
+            per_step[-1] = final_epochs
         stages = []
         for cycle in range(1, cycles + 1):
-            fp = fp_epochs if cycle == 1 else (fp_epochs or epochs_per_stage)
+            fp = fp_epochs if cycle == 1 else (fp_epochs or per_step[0])
             if fp:
                 stages.append(Stage(cycle, FULL_PRECISION, FULL_PRECISION, fp))
-            stages += [Stage(cycle, b, b, final_epochs if b == target_bits else epochs_per_stage)
-                       for b in range(start_bits, target_bits - 1, -1)]
+            stages += [Stage(cycle, b, b, e)
+                       for b, e in zip(range(start_bits, target_bits - 1, -1), per_step)]
         return cls("ctmq", stages)
 
     @classmethod
