@@ -14,7 +14,7 @@ from ctmq.engine.trainer import TrainConfig, distillation_loss, lr_factor, param
 from ctmq.models import resnet18
 from ctmq.nn import set_bits
 
-run_mod = importlib.import_module("ctmq.engine.run")  # the module; ctmq.engine.run is the function
+fit_mod = importlib.import_module("ctmq.engine.fit")  # the module; ctmq.engine.fit is the function
 TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
             epochs_per_stage=1, batch_size=256, progress=False)
 
@@ -88,13 +88,13 @@ def test_distillation_teaches_each_stage_with_its_cycles_fp_checkpoint(tmp_path,
     cfg = RunConfig(out=str(tmp_path / "run"), distill=True, distill_temperature=2.0,
                     final_epochs=2, **TINY)
     seen = []
-    real = run_mod.train_stage
+    real = fit_mod.train_stage
 
     def spy(model, stage, label, *args, teacher=None, **kwargs):
         seen.append((label, stage.epochs, None if teacher is None else
                      {k: v.clone() for k, v in teacher.state_dict().items()}, teacher))
         return real(model, stage, label, *args, teacher=teacher, **kwargs)
-    monkeypatch.setattr(run_mod, "train_stage", spy)
+    monkeypatch.setattr(fit_mod, "train_stage", spy)
     run(cfg, log=lambda *a: None)
     stages = tmp_path / "run" / "stages"
     ctmq_fp = [sorted(stages.glob("init-FP-*.safetensors"))[0],

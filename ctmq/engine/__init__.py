@@ -1,9 +1,11 @@
 """The CTMQ training engine: schedules, stage runner, checkpoints, resume, reports."""
-from .run import (RunConfig, RunConfigError, build_model, checkpoint_meta, load_checkpoint,
-                  model_from_checkpoint, run, save_checkpoint)
+from .fit import RunConfigError, checkpoint_meta, fit, load_checkpoint, save_checkpoint
+from .run import RunConfig, build_model, model_from_checkpoint, run
 from .schedule import Schedule, Stage
 from .study import study
-from .trainer import StageDiverged, TrainConfig, evaluate, train_stage
+from .trainer import StageDiverged, TrainConfig, evaluate, make_loaders, train_stage
 
 __all__ = ["RunConfig", "RunConfigError", "Schedule", "Stage", "StageDiverged", "TrainConfig",
-           "build_model", "checkpoint_meta", "evaluate", "load_checkpoint", "model_from_checkpoint", "run", "save_checkpoint", "study", "train_stage"]
+           "build_model", "checkpoint_meta", "evaluate", "fit", "load_checkpoint",
+           "make_loaders", "model_from_checkpoint", "run", "save_checkpoint", "study",
+           "train_stage"]

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import data as data_mod
 from ..nn import quantized_layers, set_bits
 
 OPTIMIZERS = ("sgd", "adam")
@@ -164,11 +163,12 @@ def _to_device(x, y, device, cfg):
     return x, y.to(device, non_blocking=True)
 
 
-def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, forward=None,
+def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, forward=None,
                 teacher=None):
     """Train `model` (already at the stage's weights) for stage.epochs with a
     fresh optimizer and cfg's LR schedule; `forward` is the (DDP/compiled)
-    callable; `teacher`: a frozen model whose logits the loss also follows
+    callable; `augment`: a function of each training batch (on the device);
+    `teacher`: a frozen model whose logits the loss also follows
     (cfg.distill_weight * distillation_loss). Returns {"train_loss": mean
     loss of the last epoch, "seconds": wall time}."""
     base = model.module if hasattr(model, "module") else model
@@ -195,8 +195,8 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=False, 
         seen = 0
         for x, y in bar:
             x, y = _to_device(x, y, device, cfg)
-            if augment:
-                x = data_mod.augment_batch(x)
+            if augment is not None:
+                x = augment(x)
             with _autocast(device, cfg):
                 logits = forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
