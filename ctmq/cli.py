@@ -182,13 +182,15 @@ def _add_train(sub):
 def _training_options(t):
     from .data import DATASETS
     from .engine.run import SCHEDULES
+    from .models import MODELS
     a = t.add_argument
     a("--config", help="a .json or .yaml file of options (flag names with _ or -)")
     a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
     a("--data-root", help="folder of the dataset files (all but digits)")
-    a("--model", help="default: resnet18")
-    a("--stem", choices=["auto", "imagenet", "cifar"], help="default: auto")
-    a("--block", choices=["bireal", "basic"], help="default: bireal")
+    a("--model", choices=list(MODELS), help="a zoo model (default: resnet18)")
+    a("--stem", choices=["auto", "imagenet", "cifar"], help="default: auto (imagenet for "
+      "--dataset imagenet, else cifar)")
+    a("--block", choices=["bireal", "basic"], help="resnet blocks (default: bireal)")
     a("--width", type=float, help="channel width multiplier (default 1.0)")
     a("--schedule", choices=SCHEDULES, help="default: both")
     a("--start-bits", type=int, help="first low-bit stage (default 4)")

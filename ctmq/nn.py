@@ -8,10 +8,12 @@ stages with set_bits(model, w_bits, a_bits).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .quant import FULL_PRECISION, check_bits, quantize_act, quantize_weight
 
-__all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_layers"]
+__all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_layers",
+           "RSign", "RPReLU"]
 
 
 class _QMixin:
@@ -144,7 +146,8 @@ def fold_binary_conv_bn(conv, bn):
 def conv_bn(conv, bn, x):
     """bn(conv(x)); in eval mode at W1A1 computed as the deploy runtime does:
     the exact integer conv of the signs (float32, no autocast) * scale + bias."""
-    if bn.training or not (conv.w_bits == 1 and conv.a_bits == 1):
+    if bn.training or not (conv.w_bits == 1 and conv.a_bits == 1) or is_fx_symbolic_tracing():
+        # (traced for export, ctmq.export, as the two modules it folds)
         return bn(conv(x))
     scale, bias = fold_binary_conv_bn(conv, bn)
     with torch.autocast(x.device.type, enabled=False):
@@ -152,3 +155,35 @@ def conv_bn(conv, bn, x):
         sw = torch.where(conv.weight >= 0, 1.0, -1.0).float()
         y = F.conv2d(sx, sw, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         return y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+# ------------------------------------------------ ReActNet's learnable activations
+class RSign(nn.Module):
+    """ReActNet's RSign threshold (Liu et al. 2020; their LearnableBias "move"
+    before BinaryActivation): x + bias, one learnable bias per channel (zeros).
+
+    The sign itself is taken by the following QConv2d's activation quantizer at
+    a_bits = 1; at the ladder's other depths the bias shifts that quantizer's
+    input (at 32, the hardtanh the models put before a full-precision conv)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: PReLU(x + shift_in) + shift_out, per channel (their
+    LearnableBias, nn.PReLU, LearnableBias), slopes initialized to 0.25."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.full((channels,), 0.25))
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        y = F.prelu(x + self.shift_in.view(1, -1, 1, 1), self.weight)
+        return y + self.shift_out.view(1, -1, 1, 1)

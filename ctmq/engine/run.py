@@ -118,8 +118,12 @@ class RunConfig:
 
 def build_model(cfg, data):
     stem = cfg.stem if cfg.stem != "auto" else ("imagenet" if cfg.dataset == "imagenet" else "cifar")
-    return MODELS[cfg.model](data.num_classes, stem=stem, block=cfg.block, width=cfg.width,
-                             in_channels=data.in_channels)
+    block = cfg.block if cfg.model.startswith("resnet") else None  # the others have one kind
+    try:
+        return MODELS[cfg.model](data.num_classes, stem=stem, block=block, width=cfg.width,
+                                 in_channels=data.in_channels)
+    except ValueError as e:  # e.g. vgg_small with the imagenet stem
+        raise RunConfigError(f"model {cfg.model}: {e}") from e
 
 
 def model_from_checkpoint(path):

@@ -1,5 +1,7 @@
-"""ResNet-18 with quantized 3x3 convolutions and real-valued shortcuts.
+"""ResNet-18 and ResNet-34 with quantized 3x3 convolutions and real-valued shortcuts.
 
+* depth 18: [2, 2, 2, 2] blocks per stage, depth 34: [3, 4, 6, 3] (He et al.
+  2016), blocks of two 3x3 convs in both;
 * stem: FP conv (7x7/2 + max pool for "imagenet", 3x3/1 for "cifar") + BN,
   no ReLU (as Bi-Real: the next quantized conv takes the signed activation);
 * 3x3 convs: QConv2d (bit depths set with ctmq.nn.set_bits);
@@ -13,7 +15,7 @@
 * FP average pool + FC;
 * in eval mode, a W1A1 conv + BN computes exactly what the exported runtime
   does (ctmq.nn.conv_bn), so deployed and trained predictions agree.
-Module names follow torchvision's resnet18 so its state dict loads.
+Module names follow torchvision's resnet18/resnet34 so their state dicts load.
 """
 import torch
 import torch.nn.functional as F
@@ -21,13 +23,12 @@ from torch import nn
 
 from ..nn import QConv2d, conv_bn
 from ..quant import FULL_PRECISION
+from ._common import act_input as _act_input
+from ._common import check_args, init_weights, scaled
 
 STEMS = ("imagenet", "cifar")
 BLOCKS = ("bireal", "basic")
-
-
-def _act_input(x, conv):
-    return F.hardtanh(x) if conv.a_bits == FULL_PRECISION else x
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 def _shortcut(cin, cout, stride):
@@ -71,22 +72,20 @@ class BasicBlock(nn.Module):
         return F.hardtanh(conv_bn(self.conv2, self.bn2, _act_input(y, self.conv2)) + short)
 
 
-class ResNet18(nn.Module):
+class ResNet(nn.Module):
+    """ResNet-18/34 (depth) of Bi-Real or basic blocks; see the module docstring.
+    config holds the constructor arguments that rebuild it (bit depths aside)."""
+
     def __init__(self, num_classes=1000, stem="imagenet", block="bireal", width=1.0,
                  in_channels=3, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
-                 act_ste="approx_sign"):
+                 act_ste="approx_sign", depth=18):
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-        if not (isinstance(width, (int, float)) and width > 0):
-            raise ValueError(f"width must be a positive number, got {width!r}")
-        if not (isinstance(num_classes, int) and num_classes >= 1):
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_args("resnet", num_classes, stem, STEMS, block, BLOCKS, width)
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
         self.config = dict(num_classes=num_classes, stem=stem, block=block, width=width,
-                           in_channels=in_channels)
-        chans = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+                           in_channels=in_channels, depth=depth)
+        chans = [scaled(c, width) for c in (64, 128, 256, 512)]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, chans[0], 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -97,19 +96,15 @@ class ResNet18(nn.Module):
         block_cls = BiRealBlock if block == "bireal" else BasicBlock
         qkw = dict(w_bits=w_bits, a_bits=a_bits, act_ste=act_ste)
         cin = chans[0]
-        for i, cout in enumerate(chans):
+        for i, (cout, n) in enumerate(zip(chans, DEPTHS[depth])):
             stride = 1 if i == 0 else 2
-            layer = nn.Sequential(block_cls(cin, cout, stride, **qkw), block_cls(cout, cout, 1, **qkw))
-            self.add_module(f"layer{i + 1}", layer)
+            blocks = [block_cls(cin, cout, stride, **qkw)]
+            blocks += [block_cls(cout, cout, 1, **qkw) for _ in range(n - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x):
         x = self.maxpool(self.bn1(self.conv1(x)))
@@ -117,9 +112,29 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class ResNet18(ResNet):
+    """ResNet(depth=18), the class of resnet18 models (depth 18 only)."""
+
+    def __init__(self, *args, depth=18, **kwargs):
+        _check_depth(depth, 18)
+        super().__init__(*args, depth=18, **kwargs)
+
+
+def _check_depth(depth, expected):
+    if depth != expected:
+        raise ValueError(f"depth: resnet{expected} has depth {expected}, got {depth!r}")
+
+
 def resnet18(num_classes=1000, stem="imagenet", block="bireal", width=1.0, **kwargs):
-    """ResNet-18 with quantized 3x3 convs; FP first conv, shortcuts and FC."""
+    """ResNet-18 with quantized 3x3 convs; FP first conv, shortcuts and FC.
+    kwargs: in_channels, w_bits, a_bits, act_ste (and depth=18, from config)."""
     return ResNet18(num_classes, stem=stem, block=block, width=width, **kwargs)
+
+
+def resnet34(num_classes=1000, stem="imagenet", block="bireal", width=1.0, **kwargs):
+    """ResNet-34 ([3, 4, 6, 3] blocks), otherwise as resnet18."""
+    _check_depth(kwargs.pop("depth", 34), 34)
+    return ResNet(num_classes, stem=stem, block=block, width=width, depth=34, **kwargs)
 
 
 def _torchvision_key(key):
@@ -132,7 +147,7 @@ def _torchvision_key(key):
 
 
 def load_torchvision_weights(model, source):
-    """Initialize model from a torchvision resnet18 state dict (a dict, or a
+    """Initialize model from a torchvision resnet18/34 state dict (a dict, or a
     file: safetensors, or torch.save loaded with weights_only=True). Tensors
     whose shape differs (another stem, width or class count) are skipped.
     Returns the list of skipped or missing parameter names."""
@@ -148,7 +163,7 @@ def load_torchvision_weights(model, source):
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{source!r}: expected a state dict of tensors (torchvision resnet18)")
+        raise ValueError(f"{source!r}: expected a state dict of tensors (torchvision resnet)")
     own = model.state_dict()
     loaded, skipped = {}, []
     for key, value in state.items():
@@ -158,7 +173,7 @@ def load_torchvision_weights(model, source):
         else:
             skipped.append(key)
     if not loaded:
-        raise ValueError(f"{source!r}: no tensor matches this model (is it a resnet18 state dict?)")
+        raise ValueError(f"{source!r}: no tensor matches this model (is it a torchvision resnet?)")
     model.load_state_dict(loaded, strict=False)
     missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
     return skipped + missing
