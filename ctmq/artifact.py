@@ -25,14 +25,16 @@ import torch
 from ._io import atomic_open
 
 FORMAT = "ctmq-binary"
-VERSION = 1
+VERSION = 2  # 2: relu, prelu, rprelu, concat, flatten, adaptive_avg_pool2d; binary_conv
+              # input_bias; conv2d groups; avg_pool2d count_include_pad; hardtanh bounds
 METADATA_KEY = "ctmq"
 
 # op -> (min, max) number of inputs
 NODE_INPUTS = {
     "conv2d": (1, 1), "batch_norm": (1, 1), "max_pool2d": (1, 1), "avg_pool2d": (1, 1),
-    "binary_conv": (1, 2), "add": (2, 2), "hardtanh": (1, 1), "global_avg_pool": (1, 1),
-    "linear": (1, 1), "output": (1, 1),
+    "binary_conv": (1, 2), "add": (2, 2), "concat": (2, 1024), "hardtanh": (1, 1),
+    "relu": (1, 1), "prelu": (1, 1), "rprelu": (1, 1), "global_avg_pool": (1, 1),
+    "adaptive_avg_pool2d": (1, 1), "flatten": (1, 1), "linear": (1, 1), "output": (1, 1),
 }
 
 

@@ -116,7 +116,10 @@ def _lower_conv2d(n):
     w = n.tensor("weight", 4)
     b = n.tensor("bias", 1, optional=True, length=w.shape[0])
     stride, padding, dilation = n.pair("stride", 1), n.pair("padding", 0), n.pair("dilation", 1)
-    return lambda x: F.conv2d(x, w, b, stride, padding, dilation)
+    groups = n.attr("groups", "int", 1)
+    if groups < 1 or w.shape[0] % groups:
+        n.fail(f"groups {groups} does not divide the {w.shape[0]} output channels")
+    return lambda x: F.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
 def _lower_batch_norm(n):
@@ -134,7 +137,8 @@ def _lower_max_pool2d(n):
 def _lower_avg_pool2d(n):
     kernel, stride, padding = n.pair("kernel", 1), n.pair("stride", 1), n.pair("padding", 0, 0)
     ceil_mode = n.attr("ceil_mode", "bool", False)
-    return lambda x: F.avg_pool2d(x, kernel, stride, padding, ceil_mode, False)
+    count_include_pad = n.attr("count_include_pad", "bool", False)
+    return lambda x: F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad)
 
 
 def _lower_binary_conv(n):
@@ -150,6 +154,9 @@ def _lower_binary_conv(n):
     if output not in ("float", "packed"):
         n.fail(f"output must be 'float' or 'packed', got {output!r}")
     packed = output == "packed"
+    input_bias = n.tensor("input_bias", 1, optional=True, length=in_channels)
+    if input_bias is not None:
+        input_bias = input_bias.view(1, -1, 1, 1)
     spare = in_channels % 32
     if spare:  # the kernels count every bit: clear those past in_channels (no host sync)
         bits = bits.clone()
@@ -165,12 +172,42 @@ def _lower_binary_conv(n):
         if channels != in_channels:  # same word count, other channels: wrong values otherwise
             raise ValueError(f"binary_conv node {name!r} expects {in_channels} input channels, "
                              f"got {channels}")
+        if input_bias is not None:  # RSign: the sign of x + bias (the model's own expression)
+            if isinstance(x, binary.PackedActivation):
+                raise ValueError(f"binary_conv node {name!r} has an input_bias, so it needs "
+                                 "float input, got packed bits")
+            x = x + input_bias
         xb = x.bits if isinstance(x, binary.PackedActivation) else pack_bits(x)
         gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
         y = conv(xb, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
                  residual, packed)
         return binary.PackedActivation(y, weight.out_channels) if packed else y
     return run
+
+
+def _lower_hardtanh(n):
+    low, high = n.attr("min_val", "float", -1.0), n.attr("max_val", "float", 1.0)
+    if not low < high:
+        n.fail(f"min_val ({low}) must be below max_val ({high})")
+    return lambda x: F.hardtanh(x, low, high)
+
+
+def _lower_prelu(n):
+    w = n.tensor("weight", 1)
+    return lambda x: F.prelu(x, w)
+
+
+def _lower_rprelu(n):
+    """ctmq.nn.RPReLU's forward: prelu(x + shift_in) + shift_out, per channel."""
+    w = n.tensor("weight", 1)
+    shift_in, shift_out = (n.tensor(k, 1, length=w.shape[0]).view(1, -1, 1, 1)
+                           for k in ("shift_in", "shift_out"))
+    return lambda x: F.prelu(x + shift_in, w) + shift_out
+
+
+def _lower_adaptive_avg_pool2d(n):
+    size = n.pair("output_size", 1)
+    return lambda x: F.adaptive_avg_pool2d(x, size)
 
 
 def _lower_linear(n):
@@ -186,8 +223,14 @@ _LOWER = {
     "avg_pool2d": _lower_avg_pool2d,
     "binary_conv": _lower_binary_conv,
     "add": lambda n: torch.add,
-    "hardtanh": lambda n: F.hardtanh,
+    "concat": lambda n: lambda *xs: torch.cat(xs, 1),
+    "hardtanh": _lower_hardtanh,
+    "relu": lambda n: F.relu,
+    "prelu": _lower_prelu,
+    "rprelu": _lower_rprelu,
     "global_avg_pool": lambda n: lambda x: torch.flatten(F.adaptive_avg_pool2d(x, 1), 1),
+    "adaptive_avg_pool2d": _lower_adaptive_avg_pool2d,
+    "flatten": lambda n: lambda x: torch.flatten(x, 1),
     "linear": _lower_linear,
     "output": lambda n: lambda x: x,
 }
