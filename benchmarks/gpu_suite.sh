@@ -150,7 +150,7 @@ for stage in $STAGES; do
       step tests_mma "${PYTEST[@]}" tests/test_csrc_cuda.py -k mma_matches
       step tests_binary "${PYTEST[@]}" tests/test_kernels_binary.py tests/test_deploy.py -k "triton or cuda or bmma"
       step bench_binary_conv python3 benchmarks/bench_binary_conv.py --device cuda --json "$OUT/binary_conv.json"
-      step bench_deploy python3 benchmarks/bench_resnet18_deploy.py --device cuda --json "$OUT/deploy.json"
+      step bench_deploy python3 benchmarks/bench_deploy.py --device cuda --models resnet18 --json "$OUT/deploy.json"
       ;;
     2)
       step tests_quant "${PYTEST[@]}" tests/test_kernels_quant.py

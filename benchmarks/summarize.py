@@ -49,13 +49,14 @@ def binary_conv(data):
 
 
 def deploy(data):
-    print(f"\nbinarized ResNet-18 deploy, {data['device']}, vs torch {data['reference']}")
+    print(f"\nbinarized zoo deploy, {data['device']}, vs torch {data['reference']}")
     for r in data["rows"]:
+        head = f"{r.get('model', 'resnet18'):>10s} batch {r['batch']:4d}: {r['kernel']:6s}"
         if "error" in r:
-            print(f"batch {r['batch']:4d}: {r['kernel']:6s} failed: {r['error'][:200]}")
+            print(f"{head} failed: {r['error'][:200]}")
             continue
-        print(f"batch {r['batch']:4d}: {r['kernel']:6s} {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} "
-              f"img/s), torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
+        print(f"{head} {r['ctmq_ms']:8.2f} ms ({r['ctmq_img_s']:8.0f} img/s), "
+              f"torch {r['torch_ms']:8.2f} ms: {r['speedup']:.2f}x")
 
 
 def main(folder):

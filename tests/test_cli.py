@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ctmq import cli
 
 
@@ -63,15 +65,19 @@ def test_binary_conv_benchmark_runs(tmp_path):
 def test_deploy_benchmark_runs(tmp_path, capsys):
     import ctmq
     if not ctmq.has_extension():
-        import pytest
         pytest.skip("ctmq._C not built")
-    mod = _benchmark_module("bench_resnet18_deploy")
+    mod = _benchmark_module("bench_deploy")
     out = tmp_path / "d.json"
-    mod.main(["--width", "0.125", "--batch", "1", "--min-time", "0.05", "--json", str(out)])
+    mod.main(["--models", "resnet18,vgg_small,reactnet_a", "--width", "0.125", "--batch", "1",
+              "--min-time", "0.05", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert [(r["batch"], r["kernel"]) for r in data["rows"]] == [(1, "cpp")]
-    assert data["rows"][0]["speedup"] > 0 and data["artifact_bytes"] < data["checkpoint_bytes"]
-    assert "smaller" in capsys.readouterr().out
+    assert [(r["model"], r["size"], r["batch"], r["kernel"]) for r in data["rows"]] == [
+        ("resnet18", 224, 1, "cpp"), ("vgg_small", 32, 1, "cpp"), ("reactnet_a", 224, 1, "cpp")]
+    assert all(r["speedup"] > 0 for r in data["rows"])
+    assert all(a["artifact_bytes"] < a["checkpoint_bytes"] for a in data["artifacts"].values())
+    assert capsys.readouterr().out.count("smaller") == 3
+    with pytest.raises(SystemExit):
+        mod.main(["--models", "resnet50"])
 
 
 def test_train_without_the_training_extras_says_what_to_install(monkeypatch, capsys):
