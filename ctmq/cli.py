@@ -202,7 +202,7 @@ def _training_options(t):
       "0 with --fp-checkpoint)")
     a("--final-epochs", type=int, help="epochs of each cycle's last (target-bit) stage "
       "(default: --epochs-per-stage)")
-    a("--fp-checkpoint", help="FP starting point: a torchvision resnet18 state dict or a "
+    a("--fp-checkpoint", help="FP starting point: a torchvision resnet18/34 state dict or a "
       "ctmq stage checkpoint")
     a("--optimizer", choices=["adam", "sgd"])
     a("--lr", type=float)

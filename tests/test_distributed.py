@@ -1,5 +1,6 @@
-"""Under torchrun, 2 CPU processes (gloo) finish a CTMQ run with identical weights;
-rank 0 alone writes checkpoints and reports."""
+"""Under torchrun, 2 CPU processes (gloo) finish a CTMQ run with identical weights
+(ctmq train's run, and ctmq.engine.fit on a user's converted model); rank 0
+alone writes checkpoints and reports."""
 import os
 import pathlib
 import subprocess
@@ -12,11 +13,12 @@ from safetensors.torch import load_file
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_processes_finish_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("mode", ["0", "fit"], ids=["ctmq-train", "fit-user-model"])
+def test_two_processes_finish_with_identical_weights(tmp_path, mode):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(WORKER), str(out), "0"],
+                          "--nproc_per_node=2", str(WORKER), str(out), mode],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
