@@ -66,3 +66,22 @@ def test_bad_bits_and_empty_models():
     mixed = nn.Sequential(QLinear(2, 2, w_bits=1, a_bits=1), QLinear(2, 2))
     with pytest.raises(ValueError, match="depths"):
         get_bits(mixed)
+
+
+def test_a_compiled_model_follows_set_bits():
+    """torch.compile guards on the layers' bit depths: after set_bits the
+    compiled model computes the new depths (it recompiles), as the trainer's
+    --compile relies on from stage to stage."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.Hardtanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 10)))
+    compiled = torch.compile(model)
+    x = torch.randn(4, 1, 8, 8)
+    outputs = []
+    for bits in (32, 2, 1):
+        set_bits(model, bits, bits)
+        outputs.append(compiled(x))
+        torch.testing.assert_close(outputs[-1], model(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[2], atol=1e-3)  # the depths differ
