@@ -24,6 +24,7 @@ QConv2d's bit depths and weights, a BatchNorm's running statistics), which fx
 keeps as leaf call_module nodes; torch.export traces through them into aten
 ops that would have to be matched back into layers.
 """
+import collections
 import operator
 import os
 
@@ -47,6 +48,15 @@ _ADD = (operator.add, operator.iadd, torch.add)
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
+class _Proxy(torch.fx.Proxy):
+    """fx's Proxy records `a += b` as `a + b` (it has no __iadd__), which hides
+    that eager mode changes the tensor `a` for its other readers; this one
+    records operator.iadd, which the lowering checks."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class _Tracer(torch.fx.Tracer):
     def __init__(self):
         super().__init__()
@@ -54,6 +64,9 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -158,17 +171,23 @@ class _Lowering:
         tail, bn = conv_node, None
         if len(conv_node.users) == 1:
             (reader,) = conv_node.users
-            if isinstance(self.module(reader), nn.BatchNorm2d):
+            if type(self.module(reader)) is nn.BatchNorm2d:
                 tail, bn = reader, self.module(reader)
+                if not bn.track_running_stats or bn.running_mean is None:
+                    self.fail(reader, "BatchNorm without running statistics "
+                                      "(track_running_stats=False)")
                 self.plan[reader] = ("skip",)
-        plan = {"conv": conv, "name": conv_node.target, "source": source,
+        # a conv module called more than once folds differently per call
+        name = conv_node.target if self.calls[conv_node.target] == 1 else \
+            f"{conv_node.target}.{conv_node.name}"
+        plan = {"conv": conv, "name": name, "source": source,
                 "input_bias": input_bias, "bn": bn, "residual": None, "output": "float",
                 "node": conv_node}
         emit_at = tail
         if len(tail.users) == 1:
             (reader,) = tail.users
             other = _add_operands(reader, tail)
-            if other is not None:
+            if other is not None and reader not in self.plan:  # one conv fused per sum
                 plan["residual"], emit_at = other, reader
         if plan["residual"] is None and self.takes_sign(tail):
             plan["output"] = "packed"
@@ -185,7 +204,7 @@ class _Lowering:
             scale, bias = fold_binary_conv_bn(conv, bn)
             if conv.bias is not None:
                 bias = bias + conv.bias.detach().float() * (
-                    bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps))
+                    _affine(bn, "weight").float() / torch.sqrt(bn.running_var.float() + bn.eps))
         else:
             scale = weight_scale(conv.weight.detach().float(), 1)
             bias = (conv.bias.detach().float() if conv.bias is not None
@@ -213,6 +232,8 @@ class _Lowering:
     # ------------------------------------------------------------- the rest
     def lower(self):
         nodes = list(self.graph.nodes)
+        self.calls = collections.Counter(n.target for n in nodes if n.op == "call_module")
+        self.check_in_place(nodes)
         for node in nodes:
             if node.op == "call_module":
                 m = self.module(node)
@@ -302,8 +323,6 @@ class _Lowering:
                             count_include_pad=bool(m.count_include_pad))
         if type(m) is nn.AdaptiveAvgPool2d:
             return self.adaptive_pool(node, x, m.output_size)
-        if type(m) in (nn.Hardtanh, nn.ReLU):
-            self.check_inplace(node, m.inplace)
         if type(m) is nn.Hardtanh:
             return self.add("hardtanh", [self.float_arg(node, x)], min_val=float(m.min_val),
                             max_val=float(m.max_val))
@@ -342,13 +361,11 @@ class _Lowering:
                 self.fail(node, "flatten other than from dim 1 to the end")
             return self.flatten(node, args[0])
         if fn is F.hardtanh:
-            x, lo, hi, inplace = _bound(node, "input", "min_val", "max_val", "inplace")
-            self.check_inplace(node, inplace)
+            x, lo, hi = _bound(node, "input", "min_val", "max_val")
             return self.add("hardtanh", [self.float_arg(node, x)], min_val=float(lo),
                             max_val=float(hi))
         if fn is F.relu:
-            x, inplace = _bound(node, "input", "inplace")
-            self.check_inplace(node, inplace)
+            (x,) = _bound(node, "input")
             return self.add("relu", [self.float_arg(node, x)])
         if fn in (torch.relu, "relu") and len(args) == 1 and not kw:
             return self.add("relu", [self.float_arg(node, args[0])])
@@ -356,12 +373,31 @@ class _Lowering:
             return self.adaptive_pool(node, *_bound(node, "input", "output_size"))
         self.fail(node, f"not in the runtime's vocabulary ({_VOCABULARY})")
 
-    def check_inplace(self, node, inplace):
-        """An in-place activation changes its input for that input's other
-        readers too, which the runtime's nodes do not: refuse it there."""
-        if inplace and len(node.args[0].users) > 1:
-            self.fail(node, "in place (inplace=True) on a value that other layers read too; "
-                            "use inplace=False")
+    def check_in_place(self, nodes):
+        """An in-place op (`+=`, add_, an activation with inplace=True) changes
+        its operand for every later reader of that tensor, through aliases
+        (Identity, Dropout, flatten, views) too; the runtime's nodes write
+        new values. Refuse an in-place op whose operand is read after it."""
+        order = {n: i for i, n in enumerate(nodes)}
+        for node in nodes:
+            target = _in_place_operand(node, self.modules)
+            if not isinstance(target, torch.fx.Node):
+                continue
+            root = target
+            while isinstance(_alias_of(root, self.modules), torch.fx.Node):
+                root = _alias_of(root, self.modules)
+            group, stack = set(), [root]
+            while stack:  # the root and its aliases, not those made by this node
+                value = stack.pop()
+                if value in group or value is node:
+                    continue
+                group.add(value)
+                stack += [u for u in value.users if _alias_of(u, self.modules) is value]
+            late = [u for v in group for u in v.users if u is not node and order[u] > order[node]]
+            if late:
+                self.fail(node, f"writes in place into a tensor that {_what(late[0], self.modules)}"
+                                f"{_where(late[0])} reads later; the runtime does not write in "
+                                "place: use out = out + y, or inplace=False")
 
     def adaptive_pool(self, node, x, size):
         """Adaptive average pool; a global one whose one reader is a flatten
@@ -407,6 +443,32 @@ def _affine(bn, key):
     if t is not None:
         return t
     return torch.ones(bn.num_features) if key == "weight" else torch.zeros(bn.num_features)
+
+
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten)
+
+
+def _in_place_operand(node, modules):
+    """The tensor an in-place node writes, else None."""
+    if node.op == "call_function" and node.target is operator.iadd:
+        return node.args[0]
+    if node.op == "call_method" and node.target.endswith("_") and node.args:
+        return node.args[0]
+    if node.op == "call_module" and getattr(modules[node.target], "inplace", False) is True:
+        return node.args[0]
+    if node.op == "call_function" and node.target in (F.relu, F.hardtanh):
+        return node.args[0] if _bound(node, "inplace") == [True] else None
+    return None
+
+
+def _alias_of(node, modules):
+    """The tensor that node returns itself or a view of, in eval mode, else None."""
+    if node.op == "call_module" and isinstance(modules[node.target], _ALIAS_MODULES):
+        return node.args[0]
+    if ((node.op == "call_function" and node.target is torch.flatten)
+            or (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))):
+        return node.args[0]
+    return _in_place_operand(node, modules)
 
 
 def _is_hardtanh(node, modules):

@@ -139,8 +139,10 @@ def fold_binary_conv_bn(conv, bn):
     from .quant import weight_scale
     with torch.no_grad():
         alpha = weight_scale(conv.weight.float(), 1)
-        inv_std = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
-        return alpha * inv_std, bn.bias.float() - bn.running_mean.float() * inv_std
+        gamma = bn.weight.float() if bn.weight is not None else 1.0  # affine=False: 1 and 0
+        beta = bn.bias.float() if bn.bias is not None else 0.0
+        inv_std = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
+        return alpha * inv_std, beta - bn.running_mean.float() * inv_std
 
 
 def conv_bn(conv, bn, x):

@@ -233,8 +233,9 @@ def _random_statistics(model, seed=1):
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
             elif isinstance(m, (RSign, RPReLU)):
                 for p in m.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 0.2)
@@ -308,3 +309,90 @@ def test_ctmq_train_and_export_take_every_zoo_model(tmp_path, name):
     with torch.no_grad():
         want = model.eval()(x)
     assert torch.equal(deploy.load(art)(x), want)
+
+
+def _check_deploys_as_eval(model, tmp_path, size=8, channels=3):
+    model = _random_statistics(model).eval()
+    export_binary(model, tmp_path / "m.ctmq", input_size=size)
+    x = torch.randn(3, channels, size, size)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(deploy.load(tmp_path / "m.ctmq")(x), want, rtol=1e-4, atol=1e-4)
+
+
+class _Base(nn.Module):
+    def __init__(self, c=12, bn_kwargs=None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv = QConv2d(c, c, 3, padding=1, bias=False, w_bits=1, a_bits=1)
+        self.conv2 = QConv2d(c, c, 1, bias=False, w_bits=1, a_bits=1)
+        self.bn = nn.BatchNorm2d(c, **(bn_kwargs or {}))
+        self.bn2 = nn.BatchNorm2d(c)
+        self.idn = nn.Identity()
+        self.fc = nn.Linear(2 * c, 4)
+
+    def head(self, y):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class TwoConvsIntoOneSum(_Base):  # torchvision's BasicBlock after convert: conv + conv shortcut
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        out = self.bn(self.conv(a))
+        out += self.bn2(self.conv2(a))
+        return self.head(torch.cat([out, a], 1))
+
+
+class SharedConvTwoNorms(_Base):  # one conv module, two calls, each with its own BN
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        y = self.bn(self.conv(a))
+        return self.head(torch.cat([y, self.bn2(self.conv(F.hardtanh(y)))], 1))
+
+
+class PlainNorm(_Base):  # a BN without affine parameters after a binary conv
+    def __init__(self):
+        super().__init__(bn_kwargs={"affine": False})
+
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        return self.head(torch.cat([self.bn(self.conv(a)) + a, a], 1))
+
+
+@pytest.mark.parametrize("cls", [TwoConvsIntoOneSum, SharedConvTwoNorms, PlainNorm])
+def test_shared_convs_two_convs_per_sum_and_plain_norms_deploy_as_eval(tmp_path, cls):
+    _check_deploys_as_eval(cls(), tmp_path)
+
+
+class SumIntoAliasedTensor(_Base):  # `b = a; a += y`: eager b changes too
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        b = a
+        a += self.bn(self.conv(a))
+        return self.head(torch.cat([a, b], 1))
+
+
+class ReluThroughIdentity(_Base):  # idn(a) is a itself: relu in place changes a
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        c = F.relu(self.idn(a), inplace=True)
+        return self.head(torch.cat([a, self.bn(self.conv(c))], 1))
+
+
+class SumReadEarlierOnly(_Base):  # every other reader of a runs before the +=: fine
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        s = self.bn2(self.conv2(a))
+        a += self.bn(self.conv(a))
+        return self.head(torch.cat([a, s], 1))
+
+
+@pytest.mark.parametrize("cls", [SumIntoAliasedTensor, ReluThroughIdentity])
+def test_in_place_ops_on_tensors_read_later_are_refused(tmp_path, cls):
+    with pytest.raises(ExportError, match="writes in place into a tensor that .* reads later"):
+        export_binary(cls(), tmp_path / "m.ctmq", input_size=8)
+
+
+def test_in_place_sum_whose_operand_is_not_read_later_deploys(tmp_path):
+    _check_deploys_as_eval(SumReadEarlierOnly(), tmp_path)
