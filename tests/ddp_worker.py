@@ -27,7 +27,7 @@ def fit_user_model(out):
     from ctmq.engine.trainer import init_distributed
     from ctmq.nn import convert
     info = init_distributed("cpu")
-    torch.manual_seed(0)
+    torch.manual_seed(info.rank)  # each rank builds other weights: fit starts all from rank 0's
     model = convert(nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
         nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.Hardtanh(),

@@ -184,21 +184,22 @@ def fit(model: nn.Module, train_loader, val_loader,
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     log = log if info.is_main else (lambda *a, **k: None)
-    if run_config is None:
+    if run_config is None:  # (batch_size and workers are the loaders', recorded as such)
         run_config = {"seed": seed, "schedules": [s.to_dict() for s in schedules],
                       "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
-                                if k not in ("workers", "progress", "compile")}}
+                                if k not in ("batch_size", "workers", "progress", "compile")},
+                      "batch_size": getattr(train_loader, "batch_size", None)}
     prepare_run_dir(out, run_config, restart, info, run_defaults)
 
     channels_last = device.type == "cuda" and tcfg.channels_last
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
     forward = model
-    if info.enabled:
+    if info.enabled:  # (DDP's constructor gives every rank rank 0's parameters and buffers)
         forward = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
     if tcfg.compile:
         forward = torch.compile(forward)
     loaders = (train_loader, val_loader)
