@@ -101,7 +101,7 @@ def test_resnet_depth_is_checked():
         resnet34(10, width=0.125, depth=18)
     with pytest.raises(ValueError, match="depth"):
         resnet18(10, width=0.125, depth=34)
-    # a resnet18 config written before depth existed still rebuilds
+    # a resnet18 config without a depth key rebuilds (depth defaults to 18)
     old = dict(num_classes=10, stem="cifar", block="basic", width=0.125, in_channels=3)
     assert MODELS["resnet18"](**old).config["depth"] == 18
 
