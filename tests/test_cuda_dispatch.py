@@ -22,7 +22,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ctmq
 from ctmq import binary, deploy, ops, quant
 from ctmq.export import export_binary
-from ctmq.models import resnet18
 from ctmq.nn import set_bits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -212,19 +211,29 @@ def test_binary_entry_points_on_cuda_reach_cuda_kernels(fake_cuda, kernel):
         assert not conv and "_binary_conv_kernel" in launched
 
 
+ZOO = [("resnet18", dict(stem="cifar", width=0.25), 8),
+       ("resnet18", dict(stem="cifar", block="basic", width=0.25), 8),  # packed outputs
+       ("vgg_small", dict(width=0.125), 32),                          # packed, adaptive pool
+       ("reactnet_a", dict(stem="cifar", width=0.125), 16)]           # RSign, RPReLU, concat
+
+
 @pytest.mark.parametrize("kernel", ["triton", "bmma"])
-def test_deploy_runtime_on_cuda_reaches_cuda_kernels(fake_cuda, tmp_path, kernel):
+@pytest.mark.parametrize("name,kwargs,size", ZOO, ids=["resnet18", "resnet18-basic",
+                                                       "vgg_small", "reactnet_a"])
+def test_deploy_runtime_on_cuda_reaches_cuda_kernels(fake_cuda, tmp_path, kernel, name, kwargs,
+                                                     size):
+    from ctmq.models import MODELS
     rec, launched = fake_cuda
     with unset_fake_temporarily():  # a real model, exported to a real artifact
         torch.manual_seed(0)
-        m = resnet18(10, stem="cifar", width=0.25)
+        m = MODELS[name](10, **kwargs)
         set_bits(m, 1, 1)
-        export_binary(m.eval(), tmp_path / "m.ctmq", input_size=8)
+        export_binary(m.eval(), tmp_path / "m.ctmq", input_size=size)
         header, tensors = deploy.read_artifact(tmp_path / "m.ctmq")
     tensors = {k: torch.empty_like(v) for k, v in tensors.items()}  # fake: values don't matter
     with binary.use_kernel(kernel):
         rt = deploy.Runtime(header, tensors, device="cuda")
-        logits = rt.run(torch.empty(2, 3, 8, 8, device="cuda"))
+        logits = rt.run(torch.empty(2, 3, size, size, device="cuda"))
     assert logits.shape == (2, 10) and logits.device.type == "cuda"
     _no_cpu_only_ops(rec)
     bmma_ran = "ctmq::binary_conv2d_bmma" in {n for n, _ in rec.ops}
