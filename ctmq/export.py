@@ -74,11 +74,11 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 def _where(node):
     """` at "file", line N, in f: code` of the model source that made an fx
-    node (its innermost frame outside torch)."""
+    node (its innermost frame outside torch and this exporter)."""
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     for i in range(len(trace) - 1, -1, -1):
         line = trace[i].strip()
-        if line.startswith("File ") and _TORCH_DIR not in line:
+        if line.startswith("File ") and _TORCH_DIR not in line and __file__ not in line:
             code = trace[i + 1].strip() if i + 1 < len(trace) else ""
             return f" at {line[5:]}: {code}"
     return ""
@@ -202,9 +202,6 @@ class _Lowering:
         name = plan["name"]
         if bn is not None:
             scale, bias = fold_binary_conv_bn(conv, bn)
-            if conv.bias is not None:
-                bias = bias + conv.bias.detach().float() * (
-                    _affine(bn, "weight").float() / torch.sqrt(bn.running_var.float() + bn.eps))
         else:
             scale = weight_scale(conv.weight.detach().float(), 1)
             bias = (conv.bias.detach().float() if conv.bias is not None

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .quant import FULL_PRECISION, check_bits, quantize_act, quantize_weight
+from .quant import FULL_PRECISION, check_bits, quantize_act, quantize_weight, weight_scale
 
 __all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_layers",
            "RSign", "RPReLU"]
@@ -52,6 +52,12 @@ class QConv2d(_QMixin, nn.Conv2d):
     """
 
     def forward(self, x):
+        if not self.training and self.w_bits == 1 and self.a_bits == 1 \
+                and self.padding_mode == "zeros":
+            # eval at W1A1: the deploy runtime's arithmetic, the exact integer
+            # conv of the signs times the weight scale (a float conv of +-alpha
+            # would round exact zeros to +-1e-8, and the next sign would flip)
+            return _sign_conv(self, x, weight_scale(self.weight.float(), 1), self.bias)
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
@@ -133,16 +139,18 @@ def convert(model, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, keep_first=True
 # ------------------------------------------------ the binary conv + BN of deploy
 def fold_binary_conv_bn(conv, bn):
     """Per-channel (scale, bias), float32, with
-    BN(conv(sign x, alpha * sign w)) == conv(sign x, sign w) * scale + bias:
-    scale = alpha * gamma / sqrt(var + eps), bias = beta - mean * gamma / sqrt(var + eps).
-    The one definition that the eval path below and the exported runtime share."""
-    from .quant import weight_scale
+    BN(conv(sign x, alpha * sign w) + b) == conv(sign x, sign w) * scale + bias:
+    scale = alpha * gamma / sqrt(var + eps), bias = beta + (b - mean) * gamma / sqrt(var + eps)
+    (b: the conv's bias, if it has one). The one definition that the eval path
+    below and the exported runtime share."""
     with torch.no_grad():
         alpha = weight_scale(conv.weight.float(), 1)
         gamma = bn.weight.float() if bn.weight is not None else 1.0  # affine=False: 1 and 0
         beta = bn.bias.float() if bn.bias is not None else 0.0
         inv_std = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
-        return alpha * inv_std, beta - bn.running_mean.float() * inv_std
+        if conv.bias is None:
+            return alpha * inv_std, beta - bn.running_mean.float() * inv_std
+        return alpha * inv_std, beta + (conv.bias.float() - bn.running_mean.float()) * inv_std
 
 
 def conv_bn(conv, bn, x):
@@ -152,11 +160,19 @@ def conv_bn(conv, bn, x):
         # (traced for export, ctmq.export, as the two modules it folds)
         return bn(conv(x))
     scale, bias = fold_binary_conv_bn(conv, bn)
+    return _sign_conv(conv, x, scale, bias)
+
+
+def _sign_conv(conv, x, scale, bias):
+    """conv(sign x, sign w) * scale + bias per channel, float32 without
+    autocast: the integer conv is exact, then one multiply and one add, as
+    the binary conv kernels' epilogue computes."""
     with torch.autocast(x.device.type, enabled=False):
         sx = torch.where(x >= 0, 1.0, -1.0).float()
         sw = torch.where(conv.weight >= 0, 1.0, -1.0).float()
         y = F.conv2d(sx, sw, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        y = y * scale.view(1, -1, 1, 1)
+        return y if bias is None else y + bias.float().view(1, -1, 1, 1)
 
 
 # ------------------------------------------------ ReActNet's learnable activations

@@ -311,8 +311,8 @@ def test_ctmq_train_and_export_take_every_zoo_model(tmp_path, name):
     assert torch.equal(deploy.load(art)(x), want)
 
 
-def _check_deploys_as_eval(model, tmp_path, size=8, channels=3):
-    model = _random_statistics(model).eval()
+def _check_deploys_as_eval(model, tmp_path, size=8, channels=3, randomize=True):
+    model = (_random_statistics(model) if randomize else model).eval()
     export_binary(model, tmp_path / "m.ctmq", input_size=size)
     x = torch.randn(3, channels, size, size)
     with torch.no_grad():
@@ -390,9 +390,35 @@ class SumReadEarlierOnly(_Base):  # every other reader of a runs before the +=: 
 
 @pytest.mark.parametrize("cls", [SumIntoAliasedTensor, ReluThroughIdentity])
 def test_in_place_ops_on_tensors_read_later_are_refused(tmp_path, cls):
-    with pytest.raises(ExportError, match="writes in place into a tensor that .* reads later"):
+    with pytest.raises(ExportError, match="writes in place into a tensor that .* reads later") as e:
         export_binary(cls(), tmp_path / "m.ctmq", input_size=8)
+    where = str(e.value).split(": writes in place")[0]  # the in-place op's own source line
+    assert "test_fit_export.py" in where and "ctmq/export.py" not in where, where
 
 
 def test_in_place_sum_whose_operand_is_not_read_later_deploys(tmp_path):
     _check_deploys_as_eval(SumReadEarlierOnly(), tmp_path)
+
+
+class ChainWithoutNorms(_Base):  # binary convs back to back, no BN: exact zeros matter
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        return self.head(torch.cat([self.conv2(self.conv(a)), a], 1))
+
+
+class FreshNorms(_Base):  # BN at its initial statistics (straight after convert)
+    def forward(self, x):
+        a = self.bn0(self.stem(x))
+        y = self.bn2(self.conv2(F.hardtanh(self.bn(self.conv(a)))))
+        return self.head(torch.cat([y, a], 1))
+
+
+@pytest.mark.parametrize("cls", [ChainWithoutNorms, FreshNorms])
+def test_binary_convs_without_a_folded_norm_deploy_as_eval(tmp_path, cls):
+    """A QConv2d's own eval at W1A1 is the exact integer conv times its scale,
+    so an exact zero stays zero and the next sign agrees with the runtime's."""
+    torch.manual_seed(0)
+    model = cls()
+    with torch.no_grad():
+        model.stem.weight.copy_(torch.randint(-1, 2, model.stem.weight.shape).float())
+    _check_deploys_as_eval(model, tmp_path, size=9, randomize=cls is ChainWithoutNorms)
