@@ -10,7 +10,7 @@ import torch
 
 from .. import data as data_mod
 from ..models import MODELS, load_torchvision_weights
-from .fit import RunConfigError, fit, load_checkpoint
+from .fit import RunConfigError, checkpoint_meta, fit, load_checkpoint
 from .schedule import Schedule
 from .trainer import TrainConfig, init_distributed, make_loaders
 
@@ -129,7 +129,7 @@ def build_model(cfg, data):
 def model_from_checkpoint(path):
     """(model at the stage's bit depths, metadata), rebuilt from a zoo model's
     stage checkpoint alone."""
-    _, meta = load_checkpoint(path)
+    meta = checkpoint_meta(path)  # the tensors are read once, into the model below
     cfg = dict(meta.get("model") or {})
     name = cfg.pop("name", None)
     if name not in MODELS:
@@ -154,10 +154,8 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
     distinct names) on cfg's zoo model and dataset; returns the report dict.
     The training itself is ctmq.engine.fit (callback: see there)."""
     cfg.check()
-    device = cfg.torch_device()
+    device = cfg.torch_device()  # fit picks the rank's CUDA device under torchrun
     info = init_distributed(device.type)
-    if device.type == "cuda" and info.enabled:
-        device = torch.device("cuda", info.local_rank)
     data = data_mod.load(cfg.dataset, cfg.data_root)
     tcfg = cfg.train_config()
     torch.manual_seed(cfg.seed)
