@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from setup_flags import CXX_STD, NVCC_STD
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/**/*.cu"))
@@ -18,7 +19,7 @@ ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=s
     reason="no .cu sources yet"))])
 def test_cu_compiles_for_sm80_and_sm90(source, tmp_path):
     obj = tmp_path / "out.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-Icsrc", *ARCHS, "-c", source, "-o", str(obj)]
+    cmd = [NVCC, NVCC_STD, "-O3", "-Icsrc", *ARCHS, "-c", source, "-o", str(obj)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
     assert obj.stat().st_size > 0
@@ -42,7 +43,7 @@ def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
     sm_90 (Hopper emulates the XOR form, about 6x slower), and stage its tiles
     with cp.async."""
     obj = tmp_path / "binary_conv.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-Icsrc", *ARCHS, "-c", "csrc/cuda/binary_conv.cu", "-o", str(obj)]
+    cmd = [NVCC, NVCC_STD, "-O3", "-Icsrc", *ARCHS, "-c", "csrc/cuda/binary_conv.cu", "-o", str(obj)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for arch in ("sm_80", "sm_90"):
@@ -72,7 +73,7 @@ def bmma_emulator(tmp_path_factory):
     if not ctmq.has_extension():
         pytest.skip("ctmq._C not built: the CPU kernel is the reference")
     exe = tmp_path_factory.mktemp("cuda_emu") / "run_binary_conv"
-    cmd = [GXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-DCTMQ_CUDA_EMULATION",
+    cmd = [GXX, CXX_STD, "-O2", "-pthread", "-ffp-contract=off", "-DCTMQ_CUDA_EMULATION",
            "-Icsrc/cuda", "-Itests/cuda_emu", "-x", "c++", "tests/cuda_emu/run_binary_conv.cpp",
            "-o", str(exe)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -144,7 +145,7 @@ def bmma_emulator_tsan(tmp_path_factory, bmma_emulator):
     only, so a missing __syncthreads (a shared-memory race on a GPU) is a
     reported data race here."""
     exe = tmp_path_factory.mktemp("cuda_emu_tsan") / "run_binary_conv"
-    cmd = [GXX, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-ffp-contract=off",
+    cmd = [GXX, CXX_STD, "-O1", "-g", "-fsanitize=thread", "-pthread", "-ffp-contract=off",
            "-DCTMQ_CUDA_EMULATION", "-Icsrc/cuda", "-Itests/cuda_emu", "-x", "c++",
            "tests/cuda_emu/run_binary_conv.cpp", "-o", str(exe)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -233,7 +234,7 @@ def _ptx_layout_model(fragments):
 def mma_probe_emulated(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ not found")
-    return _build_probe([GXX, "-std=c++20", "-O2", "-pthread", "-DCTMQ_CUDA_EMULATION", "-Icsrc/cuda",
+    return _build_probe([GXX, CXX_STD, "-O2", "-pthread", "-DCTMQ_CUDA_EMULATION", "-Icsrc/cuda",
                          "-Itests/cuda_emu", "-x", "c++"],
                         tmp_path_factory.mktemp("probe_emu") / "mma_probe")
 
@@ -261,7 +262,7 @@ def test_gpu_mma_matches_emulator(mma_probe_emulated, tmp_path):
     if major < 8:
         pytest.skip("mma.sync b1 AND.POPC needs sm_80 or newer")
     arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
-    gpu = _build_probe([NVCC, "-std=c++17", "-O2", "-Icsrc/cuda", arch, "-x", "cu"],
+    gpu = _build_probe([NVCC, NVCC_STD, "-O2", "-Icsrc/cuda", arch, "-x", "cu"],
                        tmp_path / "mma_probe_gpu")
     frags = _random_fragments(64, 1)
     assert (_run_probe(gpu, tmp_path, frags) == _run_probe(mma_probe_emulated, tmp_path, frags)).all()

@@ -19,6 +19,8 @@ from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from setup_flags import CXX_STD
+
 import ctmq
 from ctmq import binary, deploy, ops, quant
 from ctmq.export import export_binary
@@ -61,7 +63,7 @@ def fake_cuda_guard(tmp_path_factory):
                    "c10::impl::DeviceGuardImplRegistrar reg(c10::DeviceType::CUDA, &guard);\n}\n")
     lib = src.with_suffix(".so")
     tdir = pathlib.Path(torch.__file__).parent
-    subprocess.run([gxx, "-std=c++17", "-shared", "-fPIC", f"-I{tdir / 'include'}", str(src),
+    subprocess.run([gxx, CXX_STD, "-shared", "-fPIC", f"-I{tdir / 'include'}", str(src),
                     f"-L{tdir / 'lib'}", "-lc10", "-o", str(lib)], check=True)
     ctypes.CDLL(str(lib))
 
