@@ -2,13 +2,18 @@
 with checkpoints, resume and reports in one run directory.
 
     out/config.json                  what is trained (checked on resume)
+    out/model.json                   the model's structure (checked on resume)
     out/stages/<key>.safetensors     weights + BN statistics after each stage
     out/stages/<key>.json            that stage's metrics (written after the weights)
     out/report.{json,csv,png}
 
-A stage is complete when both of its files exist; calling fit again with the
-same arguments skips complete stages and continues from the last one, so a
-run killed at any moment loses at most the stage in progress. Every file is
+A stage is complete when both of its files exist and the checkpoint passes its
+checksum; calling fit again with the same arguments skips complete stages and
+continues from the last one, so a run killed at any moment loses at most the
+stage in progress (a damaged checkpoint is trained again). Each stage seeds
+every random generator it draws from (torch, Python, NumPy, the loader's)
+from the seed and its key, so a resumed run computes what an uninterrupted
+one does. One process at a time trains in a directory (a lock); every file is
 written to a temp file and renamed. Under torchrun, rank 0 alone writes;
 every rank loads the same checkpoints.
 
@@ -17,84 +22,29 @@ QLinear (ctmq.nn.convert, or built with them); set_bits switches their bit
 depths between stages. A checkpoint holds the state dict and the stage; the
 model's code is the caller's (rebuild it, then load_checkpoint(path, model)).
 """
+import contextlib
 import copy
 import dataclasses
 import json
 import os
-import shutil
+import random
 import zlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
 from ..nn import quantized_layers, set_bits
 from . import report as report_mod
+from . import rundir
+from .checkpoint import (CheckpointError, checkpoint_meta, load_checkpoint, save_checkpoint,
+                         verify_checkpoint)
+from .rundir import RunConfigError
 from .schedule import Schedule
 from .trainer import TrainConfig, evaluate, init_distributed, train_stage
 
-
-class RunConfigError(ValueError):
-    """A bad configuration, or one that differs from the run directory's."""
-
-
-# --------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, meta):
-    from safetensors.torch import save
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    blob = save(tensors, metadata={"ctmq": json.dumps(meta)})
-    with atomic_open(path, "wb") as f:
-        f.write(blob)
-
-
-def checkpoint_meta(path):
-    """The metadata of a stage checkpoint, without reading its tensors."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return json.loads((f.metadata() or {}).get("ctmq", "{}"))
-
-
-def load_checkpoint(path, model=None):
-    """(state dict, metadata) of a stage checkpoint; loads it into model if
-    given, and sets the model's bit depths to the stage's."""
-    from safetensors.torch import load_file
-    state = load_file(path)
-    meta = checkpoint_meta(path)
-    if model is not None:
-        model.load_state_dict(state, strict=True)
-        stage = meta.get("stage")
-        if stage and quantized_layers(model):
-            set_bits(model, stage["w_bits"], stage["a_bits"])
-    return state, meta
-
-
-def _write_json(path, obj):
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=1)
-
-
-def prepare_run_dir(out, config, restart, info, defaults=None):
-    """Create `out`, or check that the run it holds was made with `config`
-    (a JSON-able dict; keys missing from an older config.json take their
-    value from `defaults`); rank 0 writes, then every rank waits."""
-    path = os.path.join(out, "config.json")
-    if info.is_main:
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            new = json.loads(json.dumps(config))
-            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if diff and not restart:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                raise RunConfigError(f"{out} holds a run with another configuration ({details}); "
-                                     "use another --out, or --restart to discard it")
-            if restart:
-                shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
-        os.makedirs(os.path.join(out, "stages"), exist_ok=True)
-        _write_json(path, config)
-    info.barrier()
+__all__ = ["CheckpointError", "RunConfigError", "checkpoint_meta", "fit", "load_checkpoint",
+           "save_checkpoint"]
 
 
 # ---------------------------------------------------------------- the loop
@@ -130,8 +80,25 @@ def _notify(callback, name, *args):
         fn(*args)
 
 
-def _stage_seed(seed, key):
+def stage_seed(seed, key):
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
+
+
+def seed_stage(seed, key, train_loader):
+    """Seed every generator a stage draws from, from the run's seed and the
+    stage's key alone: torch (CPU and CUDA), Python's random, NumPy's global
+    generator and the loader's own generator (its shuffling, and its workers'
+    seeds). A stage trained after a resume then draws the same numbers as in
+    an uninterrupted run."""
+    s = stage_seed(seed, key)
+    torch.manual_seed(s)
+    random.seed(s)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+        np.random.seed(s)
+    generator = getattr(train_loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(s)
 
 
 def _check_schedules(schedules):
@@ -144,6 +111,132 @@ def _check_schedules(schedules):
     if len(set(names)) != len(names):
         raise ValueError(f"schedules need distinct names, got {names}")
     return schedules
+
+
+def _complete_metrics(sched, index, stage, ckpt, metrics_path, log, label):
+    """The metrics of a stage whose files exist and pass their checks, else None
+    (a damaged stage is removed, to be trained again)."""
+    if not (os.path.exists(ckpt) and os.path.exists(metrics_path)):
+        return None
+    try:
+        trained = verify_checkpoint(ckpt).get("stage")
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        if not isinstance(metrics, dict) or not {"top1", "top5", "train_loss", "seconds"} <= set(metrics):
+            raise ValueError("its metrics file lacks top1/top5/train_loss/seconds")
+    except (CheckpointError, OSError, ValueError) as e:
+        log(f"{label}: {e}; training the stage again")
+        for path in (ckpt, metrics_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return None
+    if trained != dataclasses.asdict(stage):
+        raise RunConfigError(
+            f"{ckpt} holds stage {trained}, but schedule {sched.name!r} now asks for "
+            f"{dataclasses.asdict(stage)} there; use another --out, or --restart to discard "
+            "the run")
+    return metrics
+
+
+class _Run:
+    """What fit() trains with: the model and its forward (DDP, compiled), the
+    loaders, the run directory, and the process's part (rank)."""
+
+    def __init__(self, model, forward, loaders, out, tcfg, device, info, seed, meta, augment,
+                 log, callback, init_state):
+        self.model, self.forward, self.loaders, self.out = model, forward, loaders, out
+        self.tcfg, self.device, self.info, self.seed, self.meta = tcfg, device, info, seed, meta
+        self.augment, self.log, self.callback = augment, log, callback
+        self.teachers = _Teachers(model, out, init_state)
+
+    def paths(self, key):
+        base = os.path.join(self.out, "stages", key)
+        return base + ".safetensors", base + ".json"
+
+    def train(self, sched, i, key, label):
+        """Train stage i of sched (the model holds the previous stage's
+        weights), evaluate it and write its checkpoint and metrics."""
+        stage = sched.stages[i]
+        ckpt, metrics_path = self.paths(key)
+        teacher = self.teachers.get(sched, i, self.tcfg.distill)  # before seeding
+        seed_stage(self.seed, key, self.loaders[0])
+        _notify(self.callback, "stage_start", sched, i, self.model)
+        metrics = train_stage(self.model, stage, label, self.loaders, self.tcfg, self.device,
+                              self.info, augment=self.augment, forward=self.forward,
+                              teacher=teacher, log=self.log)
+        metrics["top1"], metrics["top5"] = evaluate(self.model, self.loaders[1], self.device,
+                                                    self.tcfg)
+        self.log(f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+                 f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")
+        if self.info.is_main:
+            save_checkpoint(ckpt, self.model, dict(self.meta, stage=dataclasses.asdict(stage),
+                                                   schedule=sched.name, key=key))
+            rundir.write_json(metrics_path, metrics)
+        self.info.barrier()
+        _notify(self.callback, "stage_end", sched, i, self.model, metrics)
+        return metrics
+
+    def schedule(self, sched, init_state):
+        """Every stage of one schedule, skipping complete ones; report rows."""
+        self.log(str(sched))
+        self.model.load_state_dict(init_state)
+        pending = None  # checkpoint of the last complete stage, loaded before training on
+        rows = []
+        for i, stage in enumerate(sched.stages):
+            key = sched.stage_key(i)
+            ckpt, metrics_path = self.paths(key)
+            label = f"{sched.name} {i}/{len(sched.stages) - 1} c{stage.cycle} {stage.label}"
+            metrics = _complete_metrics(sched, i, stage, ckpt, metrics_path, self.log, label)
+            if metrics is not None:
+                self.log(f"{label}: complete (top-1 {metrics['top1']:.2f}%), skipped")
+                pending = ckpt
+            else:
+                if pending:
+                    load_checkpoint(pending, self.model)
+                    pending = None
+                metrics = self.train(sched, i, key, label)
+            rows.append(dict(schedule=sched.name, index=i, key=key, cycle=stage.cycle,
+                             label=stage.label, w_bits=stage.w_bits, a_bits=stage.a_bits,
+                             epochs=stage.epochs, top1=metrics["top1"], top5=metrics["top5"],
+                             train_loss=metrics["train_loss"], seconds=metrics["seconds"]))
+        if pending:
+            load_checkpoint(pending, self.model)
+        return rows
+
+
+def _check_arguments(model, schedules, config):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not quantized_layers(model):
+        raise ValueError("model has no QConv2d/QLinear layers to quantize: build it with them, "
+                         "or call ctmq.nn.convert(model) first")
+    schedules = _check_schedules(schedules)
+    tcfg = config if config is not None else TrainConfig()
+    if not isinstance(tcfg, TrainConfig):
+        raise TypeError(f"config must be a ctmq.engine.TrainConfig, got {type(tcfg).__name__}")
+    return schedules, tcfg
+
+
+def _default_run_config(schedules, tcfg, seed, train_loader):
+    # batch_size and workers are the loaders', recorded as such
+    return {"seed": seed, "schedules": [s.to_dict() for s in schedules],
+            "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
+                      if k not in ("batch_size", "workers", "progress", "compile")},
+            "batch_size": getattr(train_loader, "batch_size", None)}
+
+
+def _place(model, tcfg, device, info):
+    """(model on its device, forward): DDP under torchrun, torch.compile if asked."""
+    model = model.to(device)
+    if device.type == "cuda" and tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = model
+    if info.enabled:  # (DDP's constructor gives every rank rank 0's parameters and buffers)
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    if tcfg.compile:
+        forward = torch.compile(forward)
+    return model, forward
 
 
 def fit(model: nn.Module, train_loader, val_loader,
@@ -168,90 +261,37 @@ def fit(model: nn.Module, train_loader, val_loader,
     model) and stage_end(schedule, index, model, metrics), called around
     each stage this call trains (not around complete stages it skips).
     run_config/run_defaults: what config.json records and checks on resume
-    (default: the schedules, config and seed)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not quantized_layers(model):
-        raise ValueError("model has no QConv2d/QLinear layers to quantize: build it with them, "
-                         "or call ctmq.nn.convert(model) first")
-    schedules = _check_schedules(schedules)
-    tcfg = config if config is not None else TrainConfig()
-    if not isinstance(tcfg, TrainConfig):
-        raise TypeError(f"config must be a ctmq.engine.TrainConfig, got {type(tcfg).__name__}")
+    (default: the schedules, config and seed). The model's structure is
+    checked on resume too: a changed model needs another `out` or restart."""
+    schedules, tcfg = _check_arguments(model, schedules, config)
+    out = os.fspath(out)
+    rundir.check_out_dir(out)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     info = init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     log = log if info.is_main else (lambda *a, **k: None)
-    if run_config is None:  # (batch_size and workers are the loaders', recorded as such)
-        run_config = {"seed": seed, "schedules": [s.to_dict() for s in schedules],
-                      "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
-                                if k not in ("batch_size", "workers", "progress", "compile")},
-                      "batch_size": getattr(train_loader, "batch_size", None)}
-    prepare_run_dir(out, run_config, restart, info, run_defaults)
-
-    channels_last = device.type == "cuda" and tcfg.channels_last
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = model
-    if info.enabled:  # (DDP's constructor gives every rank rank 0's parameters and buffers)
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if device.type == "cuda" else None)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    if tcfg.compile:
-        forward = torch.compile(forward)
-    loaders = (train_loader, val_loader)
-    meta = dict(meta or {})
-    teachers = _Teachers(model, out, init_state)
-    rows = []
-    for sched in schedules:
-        log(str(sched))
-        model.load_state_dict(init_state)
-        pending = None  # checkpoint of the last complete stage, loaded before training on
-        for i, stage in enumerate(sched.stages):
-            key = sched.stage_key(i)
-            ckpt = os.path.join(out, "stages", key + ".safetensors")
-            metrics_path = os.path.join(out, "stages", key + ".json")
-            label = f"{sched.name} {i}/{len(sched.stages) - 1} c{stage.cycle} {stage.label}"
-            if os.path.exists(ckpt) and os.path.exists(metrics_path):
-                trained = checkpoint_meta(ckpt).get("stage")
-                if trained != dataclasses.asdict(stage):
-                    raise RunConfigError(
-                        f"{ckpt} holds stage {trained}, but schedule {sched.name!r} now asks "
-                        f"for {dataclasses.asdict(stage)} there; use another --out, or "
-                        f"--restart to discard the run")
-                with open(metrics_path) as f:
-                    metrics = json.load(f)
-                log(f"{label}: complete (top-1 {metrics['top1']:.2f}%), skipped")
-                pending = ckpt
-            else:
-                if pending:
-                    load_checkpoint(pending, model)
-                    pending = None
-                teacher = teachers.get(sched, i, tcfg.distill)  # before seeding
-                torch.manual_seed(_stage_seed(seed, key))
-                _notify(callback, "stage_start", sched, i, model)
-                metrics = train_stage(model, stage, label, loaders, tcfg, device, info,
-                                      augment=augment, forward=forward, teacher=teacher)
-                metrics["top1"], metrics["top5"] = evaluate(model, val_loader, device, tcfg)
-                log(f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-                    f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")
-                if info.is_main:
-                    save_checkpoint(ckpt, model, dict(meta, stage=dataclasses.asdict(stage),
-                                                      schedule=sched.name, key=key))
-                    _write_json(metrics_path, metrics)
-                info.barrier()
-                _notify(callback, "stage_end", sched, i, model, metrics)
-            rows.append(dict(schedule=sched.name, index=i, key=key, cycle=stage.cycle,
-                             label=stage.label, w_bits=stage.w_bits, a_bits=stage.a_bits,
-                             epochs=stage.epochs, top1=metrics["top1"], top5=metrics["top5"],
-                             train_loss=metrics["train_loss"], seconds=metrics["seconds"]))
-        if pending:
-            load_checkpoint(pending, model)
-    rep = report_mod.build(schedules, rows, run_config)
+    if run_config is None:
+        run_config = _default_run_config(schedules, tcfg, seed, train_loader)
+    lock = rundir.RunLock(out)
     if info.is_main:
-        report_mod.write(out, rep)
-    info.barrier()
+        os.makedirs(out, exist_ok=True)
+        lock.acquire()
+    try:
+        if info.is_main:
+            rundir.remove_stale_temps(out)
+            rundir.prepare(out, run_config, restart, rundir.model_structure(model), run_defaults)
+        info.barrier()
+        model, forward = _place(model, tcfg, device, info)
+        init_state = {k: v.clone() for k, v in model.state_dict().items()}
+        run = _Run(model, forward, (train_loader, val_loader), out, tcfg, device, info, seed,
+                   dict(meta or {}), augment, log, callback, init_state)
+        rows = [row for sched in schedules for row in run.schedule(sched, init_state)]
+        rep = report_mod.build(schedules, rows, run_config)
+        if info.is_main:
+            report_mod.write(out, rep)
+        info.barrier()
+    finally:
+        lock.release()
     return rep

@@ -10,7 +10,9 @@ import torch
 
 from .. import data as data_mod
 from ..models import MODELS, load_torchvision_weights
-from .fit import RunConfigError, checkpoint_meta, fit, load_checkpoint
+from .checkpoint import checkpoint_meta, load_checkpoint
+from .fit import fit
+from .rundir import RunConfigError
 from .schedule import Schedule
 from .trainer import TrainConfig, init_distributed, make_loaders
 

@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 
 import torch
@@ -88,10 +89,10 @@ def init_distributed(device_type):
 
 def make_loaders(data, batch_size, info, seed, workers=0, pin_memory=False):
     """(train, test) loaders; under DDP each rank reads its DistributedSampler
-    shard. With workers, the worker processes persist across epochs and
-    stages (no re-spawn per epoch); pin_memory for CUDA (asynchronous
-    host-to-device copies)."""
-    more = dict(persistent_workers=True) if workers else {}
+    shard. Workers are started anew each epoch (not persistent), so that
+    their random seeds come from the loader's generator, which each stage
+    seeds (fit's seed_stage): a resumed stage augments as an uninterrupted
+    one does. pin_memory for CUDA (asynchronous host-to-device copies)."""
     sampler = None
     if info.enabled:
         sampler = torch.utils.data.DistributedSampler(data.train, info.world_size, info.rank,
@@ -100,9 +101,9 @@ def make_loaders(data, batch_size, info, seed, workers=0, pin_memory=False):
     train = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=sampler is None,
                                         sampler=sampler, generator=g, num_workers=workers,
                                         drop_last=len(data.train) > batch_size * info.world_size,
-                                        pin_memory=pin_memory, **more)
+                                        pin_memory=pin_memory)
     test = torch.utils.data.DataLoader(data.test, batch_size=max(batch_size, 256), shuffle=False,
-                                       num_workers=workers, pin_memory=pin_memory, **more)
+                                       num_workers=workers, pin_memory=pin_memory)
     return train, test
 
 
@@ -163,13 +164,56 @@ def _to_device(x, y, device, cfg):
     return x, y.to(device, non_blocking=True)
 
 
+class _Progress:
+    """Progress of one stage: tqdm bars on a terminal; elsewhere (a log file,
+    CI, nohup) one line per epoch, and one a minute within a long epoch, with
+    the loss, training accuracy, images/s and the stage's remaining time."""
+
+    INTERVAL = 60.0  # seconds between lines within an epoch
+
+    def __init__(self, label, epochs, steps, enabled, log):
+        self.label, self.epochs, self.steps = label, epochs, steps
+        self.log = log if enabled else None
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = time.time()
+        self.last_line = self.t0
+        self.images = 0
+
+    def bar(self, loader, epoch):
+        return _tqdm()(loader, desc=f"{self.label} epoch {epoch + 1}/{self.epochs}", leave=False,
+                       disable=not self.tty, dynamic_ncols=True)
+
+    def line(self, epoch, step, loss, correct, seen_images, epoch_done):
+        """step: steps of this stage done; loss: mean so far in the epoch."""
+        if self.log is None or self.tty:
+            return
+        now = time.time()
+        if not epoch_done and now - self.last_line < self.INTERVAL:
+            return
+        self.last_line = now
+        rate = self.images / max(now - self.t0, 1e-9)
+        left = (now - self.t0) / max(step, 1) * (self.steps - step)
+        where = f"epoch {epoch + 1}/{self.epochs}" + (
+            "" if epoch_done else f" step {step - epoch * (self.steps // self.epochs)}"
+                                  f"/{self.steps // self.epochs}")
+        self.log(f"{self.label} {where}: loss {loss:.4f}, train top-1 "
+                 f"{100.0 * correct / max(seen_images, 1):.2f}%, {rate:.0f} img/s, "
+                 f"stage ETA {_clock(left)}")
+
+
+def _clock(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, forward=None,
-                teacher=None):
+                teacher=None, log=print):
     """Train `model` (already at the stage's weights) for stage.epochs with a
     fresh optimizer and cfg's LR schedule; `forward` is the (DDP/compiled)
     callable; `augment`: a function of each training batch (on the device);
     `teacher`: a frozen model whose logits the loss also follows
-    (cfg.distill_weight * distillation_loss). Returns {"train_loss": mean
+    (cfg.distill_weight * distillation_loss); `log`: where progress lines go
+    when stderr is not a terminal (cfg.progress). Returns {"train_loss": mean
     loss of the last epoch, "seconds": wall time}."""
     base = model.module if hasattr(model, "module") else model
     set_bits(base, stage.w_bits, stage.a_bits)
@@ -180,6 +224,7 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, f
     warmup = min(total, round(cfg.warmup_epochs * len(train_loader)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+    progress = _Progress(label, stage.epochs, total, cfg.progress and info.is_main, log)
     t0 = time.time()
     step = 0
     last_loss = float("nan")
@@ -187,12 +232,11 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, f
     for epoch in range(stage.epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        bar = _tqdm()(train_loader, desc=f"{label} epoch {epoch + 1}/{stage.epochs}", leave=False,
-                   disable=None if (cfg.progress and info.is_main) else True,  # None: off unless a TTY
-                   dynamic_ncols=True)
+        bar = progress.bar(train_loader, epoch)
         running = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
         window = []
-        seen = 0
+        seen = images = 0
         for x, y in bar:
             x, y = _to_device(x, y, device, cfg)
             if augment is not None:
@@ -211,18 +255,24 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, f
             sched.step()
             step += 1
             seen += 1
+            images += len(y)
+            progress.images += len(y)
             running += loss.detach().float()
+            correct += (logits.detach().argmax(1) == y).sum()
             window.append(loss.detach().float())
             if device.type != "cuda" or len(window) == _CHECK_EVERY:
                 _check_finite(window, step, label)
                 window = []
-                bar.set_postfix(loss=f"{running.item() / seen:.4f}")
+                mean = running.item() / seen
+                bar.set_postfix(loss=f"{mean:.4f}")
+                progress.line(epoch, step, mean, correct.item(), images, epoch_done=False)
         if window:
             _check_finite(window, step, label)
         if info.enabled:
             dist.all_reduce(running)
             running /= info.world_size
         last_loss = running.item() / max(seen, 1)
+        progress.line(epoch, step, last_loss, correct.item(), images, epoch_done=True)
     if info.enabled:
         # Each rank's last forward updated its own BN statistics: take rank 0's,
         # which its checkpoint holds, so that every rank goes on from the same state.

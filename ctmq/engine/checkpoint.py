@@ -1,0 +1,113 @@
+"""Stage checkpoints: one safetensors file of the model's state dict, with the
+stage and the caller's metadata as JSON under the metadata key "ctmq", and a
+sha256 of the tensor data, so that a truncated or damaged file is found
+before its weights are used.
+
+Reading never unpickles. Every error names the file (CheckpointError).
+"""
+import hashlib
+import json
+import os
+import struct
+
+from .._io import atomic_open
+from ..nn import quantized_layers, set_bits
+
+METADATA_KEY = "ctmq"
+DIGEST_KEY = "ctmq.sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or fails its check; names the file."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(path, model, meta):
+    """Write model's state dict and `meta` (JSON-able) to `path`, all or nothing."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # the digest covers the tensor data, which the header's metadata does not
+    # change: serialize once to hash it, once more with the digest in the header
+    blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+    data = blob[8 + struct.unpack("<Q", blob[:8])[0]:]
+    blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta), DIGEST_KEY: _digest(data)})
+    with atomic_open(path, "wb") as f:
+        f.write(blob)
+
+
+def _read(path):
+    """(header dict, tensor data bytes) of a safetensors file, checked for size."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    if len(blob) < 8:
+        raise CheckpointError(f"{path}: truncated ({len(blob)} bytes): not a checkpoint")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise CheckpointError(f"{path}: truncated: its header claims {n} bytes, the file has "
+                              f"{len(blob) - 8}")
+    try:
+        header = json.loads(blob[8:8 + n])
+        if not isinstance(header, dict):
+            raise TypeError("not an object")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable header (not a safetensors checkpoint)") from e
+    data = blob[8 + n:]
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)]
+    if ends and max(ends) != len(data):
+        raise CheckpointError(f"{path}: truncated or padded: its tensors need {max(ends)} bytes, "
+                              f"the file holds {len(data)}")
+    return header, blob, data
+
+
+def checkpoint_meta(path):
+    """The ctmq metadata of a checkpoint (stage, schedule, key, the caller's)."""
+    header, _, _ = _read(path)
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY, "{}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{os.fspath(path)}: its ctmq metadata is not JSON") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{os.fspath(path)}: its ctmq metadata is not an object")
+    return meta
+
+
+def verify_checkpoint(path):
+    """Read the whole file and check its sha256 (where it has one); returns the
+    metadata. A CheckpointError names the file and says what is wrong."""
+    header, _, data = _read(path)
+    digest = (header.get("__metadata__") or {}).get(DIGEST_KEY)
+    if digest is not None and digest != _digest(data):
+        raise CheckpointError(f"{os.fspath(path)}: checksum mismatch: the file was changed or damaged")
+    return checkpoint_meta(path)
+
+
+def load_checkpoint(path, model=None):
+    """(state dict, metadata) of a stage checkpoint, verified; loads it into
+    model if given, and sets the model's bit depths to the stage's."""
+    from safetensors.torch import load
+    path = os.fspath(path)
+    verify_checkpoint(path)
+    _, blob, _ = _read(path)
+    try:
+        state = load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: corrupt tensor data ({e})") from e
+    meta = checkpoint_meta(path)
+    if model is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: does not fit this model ({e})") from e
+        stage = meta.get("stage")
+        if stage and quantized_layers(model):
+            set_bits(model, stage["w_bits"], stage["a_bits"])
+    return state, meta
