@@ -10,7 +10,7 @@ from ctmq import cli
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--device", "cpu", "--numel", "9216", "--json", str(out)]) == 0
+    assert cli.main(["bench", "quant", "--device", "cpu", "--numel", "9216", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "act W4A4 clipped" in text and "vs eager" in text
     data = json.loads(out.read_text())
@@ -21,14 +21,14 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_flags(capsys):
-    assert cli.main(["bench", "--device", "cpu", "--numel", "10"]) == 2
+    assert cli.main(["bench", "quant", "--device", "cpu", "--numel", "10"]) == 2
     assert "--numel must be >= 4608" in capsys.readouterr().err
-    assert cli.main(["bench", "--device", "cpu", "--numel", "9216", "--only", "nope"]) == 2
+    assert cli.main(["bench", "quant", "--device", "cpu", "--numel", "9216", "--only", "nope"]) == 2
     assert "--only 'nope' matches no case" in capsys.readouterr().err
 
 
 def test_console_script_help():
-    res = subprocess.run([sys.executable, "-m", "ctmq.cli", "bench", "--help"],
+    res = subprocess.run([sys.executable, "-m", "ctmq.cli", "bench", "quant", "--help"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "--numel" in res.stdout
 

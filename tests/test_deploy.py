@@ -87,11 +87,11 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     assert "smaller than the float32 checkpoint" in capsys.readouterr().out
     # the deployed model predicts every test digit as the trained model does
     from ctmq import data
-    from ctmq.cli_deploy import find_checkpoint
+    from ctmq.cli.deploy import find_checkpoint
     from ctmq.engine import model_from_checkpoint
     d = data.load("digits")
     x, y = d.test.tensors
-    m, meta = model_from_checkpoint(find_checkpoint(str(out)))
+    m, meta = model_from_checkpoint(find_checkpoint(str(out))[0])
     assert meta["stage"]["w_bits"] == meta["stage"]["a_bits"] == 1
     m.eval()
     rt = deploy.load(art)
@@ -110,7 +110,7 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     assert cli.main(["infer", str(art), str(tmp_path / "two.pt"), "--json", str(tmp_path / "p.json")]) == 0
     preds = json.loads((tmp_path / "p.json").read_text())
     assert [p["top"][0][0] for p in preds] == [str(i) for i in ref[:2].argmax(1).tolist()]
-    assert cli.main(["bench", "--deploy", str(art), "--batch", "1"]) == 0
+    assert cli.main(["bench", "deploy", str(art), "--batch", "1"]) == 0
 
 
 def _rewrite_header(src, dst, edit, extra=None):

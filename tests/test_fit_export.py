@@ -296,14 +296,14 @@ def test_resnet18_exports_to_the_graph_it_always_had(tmp_path):
 def test_ctmq_train_and_export_take_every_zoo_model(tmp_path, name):
     from ctmq import cli
     from ctmq.engine import model_from_checkpoint
-    from ctmq.cli_deploy import find_checkpoint
+    from ctmq.cli.deploy import find_checkpoint
     out = tmp_path / "run"
     assert cli.main(["train", "--model", name, "--width", "0.125", "--schedule", "ctmq",
                      "--start-bits", "2", "--cycles", "1", "--epochs-per-stage", "1",
                      "--batch-size", "256", "--no-progress", "--out", str(out)]) == 0
     art = tmp_path / "m.ctmq"
     assert cli.main(["export", str(out), "-o", str(art)]) == 0
-    model, _ = model_from_checkpoint(find_checkpoint(str(out)))
+    model, _ = model_from_checkpoint(find_checkpoint(str(out))[0])
     d = data.load("digits")
     x = torch.stack([d.test[i][0] for i in range(16)])
     with torch.no_grad():

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ctmq import cli
+from ctmq.cli.train import STUDY_KEYS, read_config_file
 from ctmq.engine import RunConfig, RunConfigError, Schedule
 from ctmq.engine.study import ARMS, arm_schedules, paired_interval, t975
 
@@ -98,13 +99,13 @@ def test_shipped_configs_parse():
     total epochs, its FP ceiling included."""
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    values = cli._read_config_file(str(root / "digits-hard.yaml"), cli.STUDY_KEYS)
+    values = read_config_file(str(root / "digits-hard.yaml"), STUDY_KEYS)
     seeds, arms, custom = values.pop("seeds"), values.pop("arms"), values.pop("schedules")
     assert len(seeds) >= 3 and set(ARMS) <= set(arms)
     schedules = arm_schedules(RunConfig(**values), arms, custom)
     totals = {name: s.total_epochs for name, s in schedules.items() if name != "direct-final"}
     assert len(set(totals.values())) == 1, totals
-    imagenet = RunConfig(**cli._read_config_file(str(root / "imagenet-resnet18.yaml")))
+    imagenet = RunConfig(**read_config_file(str(root / "imagenet-resnet18.yaml")))
     assert (imagenet.dataset, imagenet.stem, imagenet.block, imagenet.cycles) == \
         ("imagenet", "imagenet", "bireal", 2)
     assert [s.label for s in imagenet.schedules()[0].stages][:4] == ["W4A4", "W3A3", "W2A2", "W1A1"]

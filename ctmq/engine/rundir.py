@@ -154,8 +154,11 @@ def prepare(out, config, restart, structure=None, defaults=None):
             details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise RunConfigError(f"{out} holds a run with another configuration ({details}); "
                                  "use another --out, or --restart to discard it")
-    if restart:
+    if restart:  # the old run's stages and reports
         shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
+        for name in ("report.json", "report.csv", "report.png", "model.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, name))
     os.makedirs(os.path.join(out, "stages"), exist_ok=True)
     if structure is not None:
         write_json(os.path.join(out, "model.json"), structure)

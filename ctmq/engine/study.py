@@ -107,7 +107,7 @@ def study(cfg: RunConfig, seeds, arms=ARMS, custom=None, restart=False, log=prin
         seed_cfg = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed-{seed}"))
         log(f"seed {seed}: {', '.join(arms)}")
         runs[seed] = run(seed_cfg, restart=restart, log=log, schedules=list(schedules.values()))
-    rep = summarize(runs, schedules, dataclasses.asdict(cfg))
+    rep = summarize(runs, schedules, cfg.flat())
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
         write(cfg.out, rep)
     return rep

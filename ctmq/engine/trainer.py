@@ -11,47 +11,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..nn import quantized_layers, set_bits
+from .config import TrainConfig  # noqa: F401  (re-exported: ctmq.engine.trainer.TrainConfig)
 
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("cosine", "linear")
 _CHECK_EVERY = 16  # steps between finiteness checks of the loss on CUDA (one sync)
 
 
 class StageDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the stage and the step."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    optimizer: str = "adam"
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    batch_size: int = 128
-    label_smoothing: float = 0.0
-    workers: int = 0
-    amp: bool = True            # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
-    compile: bool = False
-    progress: bool = True
-    lr_schedule: str = "cosine"        # per stage: cosine or linear decay to zero
-    warmup_epochs: float = 0.0         # linear warm-up at the start of each stage
-    weight_decay_binary: bool = True   # False: no decay on the latent weights of quantized layers
-    distill: bool = False              # low-bit stages learn from the cycle's FP model too
-    distill_temperature: float = 1.0
-    distill_weight: float = 1.0
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        for name in ("lr", "batch_size", "distill_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "distill_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ------------------------------------------------------------------ processes
