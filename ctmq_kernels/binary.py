@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from ctmq.ops.shapes import binary_conv2d_empty, pack_bits_output_shape
+from .shapes import binary_conv2d_empty, pack_bits_output_shape
 
 PACK_BLOCK_P = 64   # pixels per program when packing
 CONV_BLOCK_M = 32   # output pixels per program

@@ -13,15 +13,10 @@ MODELS = {"resnet18": resnet18, "resnet34": resnet34, "vgg_small": vgg_small,
           "reactnet_a": reactnet_a}
 
 
-
 def zoo_name(model):
-    """The MODELS name of a zoo model (its class and config), else None."""
-    if isinstance(model, ResNet):
-        return f"resnet{model.config['depth']}"
-    if isinstance(model, VGGSmall):
-        return "vgg_small"
-    if isinstance(model, ReActNetA):
-        return "reactnet_a"
+    """The MODELS name of a zoo model, else None."""
+    if isinstance(model, (ResNet, VGGSmall, ReActNetA)):
+        return model.architecture["name"]
     return None
 
 

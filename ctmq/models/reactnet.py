@@ -96,6 +96,11 @@ class ReActNetA(nn.Module):
         self.fc = nn.Linear(chans[-1], num_classes)
         init_weights(self)
 
+    @property
+    def architecture(self):
+        """What an exported artifact records: the zoo name and the arguments."""
+        return dict(self.config, name="reactnet_a")
+
     def forward(self, x):
         return self.fc(torch.flatten(self.pool1(self.feature(x)), 1))
 

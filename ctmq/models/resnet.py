@@ -106,6 +106,11 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 
+    @property
+    def architecture(self):
+        """What an exported artifact records: the zoo name and the arguments."""
+        return dict(self.config, name=f"resnet{self.config['depth']}")
+
     def forward(self, x):
         x = self.maxpool(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))

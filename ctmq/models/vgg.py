@@ -55,6 +55,11 @@ class VGGSmall(nn.Module):
         self.fc = nn.Linear(chans[-1] * 4 * 4, num_classes)
         init_weights(self)
 
+    @property
+    def architecture(self):
+        """What an exported artifact records: the zoo name and the arguments."""
+        return dict(self.config, name="vgg_small")
+
     def forward(self, x):
         x = F.hardtanh(self.bn0(self.conv0(x)))
         for i in range(1, len(CHANNELS)):

@@ -1,7 +1,12 @@
 """Shapes and argument checks shared by every implementation of an op (fake,
-CPU, CUDA): one output-shape formula and one argument check per op."""
-from torch import Tensor
+CPU, CUDA): one output-shape formula and one argument check per op. The
+binary kernels' shape formulas live with the Triton kernels (ctmq_kernels,
+which need nothing of ctmq) and are imported from there."""
 import torch
+from torch import Tensor
+
+from ctmq_kernels.shapes import (  # noqa: F401  (re-exported)
+    binary_conv2d_empty, binary_conv2d_output_shape, conv_output_size, pack_bits_output_shape, words)
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 CPU_MAX_TAPS = 64  # the C++ binary conv keeps each output's valid taps in a 64-bit mask
@@ -22,45 +27,11 @@ def check_ste(ste: str, bits: int):
         raise ValueError(f"ste='approx_sign' applies to bits=1 only, got bits={bits}")
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """torch.nn.Conv2d's output size along one dimension."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def words(channels: int) -> int:
-    """int32 words per pixel of `channels` packed channels."""
-    return (channels + 31) // 32
-
-
-def pack_bits_output_shape(shape) -> tuple:
-    n, c, h, w = shape
-    return (n, h, w, words(c))
-
-
-def binary_conv2d_output_shape(x_shape, bits_shape, stride, padding, dilation,
-                               packed_out: bool) -> tuple:
-    """(N, O, OH, OW), or (N, OH, OW, ceil(O/32)) packed, of a binary conv of
-    packed x (N, H, W, words) with packed weight bits (O, KH, KW, words)."""
-    n, h, w, _ = x_shape
-    o, kh, kw, _ = bits_shape
-    oh = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
-    return (n, oh, ow, words(o)) if packed_out else (n, o, oh, ow)
-
-
 def check_cpu_taps(bits: Tensor):
     """The C++ kernel's limit on the kernel size."""
     if bits.shape[1] * bits.shape[2] > CPU_MAX_TAPS:
         raise ValueError(f"the CPU binary conv takes kernels of at most {CPU_MAX_TAPS} taps, got "
                          f"{bits.shape[1]}x{bits.shape[2]}")
-
-
-def binary_conv2d_empty(x: Tensor, bits_shape, stride, padding, dilation,
-                        packed_out: bool) -> Tensor:
-    """An uninitialized binary conv output on x's device: float32 (N, O, OH,
-    OW), or packed int32 (N, OH, OW, ceil(O/32))."""
-    shape = binary_conv2d_output_shape(x.shape, bits_shape, stride, padding, dilation, packed_out)
-    return x.new_empty(shape, dtype=torch.int32 if packed_out else torch.float32)
 
 
 def _check_packed(name, t, device):

@@ -1,4 +1,4 @@
-"""The artifact format, shared by the exporter (ctmq.export) and the runtime
+"""The artifact file, shared by the exporter (ctmq.export) and the runtime
 (ctmq.deploy): one safetensors file whose metadata key "ctmq" holds a JSON
 header. Loading it never unpickles anything.
 
@@ -12,34 +12,31 @@ Header:
                       the image batch, the last node is "output"
     checksum          artifact_checksum(header, tensors)
 
-Node ops (NODE_INPUTS) and their attributes are described in docs/design.md;
-a node's tensor attributes name tensors of the file.
+Node ops, their inputs and attributes are the table of ctmq.artifact.vocabulary;
+a node's tensor attributes name tensors of the file. Writing and reading
+check the same things (check_artifact), so that no artifact is written that
+loading refuses.
 """
 import hashlib
 import json
+import math
 import os
 import struct
 
 import torch
 
-from ._io import atomic_open
+from .._io import atomic_open
+from .errors import ArtifactError
+from .vocabulary import MAX_CHANNELS, MAX_SIDE, MAX_VALUE_ELEMENTS, OPS, infer_shapes, required_version
 
 FORMAT = "ctmq-binary"
-VERSION = 2  # 2: relu, prelu, rprelu, concat, flatten, adaptive_avg_pool2d; binary_conv
-              # input_bias; conv2d groups; avg_pool2d count_include_pad; hardtanh bounds
+# 2: relu, prelu, rprelu, concat, flatten, adaptive_avg_pool2d; binary_conv input_bias;
+#    conv2d groups; avg_pool2d count_include_pad; hardtanh bounds
+# 3: leaky_relu
+# A file records the oldest version that reads it: 2, or the newest `since` of its ops.
+VERSION = 3
 METADATA_KEY = "ctmq"
-
-# op -> (min, max) number of inputs
-NODE_INPUTS = {
-    "conv2d": (1, 1), "batch_norm": (1, 1), "max_pool2d": (1, 1), "avg_pool2d": (1, 1),
-    "binary_conv": (1, 2), "add": (2, 2), "concat": (2, 1024), "hardtanh": (1, 1),
-    "relu": (1, 1), "prelu": (1, 1), "rprelu": (1, 1), "global_avg_pool": (1, 1),
-    "adaptive_avg_pool2d": (1, 1), "flatten": (1, 1), "linear": (1, 1), "output": (1, 1),
-}
-
-
-class ArtifactError(ValueError):
-    """A file that is not a valid, intact ctmq artifact; the message says why."""
+MAX_CLASSES = 1_000_000
 
 
 def artifact_checksum(header, tensors):
@@ -57,11 +54,15 @@ def artifact_checksum(header, tensors):
 
 def write_artifact(path, header, tensors):
     """Write header (without its checksum) and CPU tensors to `path`, all or
-    nothing (temp file + rename); returns the header with its checksum."""
+    nothing (temp file + rename), after the checks that reading applies;
+    returns the header with its checksum."""
     from safetensors.torch import save
-    header = dict(header, format=FORMAT, version=VERSION)
+    header = dict(header, format=FORMAT)
     header.pop("checksum", None)
     check_graph(header)
+    # never below 2: version 1 readers would ignore attributes that version 2 added
+    header["version"] = max(2, required_version(header["nodes"]))
+    check_artifact(header, tensors)
     header["checksum"] = artifact_checksum(header, tensors)
     blob = save(tensors, metadata={METADATA_KEY: json.dumps(header)})
     with atomic_open(path, "wb") as f:
@@ -83,11 +84,14 @@ def check_graph(header):
             raise ArtifactError(f"node {i} is not an object")
         op, out, inputs = node.get("op"), node.get("out"), node.get("in")
         where = f"node {i} ({op!r} -> {out!r})"
-        if not isinstance(op, str) or op not in NODE_INPUTS:
-            raise ArtifactError(f"{where}: unknown layer type {op!r}; known: {sorted(NODE_INPUTS)}")
+        if not isinstance(op, str) or op not in OPS:
+            raise ArtifactError(f"{where}: unknown layer type {op!r}; known: {sorted(OPS)}")
         if not isinstance(out, str) or out in defined:
             raise ArtifactError(f"{where}: its output must be a new value name")
-        low, high = NODE_INPUTS[op]
+        if OPS[op].since > header.get("version", VERSION):
+            raise ArtifactError(f"{where}: {op} needs format version {OPS[op].since}, the file "
+                                f"says {header.get('version')}")
+        low, high = OPS[op].inputs
         if (not isinstance(inputs, list) or not low <= len(inputs) <= high
                 or not all(isinstance(v, str) for v in inputs)):
             raise ArtifactError(f"{where}: needs {low}..{high} input names, got {inputs!r}")
@@ -99,6 +103,60 @@ def check_graph(header):
         if op == "output" and out != "output":
             raise ArtifactError(f"{where}: the output node's value must be named 'output'")
         defined.add(out)
+
+
+def _count(v, high):
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= high
+
+
+def _numbers(v):
+    return isinstance(v, list) and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in v)
+
+
+def check_header(header):
+    """The header's input description and class names are usable: channels,
+    size, one finite mean and one finite nonzero std per channel, a sensible
+    input size (bounded before anything is allocated), class names as strings."""
+    spec = header.get("input")
+    try:
+        channels, size, mean, std = spec["channels"], spec["size"], spec["mean"], spec["std"]
+        ok = (_count(channels, MAX_CHANNELS) and _count(size, MAX_SIDE) and _numbers(mean)
+              and _numbers(std) and len(mean) == len(std) == channels and all(v != 0 for v in std))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"input must give channels (1..{MAX_CHANNELS}), size (1..{MAX_SIDE}) "
+                            f"and one mean and one nonzero std per channel (finite numbers), got "
+                            f"{_short(spec)}")
+    if channels * size * size > MAX_VALUE_ELEMENTS:
+        raise ArtifactError(f"input {channels}x{size}x{size} is not a plausible image size "
+                            f"(at most {MAX_VALUE_ELEMENTS} values)")
+    names = header.get("class_names")
+    if (not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES
+            or not all(isinstance(c, str) for c in names)):
+        raise ArtifactError(f"class_names must be a list of strings, got {_short(names)}")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def check_artifact(header, tensors):
+    """Everything loading checks before it runs the graph: the graph, the
+    input description and class names, every node's attributes and tensors,
+    and that the nodes fit together from the declared input to logits of one
+    value per class; returns {value: Value}."""
+    check_graph(header)
+    check_header(header)
+    values = infer_shapes(header, tensors)
+    logits = values["output"]
+    if logits.packed or logits.shape != (len(header["class_names"]),):
+        raise ArtifactError(f"the graph's output per image is {logits.shape}"
+                            f"{' (packed bits)' if logits.packed else ''}, expected "
+                            f"{len(header['class_names'])} logits (one per class name)")
+    return values
 
 
 def read_artifact(path):
@@ -140,4 +198,8 @@ def read_artifact(path):
         raise ArtifactError(f"{path}: corrupt tensor data ({e})") from e
     if artifact_checksum(header, tensors) != header.get("checksum"):
         raise ArtifactError(f"{path}: checksum mismatch: the file was changed or damaged")
+    try:
+        check_artifact(header, tensors)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     return header, tensors
