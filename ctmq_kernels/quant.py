@@ -92,10 +92,22 @@ def _fake_quant_affine_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, inv_scale_ptr
         s = tl.load(scale_ptr)
         inv = tl.load(inv_scale_ptr)
         zp = tl.load(zp_ptr).to(tl.float32)
-    # torch's CUDA kernel: qval = int64(nearbyint(x * inv) + zp), a saturating
-    # conversion with NaN -> 0; then (clamp(qval) - zp) * scale in fp32.
-    q = _round_half_even(x * inv) + zp
-    q = tl.where(q != q, 0.0, q)
+    # torch's CUDA kernels (as measured on an H200, torch 2.11), then
+    # (clamp(qval) - zp) * scale in fp32, mask = qmin <= qval <= qmax:
+    r = _round_half_even(x * inv)
+    if PER_CHANNEL:
+        # qval = int64(nearbyint(x * inv)) + zp: the conversion saturates (NaN
+        # and -inf to INT64_MIN, +inf to INT64_MAX), the int64 add wraps, so an
+        # out-of-range value lands at qmin or qmax by the sign of zp
+        low = (r != r) | (r <= -9.223372036854775808e18)
+        high = r >= 9.223372036854775808e18
+        to_max = (low & (zp < 0.0)) | (high & (zp <= 0.0))
+        to_min = (low & (zp >= 0.0)) | (high & (zp > 0.0))
+        q = tl.where(to_max, float("inf"), tl.where(to_min, float("-inf"), r + zp))
+    else:
+        # qval = int64(zp + nearbyint(x * inv)), a float add: NaN -> INT64_MIN
+        q = r + zp
+        q = tl.where(q != q, float("-inf"), q)
     keep = (q >= qmin) & (q <= qmax) & inb
     y = (tl.minimum(tl.maximum(q, qmin), qmax) - zp) * s
     _store_cast(out_ptr + offs, y, inb, SOFT_BF16)

@@ -92,18 +92,35 @@ def test_fake_quant_affine_kernel(triton_device, dtype, shape, axis):
         assert torch.equal(out.cpu(), ref_out) and torch.equal(mask.cpu(), ref_mask)
 
 
+# Out-of-range inputs through torch's CUDA kernels, as an H200 gave them (torch
+# 2.11, float32, bfloat16 and float16 alike): per tensor, qval = int64(zp +
+# nearbyint(x / s)) saturates and NaN goes to qmin; per channel, qval =
+# int64(nearbyint(x / s)) + zp adds in int64, so NaN, +-inf and values past
+# 2^63 land at qmin or qmax by the sign of zp. (torch's CPU kernels differ:
+# that path is torch's own op.)
+NONFINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, 2.7, -100.0]
+CUDA_PER_TENSOR = [-5.5, 2.0, -5.5, 2.0, -5.5, 1.0, 2.0, -5.5]            # scale 0.5, zp 3
+CUDA_PER_CHANNEL = [[-5.5, -5.5, -5.5, -5.5, -5.5, 1.0, 2.0, -5.5],       # scale 0.5, zp 3
+                    [2.25, 2.25, 2.25, 2.25, 2.25, 1.0, 2.25, -1.5]]      # scale 0.25, zp -2
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, in the interpreter
-def test_fake_quant_nonfinite_follow_torch_cuda_semantics(triton_device):
-    """torch's CUDA kernel converts qval to int64 with saturation and NaN -> 0;
-    the Triton kernel reproduces that on every device (torch's CPU kernel
-    differs for NaN/Inf: that path is torch's own)."""
-    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_quant_nonfinite_follow_torch_cuda_semantics(triton_device, dtype):
+    """The Triton kernel reproduces torch's CUDA kernels on every device."""
+    x = torch.tensor(NONFINITE).to(dtype)
     out, mask = torch.ops.ctmq.fake_quant_affine(
         _on(x, triton_device), _on(torch.tensor([0.5]), triton_device),
         _on(torch.tensor([3], dtype=torch.int32), triton_device), -8, 7, None)
-    # NaN: qval 0 -> (0 - 3) * 0.5; +-Inf and +-1e30 saturate to qmax / qmin
-    assert out.cpu().tolist() == [-1.5, 2.0, -5.5, 2.0, -5.5, 1.0]
-    assert ops.unpack_mask(mask.cpu(), x).tolist() == [True, False, False, False, False, True]
+    assert out.float().cpu().tolist() == CUDA_PER_TENSOR
+    in_range = [False] * 5 + [True, False, False]  # 2.7 -> 5 + 3 > qmax, and with zp -2: 9
+    assert ops.unpack_mask(mask.cpu(), x).tolist() == in_range
+    rows = x.repeat(2, 1)
+    out, mask = torch.ops.ctmq.fake_quant_affine(
+        _on(rows, triton_device), _on(torch.tensor([0.5, 0.25]), triton_device),
+        _on(torch.tensor([3, -2], dtype=torch.int32), triton_device), -8, 7, 0)
+    assert out.float().cpu().tolist() == CUDA_PER_CHANNEL
+    assert ops.unpack_mask(mask.cpu(), rows).tolist() == [in_range, in_range]
 
 
 def test_empty_and_large_offsets_guard(triton_device):
