@@ -8,6 +8,7 @@ naming the option.
 """
 import argparse
 import dataclasses
+import os
 import typing
 from typing import List, Optional, Union
 
@@ -202,9 +203,39 @@ class RunConfig:
         return {k: v for k, v in self.flat().items() if k not in runtime}
 
     def check(self):
-        """Checks that need the zoo, the data sets and the machine (ctmq.engine.run.check)."""
-        from .run import check
-        return check(self)
+        """This config can be trained here: known dataset and model, a device that
+        exists, consistent options; a RunConfigError names the option."""
+        import torch
+
+        from .. import data as data_mod
+        from ..models import MODELS
+        from .rundir import RunConfigError
+        if self.dataset not in data_mod.DATASETS:
+            raise RunConfigError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+        if self.model not in MODELS:
+            raise RunConfigError(f"model must be one of {tuple(MODELS)}, got {self.model!r}")
+        if self.dataset == "digits" and self.data_root is not None:
+            raise RunConfigError("data_root does not apply to the embedded digits data set "
+                                 "(drop --data-root, or choose --dataset)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RunConfigError("device cuda: no CUDA device is available here")
+        if self.sync_bn and self.torch_device().type != "cuda":
+            raise RunConfigError("sync_bn: SyncBatchNorm runs on CUDA only; drop --sync-bn on CPU")
+        if self.fp_checkpoint and not os.path.isfile(self.fp_checkpoint):
+            raise RunConfigError(f"fp_checkpoint {self.fp_checkpoint} is not a file")
+        try:
+            schedules = self.schedules()
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(str(e)) from e
+        shortest = min(st.epochs for s in schedules for st in s.stages)
+        if self.warmup_epochs >= shortest:
+            raise RunConfigError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than the "
+                                 f"shortest stage ({shortest} epochs): the LR would never decay")
+        if self.distill and not self.fp_checkpoint and not schedules[0].stages[0].is_fp:
+            raise RunConfigError("distill: the first cycle has no FP stage (fp_epochs 0) and no "
+                                 "fp_checkpoint, so its teacher would be the random starting "
+                                 "weights; give --fp-checkpoint or --fp-epochs")
+        return self
 
     # -------------------------------------------------------- derived values
     def resolved_fp_epochs(self):

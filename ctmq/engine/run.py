@@ -15,37 +15,6 @@ from .fit import fit
 from .rundir import RunConfigError
 from .trainer import init_distributed, make_loaders
 
-def check(cfg):
-    """cfg (a RunConfig) can be trained here: known dataset and model, a device
-    that exists, consistent options; a RunConfigError names the option."""
-    if cfg.dataset not in data_mod.DATASETS:
-        raise RunConfigError(f"dataset must be one of {data_mod.DATASETS}, got {cfg.dataset!r}")
-    if cfg.model not in MODELS:
-        raise RunConfigError(f"model must be one of {tuple(MODELS)}, got {cfg.model!r}")
-    if cfg.dataset == "digits" and cfg.data_root is not None:
-        raise RunConfigError("data_root does not apply to the embedded digits data set "
-                             "(drop --data-root, or choose --dataset)")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RunConfigError("device cuda: no CUDA device is available here")
-    if cfg.sync_bn and cfg.torch_device().type != "cuda":
-        raise RunConfigError("sync_bn: SyncBatchNorm runs on CUDA only; drop --sync-bn on CPU")
-    if cfg.fp_checkpoint and not os.path.isfile(cfg.fp_checkpoint):
-        raise RunConfigError(f"fp_checkpoint {cfg.fp_checkpoint} is not a file")
-    try:
-        schedules = cfg.schedules()
-    except (TypeError, ValueError) as e:
-        raise RunConfigError(str(e)) from e
-    shortest = min(st.epochs for s in schedules for st in s.stages)
-    if cfg.warmup_epochs >= shortest:
-        raise RunConfigError(f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than the "
-                             f"shortest stage ({shortest} epochs): the LR would never decay")
-    if cfg.distill and not cfg.fp_checkpoint and not schedules[0].stages[0].is_fp:
-        raise RunConfigError("distill: the first cycle has no FP stage (fp_epochs 0) and no "
-                             "fp_checkpoint, so its teacher would be the random starting "
-                             "weights; give --fp-checkpoint or --fp-epochs")
-    return cfg
-
-
 def build_model(cfg, data):
     stem = cfg.stem if cfg.stem != "auto" else ("imagenet" if cfg.dataset == "imagenet" else "cifar")
     block = cfg.block if cfg.model.startswith("resnet") else None  # the others have one kind
@@ -83,7 +52,7 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
     """Train every schedule of cfg (or `schedules`: a list of Schedule with
     distinct names) on cfg's zoo model and dataset; returns the report dict.
     The training itself is ctmq.engine.fit (callback: see there)."""
-    check(cfg)
+    cfg.check()
     device = cfg.torch_device()  # fit picks the rank's CUDA device under torchrun
     info = init_distributed(device.type)
     data = data_mod.load(cfg.dataset, cfg.data_root)
