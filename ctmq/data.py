@@ -230,7 +230,8 @@ def load(name, root=None):
 
 
 def augment_batch(x, pad=4):
-    """Random crop with zero padding and horizontal flip, on a batch tensor."""
+    """Random crop with zero padding and horizontal flip, on a batch tensor; the
+    result keeps a channels_last input's memory format."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     i = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
@@ -240,4 +241,7 @@ def augment_batch(x, pad=4):
     out = padded[torch.arange(n, device=x.device)[:, None, None, None],
                  torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
     flip = torch.rand(n, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)  # the layout it came in
+    return out

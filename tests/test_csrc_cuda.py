@@ -1,4 +1,10 @@
-"""Every csrc/**/*.cu compiles with nvcc for sm_80 and sm_90 (where nvcc exists)."""
+"""Every csrc/**/*.cu compiles with nvcc for sm_80 and sm_90 (where nvcc exists),
+and the tensor-core conv runs bit-exact under a host emulator of the GPU.
+
+Where nvcc is missing the nvcc tests skip, unless the CUDA sources were meant
+to be checked: CTMQ_REQUIRE_NVCC is set (CI sets it) or a CUDA device is
+present; then they fail."""
+import os
 import pathlib
 import shutil
 import subprocess
@@ -11,13 +17,22 @@ from setup_flags import CXX_STD, NVCC_STD
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/**/*.cu"))
 NVCC = shutil.which("nvcc")
+REQUIRE_NVCC = os.environ.get("CTMQ_REQUIRE_NVCC", "0") not in ("", "0") or torch.cuda.is_available()
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def _needs_nvcc():
+    if NVCC is None:
+        if REQUIRE_NVCC:
+            pytest.fail("nvcc not found, and the CUDA sources are to be checked here "
+                        "(CTMQ_REQUIRE_NVCC set, or a CUDA device present)")
+        pytest.skip("nvcc not found")
+
+
 @pytest.mark.parametrize("source", CU_FILES or [pytest.param(None, marks=pytest.mark.skip(
     reason="no .cu sources yet"))])
 def test_cu_compiles_for_sm80_and_sm90(source, tmp_path):
+    _needs_nvcc()
     obj = tmp_path / "out.o"
     cmd = [NVCC, NVCC_STD, "-O3", "-Icsrc", *ARCHS, "-c", source, "-o", str(obj)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -37,11 +52,13 @@ def _cuobjdump():
     return str(path) if path.exists() else None
 
 
-@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
 def test_binary_conv_sass_uses_and_popc_bmma(tmp_path):
     """The binary tensor-core conv must use the native AND form on sm_80 and
     sm_90 (Hopper emulates the XOR form, about 6x slower), and stage its tiles
     with cp.async."""
+    _needs_nvcc()
+    if _cuobjdump() is None:
+        pytest.skip("cuobjdump not found")
     obj = tmp_path / "binary_conv.o"
     cmd = [NVCC, NVCC_STD, "-O3", "-Icsrc", *ARCHS, "-c", "csrc/cuda/binary_conv.cu", "-o", str(obj)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -256,8 +273,9 @@ def test_emulated_mma_matches_ptx_layout_model(mma_probe_emulated, tmp_path):
     assert (got[0] == [[lane + 256, 2 * lane + 256, 3 * lane + 256, 263] for lane in range(32)]).all()
 
 
-@pytest.mark.skipif(NVCC is None or not torch.cuda.is_available(), reason="needs nvcc and a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_mma_matches_emulator(mma_probe_emulated, tmp_path):
+    _needs_nvcc()
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         pytest.skip("mma.sync b1 AND.POPC needs sm_80 or newer")

@@ -135,3 +135,13 @@ def test_augment_batch_shapes_and_content():
     y = data.augment_batch(x, pad=2)
     assert y.shape == x.shape
     assert set(y.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def test_augment_batch_keeps_channels_last():
+    x = torch.randn(3, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    y = data.augment_batch(x, pad=2)
+    torch.manual_seed(0)
+    plain = data.augment_batch(x.contiguous(), pad=2)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.equal(y, plain) and plain.is_contiguous()

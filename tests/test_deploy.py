@@ -316,6 +316,17 @@ def test_artifact_much_smaller_than_float_checkpoint(tmp_path):
     del m
 
 
+def _assert_logits_close(got, want, what=""):
+    """CUDA against CPU logits: within 1e-4 of the logits' scale (the float
+    stem rounds differently under cuDNN), and the same top class wherever the
+    CPU's top two are further apart than that (a near tie may flip)."""
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-4 * scale, what
+    top2 = want.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2e-4 * scale
+    assert torch.equal(got.argmax(1)[clear], want.argmax(1)[clear]), what
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kernel", ["default", "bmma"])
 def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path, kernel):
@@ -335,8 +346,7 @@ def _check_cuda_runtime_graph_replay(tmp_path):
         x = torch.randn(7, 3, 32, 32)
         got, want = rt(x.cuda()).cpu(), cpu(x)
         assert torch.backends.cudnn.allow_tf32 == tf32  # the runtime's IEEE fp32 is scoped
-        assert torch.equal(got.argmax(1), want.argmax(1))
-        assert ((got - want).norm() / want.norm()).item() <= 1e-4
+        _assert_logits_close(got, want)
     assert len(rt._graphs) == 1
 
 
@@ -354,6 +364,5 @@ def test_cuda_runtime_switching_kernels_keeps_graphs_valid(tmp_path):
         with binary.use_kernel(kernel):
             got = rt(x.cuda()).cpu()
         want = cpu(x)
-        assert torch.equal(got.argmax(1), want.argmax(1)), kernel
-        assert ((got - want).norm() / want.norm()).item() <= 1e-4, kernel
+        _assert_logits_close(got, want, kernel)
     assert len(rt._graphs) == 3

@@ -36,3 +36,17 @@ def test_sync_bn_needs_cuda(tmp_path):
     from ctmq.engine import RunConfig, RunConfigError
     with pytest.raises(RunConfigError, match="sync_bn"):
         RunConfig(device="cpu", sync_bn=True, out=str(tmp_path)).check()
+
+
+def test_cuda_ranks_choose_their_device_before_nccl_starts(monkeypatch):
+    """NCCL binds its communicator to the current device: set_device comes first."""
+    from ctmq.engine import trainer
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(trainer.torch.cuda, "set_device", lambda i: calls.append(f"device {i}"))
+    info = trainer.init_distributed("cuda")
+    assert calls == ["device 1", "nccl"] and info.local_rank == 1

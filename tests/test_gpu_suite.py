@@ -71,3 +71,13 @@ def test_bad_stage_fails(tmp_path, stage):
     proc = _suite(tmp_path, SUITE_STAGE=stage, SUITE_DRY_RUN_SLEEP="0")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "SUITE_STAGE must be" in out
+
+
+@pytest.mark.parametrize("stages,deadline", [("1", 470), ("2", 330), ("1 2", 800)])
+def test_default_deadline_is_budgeted_per_stage(tmp_path, stages, deadline):
+    """From a cold machine stage 1 builds the CUDA kernels (about 45 s on an
+    H200) before its tests and benchmarks: each stage has its own budget."""
+    proc = _suite(tmp_path, SUITE_STAGE=stages, SUITE_DRY_RUN_SLEEP="0")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"of a {deadline} s deadline" in (tmp_path / "summary.txt").read_text()
