@@ -5,7 +5,8 @@ from .rundir import RunConfigError
 from .run import RunConfig, build_model, model_from_checkpoint, run
 from .schedule import Schedule, Stage
 from .study import study
-from .trainer import StageDiverged, TrainConfig, evaluate, make_loaders, train_stage
+from .config import TrainConfig
+from .trainer import StageDiverged, evaluate, make_loaders, train_stage
 
 __all__ = ["CheckpointError", "RunConfig", "RunConfigError", "Schedule", "Stage", "StageDiverged", "TrainConfig",
            "build_model", "checkpoint_meta", "evaluate", "fit", "load_checkpoint",

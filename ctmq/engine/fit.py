@@ -41,7 +41,8 @@ from .checkpoint import (CheckpointError, checkpoint_meta, load_checkpoint, save
                          verify_checkpoint)
 from .rundir import RunConfigError
 from .schedule import Schedule
-from .trainer import TrainConfig, evaluate, init_distributed, train_stage
+from .config import TrainConfig
+from .trainer import evaluate, init_distributed, train_stage
 
 __all__ = ["CheckpointError", "RunConfigError", "checkpoint_meta", "fit", "load_checkpoint",
            "save_checkpoint"]

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 
 from .._io import atomic_open
 
@@ -22,15 +23,23 @@ def build(schedules, rows, config):
 
 
 def write(out_dir, report):
-    with atomic_open(f"{out_dir}/report.json") as f:
+    write_files(out_dir, "report", report, COLUMNS, report["stages"], _plot)
+
+
+def write_files(out_dir, stem, report, columns, rows, plot):
+    """<stem>.json (the report), <stem>.csv (rows, these columns) and <stem>.png
+    (plot(path, report)) in out_dir, each all or nothing: the one writer of
+    the run reports and the study reports."""
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_open(os.path.join(out_dir, f"{stem}.json")) as f:
         json.dump(report, f, indent=1)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
-    w.writerows(report["stages"])
-    with atomic_open(f"{out_dir}/report.csv") as f:
+    w.writerows(rows)
+    with atomic_open(os.path.join(out_dir, f"{stem}.csv")) as f:
         f.write(buf.getvalue())
-    _plot(f"{out_dir}/report.png", report)
+    plot(os.path.join(out_dir, f"{stem}.png"), report)
 
 
 def _plot(path, report):

@@ -3,14 +3,12 @@ schedules) trained by ctmq.engine.fit into one run directory (its layout,
 resume and reports: see ctmq.engine.fit). config.json holds the RunConfig;
 a run directory made with another configuration is refused.
 """
-import os
-
 import torch
 
 from .. import data as data_mod
 from ..models import MODELS, load_torchvision_weights
 from .checkpoint import checkpoint_meta, load_checkpoint
-from .config import RunConfig, TrainConfig  # noqa: F401  (RunConfig: part of this module's API)
+from .config import RunConfig
 from .fit import fit
 from .rundir import RunConfigError
 from .trainer import init_distributed, make_loaders

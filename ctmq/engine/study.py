@@ -14,15 +14,11 @@ Arms:
     <name>        a schedule of the configuration's `schedules` (Schedule.custom)
 Resumable as runs are: a seed's complete stages are skipped.
 """
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 
-from .._io import atomic_open
-from .report import save_top1_figure
+from .report import save_top1_figure, write_files
 from .run import RunConfig, RunConfigError, run
 from .schedule import Schedule
 
@@ -157,16 +153,7 @@ def _csv_rows(rep):
 
 
 def write(out_dir, rep):
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_open(os.path.join(out_dir, "study.json")) as f:
-        json.dump(rep, f, indent=1)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
-    w.writeheader()
-    w.writerows(_csv_rows(rep))
-    with atomic_open(os.path.join(out_dir, "study.csv")) as f:
-        f.write(buf.getvalue())
-    _plot(os.path.join(out_dir, "study.png"), rep)
+    write_files(out_dir, "study", rep, CSV_COLUMNS, list(_csv_rows(rep)), _plot)
 
 
 def _plot(path, rep):
