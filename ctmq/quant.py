@@ -127,15 +127,16 @@ def fake_quant_affine(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis=N
     if per_channel:
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be None or an int, got {axis!r}")
+        axis = int(axis)
         if not -x.dim() <= axis < x.dim():
             raise ValueError(f"axis must be in [{-x.dim()}, {x.dim() - 1}] for a "
                              f"{x.dim()}-D x, got {axis}")
-        axis = int(axis) % x.dim()
+        axis = axis % x.dim()
     if not per_channel and isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not (math.isfinite(scale) and scale > 0):
+        if not (math.isfinite(float(scale)) and float(scale) > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
     if (not per_channel and isinstance(zero_point, numbers.Integral)
-            and not isinstance(zero_point, bool) and not qmin <= zero_point <= qmax):
+            and not isinstance(zero_point, bool) and not qmin <= int(zero_point) <= qmax):
         raise ValueError(f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got {zero_point}")
     scale_t = _qparam_tensor("scale", scale, x, per_channel, torch.float32)
     zp_t = _qparam_tensor("zero_point", zero_point, x, per_channel, torch.int32)

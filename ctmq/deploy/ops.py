@@ -7,12 +7,14 @@ CUDA the kernel chosen with ctmq.binary.use_kernel) with the folded scale/bias
 and the residual in their epilogue; every other op is the torch function the
 trained model calls, so the logits equal the model's eval logits.
 """
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .. import binary, ops
 
-LOWER = {}
+LOWER: dict[str, Callable] = {}
 
 
 def lowering(name):

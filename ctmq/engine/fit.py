@@ -102,7 +102,7 @@ def seed_stage(seed, key, train_loader):
         generator.manual_seed(s)
 
 
-def _check_schedules(schedules):
+def _check_schedules(schedules) -> list[Schedule]:
     if isinstance(schedules, Schedule):
         schedules = [schedules]
     schedules = list(schedules) if isinstance(schedules, (list, tuple)) else None
@@ -205,7 +205,7 @@ class _Run:
         return rows
 
 
-def _check_arguments(model, schedules, config):
+def _check_arguments(model, schedules, config) -> tuple[list[Schedule], TrainConfig]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not quantized_layers(model):
@@ -264,7 +264,7 @@ def fit(model: nn.Module, train_loader, val_loader,
     run_config/run_defaults: what config.json records and checks on resume
     (default: the schedules, config and seed). The model's structure is
     checked on resume too: a changed model needs another `out` or restart."""
-    schedules, tcfg = _check_arguments(model, schedules, config)
+    checked, tcfg = _check_arguments(model, schedules, config)
     out = os.fspath(out)
     rundir.check_out_dir(out)
     device = torch.device(device if device is not None else
@@ -274,7 +274,7 @@ def fit(model: nn.Module, train_loader, val_loader,
         device = torch.device("cuda", info.local_rank)
     log = log if info.is_main else (lambda *a, **k: None)
     if run_config is None:
-        run_config = _default_run_config(schedules, tcfg, seed, train_loader)
+        run_config = _default_run_config(checked, tcfg, seed, train_loader)
     lock = rundir.RunLock(out)
     if info.is_main:
         os.makedirs(out, exist_ok=True)
@@ -288,8 +288,8 @@ def fit(model: nn.Module, train_loader, val_loader,
         init_state = {k: v.clone() for k, v in model.state_dict().items()}
         run = _Run(model, forward, (train_loader, val_loader), out, tcfg, device, info, seed,
                    dict(meta or {}), augment, log, callback, init_state)
-        rows = [row for sched in schedules for row in run.schedule(sched, init_state)]
-        rep = report_mod.build(schedules, rows, run_config)
+        rows = [row for sched in checked for row in run.schedule(sched, init_state)]
+        rep = report_mod.build(checked, rows, run_config)
         if info.is_main:
             report_mod.write(out, rep)
         info.barrier()
