@@ -1,0 +1,199 @@
+// Inside the CPU binary conv (binary_conv.h is its API): what the driver
+// (binary_conv.cpp) hands each code path's file (binary_scalar.cpp,
+// binary_avx2.cpp, binary_avx512.cpp, binary_neon.cpp). Torch-free.
+//
+// The conv is a GEMM of output pixels x output channels over K = KH * KW *
+// ceil(C/32) 32-bit words. A task owns a block of output pixels (of any
+// images) and a range of output channels: the driver copies the block's
+// patches into P once (im2col; a zero word where a tap falls outside the
+// image, and that tap's bit in the pixel's `invalid` mask), then the path's
+// run_block multiplies P with every channel tile of the range, tile after
+// tile (mr pixels x nv channel vectors, counts in registers), and the
+// epilogue turns counts into outputs.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "binary_conv.h"
+
+#if !defined(CTMQ_NO_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+#define CTMQ_X86_SIMD 1
+#include <immintrin.h>
+#define CTMQ_AVX2 __attribute__((target("avx2,popcnt")))
+#define CTMQ_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,avx2,popcnt")))
+#elif !defined(CTMQ_NO_SIMD) && defined(__aarch64__)
+#define CTMQ_NEON 1
+#include <arm_neon.h>
+#endif
+
+#define CTMQ_INLINE inline __attribute__((always_inline))
+
+namespace ctmq {
+namespace bconv {
+namespace detail {
+
+constexpr int kGroup = 16;       // output channels per weight group (binary_conv.h)
+constexpr int kMaxTaps = 64;     // taps per kernel: one bit each in `invalid`
+constexpr int kMaxTileRows = 16; // the largest mr of any table
+constexpr int kMaxTileCols = 64; // the largest tile width in channels
+
+// A call's arguments, checked and resolved. scale, bias and threshold are
+// copies padded with zeros to whole groups (vector loads past O stay inside).
+struct Conv {
+  int64_t N, H, W, C, Cw;    // input; Cw = 32-bit words per pixel
+  int64_t O, G, KH, KW, T, K;  // weight; G = groups of 16 channels, T = taps
+  int64_t OH, OW, M, Ow;     // output; M = OH * OW, Ow = packed words per pixel
+  int64_t sh, sw, ph, pw, dh, dw;
+  const uint32_t* x;
+  const uint32_t* w;         // (G, K, 16)
+  const int32_t* tap_popc;   // (G, T, 16)
+  const float* scale;        // [G * 16] or null
+  const float* bias;
+  const float* threshold;
+  const float* residual;
+  Layout residual_layout;
+  float* out;
+  Layout out_layout;
+  uint32_t* packed;
+};
+
+// One task's pixels as the GEMM reads them.
+struct Block {
+  int64_t pix0, rows;         // output pixels pix0 .. pix0 + rows - 1 (pixel = n * M + m)
+  const uint32_t* P;          // rows x ldp words: the patches (avx2: the nibble split, see there)
+  int64_t ldp;
+  const uint64_t* invalid;    // per row: the taps outside the image
+  int64_t c0, c1;             // output channels [c0, c1), c0 a multiple of 32
+};
+
+// counts (mr x cols, row stride kMaxTileCols) of one register tile: P rows
+// r.. r + mr - 1 against channel vectors j < nv, w[j] = word 0 of vector j
+// (word k at w[j] + 16 k).
+using GemmFn = void (*)(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+                        int32_t* counts);
+// The outputs of a tile's counts: rows pixels from pix0, channels c .. c + cols - 1
+// (those past O are not written).
+using EpilogueFn = void (*)(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
+                            int64_t c, const uint64_t* invalid);
+
+// A block's channel tiles, and within each its pixel tiles (the weight tile
+// stays in L1 while P streams), each GEMM then its epilogue. gemm_for(mr, nv)
+// gives the instantiation for the tails too.
+void run_tiles(const Conv& cv, const Block& b, Tile tile, int lanes,
+               GemmFn (*gemm_for)(int mr, int nv), EpilogueFn epilogue);
+
+// gemm_for of a path: Gemm<MR, NV>::run for 1 <= mr <= MaxMR, 1 <= nv <= MaxNV.
+template <template <int, int> class Gemm, int MaxNV, int... I>
+constexpr std::array<GemmFn, sizeof...(I)> gemm_table(std::integer_sequence<int, I...>) {
+  return {{&Gemm<I / MaxNV + 1, I % MaxNV + 1>::run...}};
+}
+template <template <int, int> class Gemm, int MaxMR, int MaxNV>
+GemmFn gemm_lookup(int mr, int nv) {
+  static constexpr std::array<GemmFn, MaxMR * MaxNV> table =
+      gemm_table<Gemm, MaxNV>(std::make_integer_sequence<int, MaxMR * MaxNV>());
+  return table[(mr - 1) * MaxNV + (nv - 1)];
+}
+
+// What the driver needs to know of a path.
+struct PathInfo {
+  int lanes;              // channels per vector
+  int p_words_per_k;      // words of P per GEMM word (2 for avx2's nibble split)
+  const Tile* tiles;      // the table
+  int tile_count;
+  Tile (*choose)(int64_t K, int64_t O);  // the table's pick for a shape
+  void (*split_rows)(uint32_t* P, int64_t rows, int64_t ldp, int64_t K);  // or null
+  void (*run_block)(const Conv& cv, const Block& b, Tile tile);
+  void (*pack_nhwc)(const float* x, int64_t pixels, int64_t C, const float* threshold,
+                    uint32_t* out);
+  double (*peak_loop)(int64_t iterations);  // 64-bit words done (see peak_words_per_second)
+};
+
+const PathInfo& scalar_path();
+#if defined(CTMQ_X86_SIMD)
+const PathInfo& avx2_path();
+const PathInfo& avx512_path();
+#endif
+#if defined(CTMQ_NEON)
+const PathInfo& neon_path();
+#endif
+
+// ------------------------------------------------------------ shared helpers
+
+// The pixel of a global index, and its offset in an NCHW plane.
+CTMQ_INLINE int64_t image_of(const Conv& cv, int64_t pix) { return pix / cv.M; }
+
+// Rows [r0, r1) of a tile that lie in one image: the NCHW stores go by runs.
+CTMQ_INLINE int64_t run_end(const Conv& cv, int64_t pix0, int64_t r0, int64_t r1) {
+  const int64_t next_image = (image_of(cv, pix0 + r0) + 1) * cv.M - pix0;
+  return std::min(r1, next_image);
+}
+
+// val = C * valid_taps - 2 * popc, where popc is the count over all taps and
+// the taps outside the image, whose zero words counted popc(w), come off.
+CTMQ_INLINE int valid_taps(const Conv& cv, uint64_t invalid) {
+  return static_cast<int>(cv.T) - __builtin_popcountll(invalid);
+}
+
+// popcount of a 32-bit word in the baseline ISA: x86-64 has no POPCNT before
+// SSE4.2 (GCC would call libgcc), aarch64's becomes CNT.
+CTMQ_INLINE int popc32(uint32_t v) {
+#if defined(__x86_64__) && !defined(__POPCNT__)
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+  return static_cast<int>((v * 0x01010101u) >> 24);
+#else
+  return __builtin_popcount(v);
+#endif
+}
+
+// b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (scalar; the paths
+// transpose full 8x8 or 4x4 blocks in registers and leave the rest to this).
+CTMQ_INLINE void transpose_scalar(const float* a, int64_t lda, float* b, int64_t ldb, int rows,
+                                  int cols) {
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < rows; ++i) b[j * ldb + i] = a[i * lda + j];
+}
+
+// b[j * ldb + i] = a[i * lda + j]: each path's register transposes.
+using TransposeFn = void (*)(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
+#if defined(CTMQ_X86_SIMD)
+void transpose_avx(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
+#endif
+
+// A tile's rows (row stride kMaxTileCols) to and from NCHW planes: pixels of
+// one image are adjacent there, so each run of a tile's rows inside one image
+// is one transpose.
+inline void tile_to_nchw(const Conv& cv, const float* tile, int64_t pix0, int rows, int64_t c,
+                         int cols, float* dst, TransposeFn transpose) {
+  for (int r0 = 0, r1; r0 < rows; r0 = r1) {
+    r1 = static_cast<int>(run_end(cv, pix0, r0, rows));
+    const int64_t pix = pix0 + r0, n = pix / cv.M, m = pix % cv.M;
+    transpose(tile + r0 * kMaxTileCols, kMaxTileCols, dst + (n * cv.O + c) * cv.M + m, cv.M, r1 - r0,
+              cols);
+  }
+}
+
+inline void nchw_to_tile(const Conv& cv, const float* src, int64_t pix0, int rows, int64_t c,
+                         int cols, float* tile, TransposeFn transpose) {
+  for (int r0 = 0, r1; r0 < rows; r0 = r1) {
+    r1 = static_cast<int>(run_end(cv, pix0, r0, rows));
+    const int64_t pix = pix0 + r0, n = pix / cv.M, m = pix % cv.M;
+    transpose(src + (n * cv.O + c) * cv.M + m, cv.M, tile + r0 * kMaxTileCols, kMaxTileCols, cols,
+              r1 - r0);
+  }
+}
+
+// Packed output bytes are written whole: byte c / 8 of a pixel holds channels
+// c .. c + 7. The driver zeroes a task's bytes first, so paths may OR.
+CTMQ_INLINE uint8_t* packed_bytes(const Conv& cv, int64_t pix) {
+  return reinterpret_cast<uint8_t*>(cv.packed + pix * cv.Ow);
+}
+
+}  // namespace detail
+}  // namespace bconv
+}  // namespace ctmq

@@ -1,0 +1,195 @@
+// The "neon" code path (aarch64): CNT counts the bytes of 4 output channels'
+// 32-bit words per 128-bit vector into byte counters, which are widened into
+// 32-bit lanes (UADDLP, UADALP) every 31 words, before a byte could overflow
+// (a byte gains at most 8 per word). Advanced SIMD is part of the AArch64
+// baseline: no target attributes, nothing to detect. Torch-free.
+#include "binary_kernels.h"
+
+#if defined(CTMQ_NEON)
+
+namespace ctmq {
+namespace bconv {
+namespace detail {
+namespace {
+
+constexpr int kLanes = 4;
+constexpr int kMaxMR = 12, kMaxNV = 4;
+constexpr int kFlush = 31;
+
+// mr x nv: mr * nv byte counters + nv weight vectors + the broadcast pixel
+// word + a temporary within the 32 q registers. Not measured on aarch64
+// hardware: the choice follows the register budget (docs/design.md 5.1).
+constexpr Tile kTiles[] = {{6, 4}, {4, 4}, {12, 2}, {8, 2}};
+
+Tile choose(int64_t K, int64_t O) {
+  (void)K;
+  return O >= 16 ? kTiles[0] : kTiles[3];
+}
+
+template <int MR, int NV>
+struct Gemm {
+  static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+                  int32_t* counts) {
+    uint32x4_t* total = reinterpret_cast<uint32x4_t*>(counts);  // (i, j) at i * 16 + j
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) total[i * 16 + j] = vdupq_n_u32(0);
+    for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + kFlush);
+      uint8x16_t bytes[MR][NV];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) bytes[i][j] = vdupq_n_u8(0);
+      for (int64_t k = k0; k < k1; ++k) {
+        uint8x16_t wv[NV];
+        for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(w[j] + kGroup * k));
+        for (int i = 0; i < MR; ++i) {
+          const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(P + i * ldp + k));
+          for (int j = 0; j < NV; ++j) bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(wv[j], p)));
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j)
+          total[i * 16 + j] = vpadalq_u16(total[i * 16 + j], vpaddlq_u8(bytes[i][j]));
+    }
+  }
+};
+
+// b[j * ldb + i] = a[i * lda + j], 4x4 blocks in registers.
+void transpose_neon(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols) {
+  int i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    int j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      const float* s = a + i * lda + j;
+      const float32x4x2_t t01 = vtrnq_f32(vld1q_f32(s), vld1q_f32(s + lda));
+      const float32x4x2_t t23 = vtrnq_f32(vld1q_f32(s + 2 * lda), vld1q_f32(s + 3 * lda));
+      float* d = b + j * ldb + i;
+      vst1q_f32(d, vcombine_f32(vget_low_f32(t01.val[0]), vget_low_f32(t23.val[0])));
+      vst1q_f32(d + ldb, vcombine_f32(vget_low_f32(t01.val[1]), vget_low_f32(t23.val[1])));
+      vst1q_f32(d + 2 * ldb, vcombine_f32(vget_high_f32(t01.val[0]), vget_high_f32(t23.val[0])));
+      vst1q_f32(d + 3 * ldb, vcombine_f32(vget_high_f32(t01.val[1]), vget_high_f32(t23.val[1])));
+    }
+    transpose_scalar(a + i * lda + j, lda, b + j * ldb + i, ldb, 4, cols - j);
+  }
+  transpose_scalar(a + i * lda, lda, b + i, ldb, rows - i, cols);
+}
+
+// One vector of 4 channels from c of a pixel row: the rules of binary_conv.h.
+inline float32x4_t output_vector(const Conv& cv, const int32_t* counts, int64_t c, uint64_t invalid) {
+  int32x4_t cnt = vld1q_s32(counts);
+  const int32_t* taps = cv.tap_popc + (c / kGroup) * cv.T * kGroup + c % kGroup;
+  for (uint64_t b = invalid; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
+    cnt = vsubq_s32(cnt, vld1q_s32(taps + __builtin_ctzll(b) * kGroup));
+  }
+  const int32x4_t base = vdupq_n_s32(static_cast<int32_t>(valid_taps(cv, invalid) * cv.C));
+  float32x4_t y = vcvtq_f32_s32(vsubq_s32(base, vshlq_n_s32(cnt, 1)));
+  if (cv.scale) y = vmulq_f32(y, vld1q_f32(cv.scale + c));
+  if (cv.bias) y = vaddq_f32(y, vld1q_f32(cv.bias + c));
+  return y;
+}
+
+// n < 4 lanes at the channel tail: through a stack copy.
+inline float32x4_t load_lanes(const float* src, int n) {
+  if (n == kLanes) return vld1q_f32(src);
+  float tmp[kLanes] = {};
+  for (int l = 0; l < n; ++l) tmp[l] = src[l];
+  return vld1q_f32(tmp);
+}
+
+inline void store_lanes(float* dst, float32x4_t v, int n) {
+  if (n == kLanes) return vst1q_f32(dst, v);
+  float tmp[kLanes];
+  vst1q_f32(tmp, v);
+  for (int l = 0; l < n; ++l) dst[l] = tmp[l];
+}
+
+inline uint32_t sign_bits(float32x4_t z, int n) {
+  const uint32x4_t weights = {1, 2, 4, 8};
+  const uint32_t bits = vaddvq_u32(vandq_u32(vcgeq_f32(z, vdupq_n_f32(0.f)), weights));
+  return bits & ((1u << n) - 1);
+}
+
+void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
+              const uint64_t* invalid) {
+  alignas(16) float rows_nchw[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+  const int valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+  const bool res_nchw = cv.residual && cv.residual_layout == Layout::kNCHW;
+  const bool res_nhwc = cv.residual && cv.residual_layout == Layout::kNHWC;
+  const bool out_nchw = cv.out && cv.out_layout == Layout::kNCHW;
+  const bool out_nhwc = cv.out && cv.out_layout == Layout::kNHWC;
+  if (res_nchw) nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, rows_nchw, &transpose_neon);
+  for (int i = 0; i < rows; ++i) {
+    const int64_t pix = pix0 + i;
+    for (int j = 0; j * kLanes < cols; ++j) {
+      const int64_t cj = c + j * kLanes;
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
+      float* row = rows_nchw + i * kMaxTileCols + j * kLanes;
+      float32x4_t y = output_vector(cv, counts + i * kMaxTileCols + j * kLanes, cj, invalid[i]);
+      if (res_nhwc) y = vaddq_f32(y, load_lanes(cv.residual + pix * cv.O + cj, n));
+      if (res_nchw) y = vaddq_f32(y, vld1q_f32(row));
+      if (out_nhwc) store_lanes(cv.out + pix * cv.O + cj, y, n);
+      if (out_nchw) vst1q_f32(row, y);
+      if (cv.packed) {
+        const float32x4_t z = cv.threshold ? vaddq_f32(y, vld1q_f32(cv.threshold + cj)) : y;
+        packed_bytes(cv, pix)[cj / 8] |= static_cast<uint8_t>(sign_bits(z, n) << (cj % 8));
+      }
+    }
+  }
+  if (out_nchw) tile_to_nchw(cv, rows_nchw, pix0, rows, c, valid_cols, cv.out, &transpose_neon);
+}
+
+void run_block(const Conv& cv, const Block& b, Tile tile) {
+  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, &epilogue);
+}
+
+// 4 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.
+void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out) {
+  const int64_t Cw = (C + 31) / 32;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* px = x + p * C;
+    for (int64_t wd = 0; wd < Cw; ++wd) {
+      uint32_t word = 0;
+      for (int64_t c = wd * 32; c < std::min(C, wd * 32 + 32); c += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, C - c));
+        float32x4_t v = load_lanes(px + c, n);
+        if (threshold) v = vaddq_f32(v, load_lanes(threshold + c, n));
+        word |= sign_bits(v, n) << (c % 32);
+      }
+      out[p * Cw + wd] = word;
+    }
+  }
+}
+
+// The GEMM's inner step on registers: 4 pixel words x 4 vectors, eor + CNT +
+// add; the asm hides the pixel words' values.
+double peak_loop(int64_t iterations) {
+  uint8x16_t acc[4][4], w[4], p[4];
+  for (int j = 0; j < 4; ++j) {
+    w[j] = vdupq_n_u8(static_cast<uint8_t>(0x5a + 17 * j));
+    p[j] = vdupq_n_u8(static_cast<uint8_t>(0x3c + 29 * j));
+    for (int i = 0; i < 4; ++i) acc[j][i] = vdupq_n_u8(0);
+  }
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = vaddq_u8(acc[i][j], vcntq_u8(veorq_u8(w[j], p[i])));
+    for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+w"(p[i]));
+  }
+  uint8x16_t sum = vdupq_n_u8(0);
+  for (auto& row : acc)
+    for (const uint8x16_t& v : row) sum = vaddq_u8(sum, v);
+  __asm__ volatile("" : : "w"(sum));
+  return static_cast<double>(iterations) * 16 * 2;  // 16 vectors of 2 64-bit words
+}
+
+}  // namespace
+
+const PathInfo& neon_path() {
+  static const PathInfo info{kLanes, 1, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+                             &choose, nullptr, &run_block, &pack, &peak_loop};
+  return info;
+}
+
+}  // namespace detail
+}  // namespace bconv
+}  // namespace ctmq
+
+#endif  // CTMQ_NEON

@@ -1,0 +1,115 @@
+// The portable code path ("scalar"): plain C++ for the baseline ISA, the only
+// path of a CTMQ_NO_SIMD build. Its epilogue states the output rules one
+// output at a time; the SIMD paths do the same per vector. Torch-free.
+#include "binary_kernels.h"
+
+namespace ctmq {
+namespace bconv {
+namespace detail {
+namespace {
+
+constexpr int kMaxMR = 4, kMaxNV = 8;
+// mr x nv channels; 16 accumulators fill x86-64's general registers.
+constexpr Tile kTiles[] = {{4, 4}, {2, 8}};
+
+Tile choose(int64_t, int64_t) { return kTiles[0]; }
+
+template <int MR, int NV>
+struct Gemm {
+  static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+                  int32_t* counts) {
+    int32_t acc[MR][NV] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = w[j][kGroup * k];
+      for (int i = 0; i < MR; ++i) {
+        const uint32_t p = P[i * ldp + k];
+        for (int j = 0; j < NV; ++j) acc[i][j] += popc32(p ^ wv[j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) counts[i * kMaxTileCols + j] = acc[i][j];
+  }
+};
+
+// One output: the rules of binary_conv.h, in their order.
+inline float output_value(const Conv& cv, int64_t pix, int64_t o, int32_t count, uint64_t invalid) {
+  int64_t popc = count;
+  for (uint64_t b = invalid; b; b &= b - 1) {  // the zero words of outside taps counted popc(w)
+    popc -= cv.tap_popc[((o / kGroup) * cv.T + __builtin_ctzll(b)) * kGroup + o % kGroup];
+  }
+  float y = static_cast<float>(valid_taps(cv, invalid) * cv.C - 2 * popc);
+  if (cv.scale) y = y * cv.scale[o];
+  if (cv.bias) y = y + cv.bias[o];
+  if (cv.residual) {
+    const int64_t n = pix / cv.M, m = pix % cv.M;
+    y = y + cv.residual[cv.residual_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m];
+  }
+  return y;
+}
+
+void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
+              const uint64_t* invalid) {
+  cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+  for (int i = 0; i < rows; ++i) {
+    const int64_t pix = pix0 + i, n = pix / cv.M, m = pix % cv.M;
+    for (int j = 0; j < cols; ++j) {
+      const int64_t o = c + j;
+      const float y = output_value(cv, pix, o, counts[i * kMaxTileCols + j], invalid[i]);
+      if (cv.out) cv.out[cv.out_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m] = y;
+      if (cv.packed) {
+        const float z = cv.threshold ? y + cv.threshold[o] : y;
+        if (z >= 0.f) packed_bytes(cv, pix)[o / 8] |= static_cast<uint8_t>(1u << (o % 8));
+      }
+    }
+  }
+}
+
+void run_block(const Conv& cv, const Block& b, Tile tile) {
+  run_tiles(cv, b, tile, 1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, &epilogue);
+}
+
+void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out) {
+  const int64_t Cw = (C + 31) / 32;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* px = x + p * C;
+    for (int64_t wd = 0; wd < Cw; ++wd) {
+      uint32_t word = 0;
+      for (int64_t c = wd * 32; c < std::min(C, wd * 32 + 32); ++c) {
+        const float v = threshold ? px[c] + threshold[c] : px[c];
+        word |= static_cast<uint32_t>(v >= 0.f) << (c % 32);
+      }
+      out[p * Cw + wd] = word;
+    }
+  }
+}
+
+// 4 x 4 pairs of 32-bit words per round; the asm hides the operands' values,
+// so the compiler cannot hoist the counts out of the loop.
+double peak_loop(int64_t iterations) {
+  uint32_t p[4] = {0x12345678u, 0x9abcdef0u, 0x0f0f0f0fu, 0x33333333u};
+  uint32_t w[4] = {0xdeadbeefu, 0x01234567u, 0x89abcdefu, 0x55555555u};
+  int32_t acc[4][4] = {};
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] += popc32(p[i] ^ w[j]);
+    for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+r"(p[i]));
+  }
+  int32_t sum = 0;
+  for (auto& row : acc)
+    for (int32_t v : row) sum += v;
+  __asm__ volatile("" : : "r"(sum));
+  return static_cast<double>(iterations) * 16 / 2;  // 64-bit words
+}
+
+}  // namespace
+
+const PathInfo& scalar_path() {
+  static const PathInfo info{1, 1, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+                             &choose, nullptr, &run_block, &pack, &peak_loop};
+  return info;
+}
+
+}  // namespace detail
+}  // namespace bconv
+}  // namespace ctmq
