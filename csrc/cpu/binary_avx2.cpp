@@ -6,7 +6,7 @@
 // popc(p ^ w) per byte = lut[(p ^ w) & 15] + lut[(p ^ w) >> 4]; both sides
 // are split into nibbles beforehand, (p & 15) ^ (w & 15) and (p >> 4 & 15) ^
 // (w >> 4 & 15), so a pair costs xor, xor, vpshufb, vpshufb, add, add: the
-// patches once per task (split_rows), the weight once per channel tile and
+// input once per call (split_words), the weight once per channel tile and
 // task (split_weights). A byte counter gains at most 8 per word, so the
 // counters are summed into 32-bit lanes every 31 words (vpmaddubsw, vpmaddwd).
 #include <vector>
@@ -20,24 +20,12 @@ namespace bconv {
 namespace detail {
 
 // ------------------------------------------------------------ transposes
-namespace {
+namespace avx2 {
 CTMQ_AVX2 CTMQ_INLINE void transpose8x8(const float* a, int64_t lda, float* b, int64_t ldb) {
-  __m256 r[8], t[8], u[8];
-  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(a + k * lda);
-  for (int k = 0; k < 8; k += 2) {
-    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-  }
-  for (int k = 0; k < 8; k += 4) {
-    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-  }
-  for (int k = 0; k < 4; ++k) {
-    _mm256_storeu_ps(b + k * ldb, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
-    _mm256_storeu_ps(b + (k + 4) * ldb, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
-  }
+  __m256 r[8];
+  CTMQ_UNROLL for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(a + k * lda);
+  detail::transpose8x8(r);
+  CTMQ_UNROLL for (int k = 0; k < 8; ++k) _mm256_storeu_ps(b + k * ldb, r[k]);
 }
 
 CTMQ_AVX2 CTMQ_INLINE void transpose4x4(const float* a, int64_t lda, float* b, int64_t ldb) {
@@ -49,24 +37,24 @@ CTMQ_AVX2 CTMQ_INLINE void transpose4x4(const float* a, int64_t lda, float* b, i
   _mm_storeu_ps(b + 2 * ldb, r2);
   _mm_storeu_ps(b + 3 * ldb, r3);
 }
-}  // namespace
+}  // namespace avx2
 
 CTMQ_AVX2 void transpose_avx(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols) {
   int i = 0;
   for (; i + 8 <= rows; i += 8) {
     int j = 0;
-    for (; j + 8 <= cols; j += 8) transpose8x8(a + i * lda + j, lda, b + j * ldb + i, ldb);
+    for (; j + 8 <= cols; j += 8) avx2::transpose8x8(a + i * lda + j, lda, b + j * ldb + i, ldb);
     transpose_scalar(a + i * lda + j, lda, b + j * ldb + i, ldb, 8, cols - j);
   }
   for (; i + 4 <= rows; i += 4) {
     int j = 0;
-    for (; j + 4 <= cols; j += 4) transpose4x4(a + i * lda + j, lda, b + j * ldb + i, ldb);
+    for (; j + 4 <= cols; j += 4) avx2::transpose4x4(a + i * lda + j, lda, b + j * ldb + i, ldb);
     transpose_scalar(a + i * lda + j, lda, b + j * ldb + i, ldb, 4, cols - j);
   }
   transpose_scalar(a + i * lda, lda, b + i, ldb, rows - i, cols);
 }
 
-namespace {
+namespace avx2 {
 
 constexpr int kLanes = 8;
 constexpr int kMaxMR = 10, kMaxNV = 4;
@@ -85,26 +73,21 @@ CTMQ_AVX2 CTMQ_INLINE __m256i nibble_lut() {
                           2, 3, 2, 3, 3, 4);
 }
 
-// P rows of K plain words become K (low nibbles, high nibbles) word pairs,
-// in place from the end (word k moves to 2k and 2k + 1, never below k).
-CTMQ_AVX2 void split_rows(uint32_t* P, int64_t rows, int64_t ldp, int64_t K) {
+// n words become n (low nibbles, high nibbles) word pairs.
+CTMQ_AVX2 void split_words(const uint32_t* src, int64_t n, uint32_t* dst) {
   const __m256i low4 = _mm256_set1_epi8(0x0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    uint32_t* row = P + r * ldp;
-    const int64_t full = K / 8 * 8;
-    for (int64_t k = K - 1; k >= full; --k) {
-      const uint32_t v = row[k];
-      row[2 * k] = v & 0x0f0f0f0fu;
-      row[2 * k + 1] = (v >> 4) & 0x0f0f0f0fu;
-    }
-    for (int64_t k = full - 8; k >= 0; k -= 8) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-      const __m256i lo = _mm256_and_si256(v, low4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      const __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 2 * k), _mm256_permute2x128_si256(a, b, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 2 * k + 8), _mm256_permute2x128_si256(a, b, 0x31));
-    }
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+    const __m256i lo = _mm256_and_si256(v, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    const __m256i a = _mm256_unpacklo_epi32(lo, hi), b = _mm256_unpackhi_epi32(lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * k), _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * k + 8), _mm256_permute2x128_si256(a, b, 0x31));
+  }
+  for (; k < n; ++k) {
+    dst[2 * k] = src[k] & 0x0f0f0f0fu;
+    dst[2 * k + 1] = (src[k] >> 4) & 0x0f0f0f0fu;
   }
 }
 
@@ -126,35 +109,39 @@ CTMQ_AVX2 void split_weights(const Conv& cv, int64_t c, int nv, uint32_t* ws) {
 
 template <int MR, int NV>
 struct Gemm {
-  CTMQ_AVX2 static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+  CTMQ_AVX2 static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
                             int32_t* counts) {
-    const uint32_t* ws = w[0];
     const __m256i lut = nibble_lut();
     const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     __m256i* total = reinterpret_cast<__m256i*>(counts);  // 32-bit sums, (i, j) at i * 8 + j
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) _mm256_store_si256(total + i * 8 + j, _mm256_setzero_si256());
-    for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + kFlush);
-      __m256i bytes[MR][NV];
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) bytes[i][j] = _mm256_setzero_si256();
-      for (int64_t k = k0; k < k1; ++k) {
-        const __m256i* wk = reinterpret_cast<const __m256i*>(ws + k * NV * 2 * kLanes);
-        for (int i = 0; i < MR; ++i) {
-          const __m256i pl = _mm256_set1_epi32(static_cast<int>(P[i * ldp + 2 * k]));
-          const __m256i ph = _mm256_set1_epi32(static_cast<int>(P[i * ldp + 2 * k + 1]));
-          for (int j = 0; j < NV; ++j) {
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) _mm256_store_si256(total + i * 8 + j, _mm256_setzero_si256());
+    __m256i bytes[MR][NV];
+    int filled = 0;  // words counted in bytes since the last flush
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = _mm256_setzero_si256();
+    const __m256i* wk = reinterpret_cast<const __m256i*>(w[0]);  // split_weights' order
+    for (int64_t s = 0; s < S; ++s) {
+      const uint32_t* a[MR];
+      tile_rows<MR>(src, s, a);
+      for (int64_t kk = 0; kk < run; ++kk, wk += 2 * NV) {
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const __m256i pl = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk]));
+          const __m256i ph = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk + 1]));
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
             const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl, _mm256_loadu_si256(wk + 2 * j)));
             const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph, _mm256_loadu_si256(wk + 2 * j + 1)));
             bytes[i][j] = _mm256_add_epi8(_mm256_add_epi8(bytes[i][j], lo), hi);
           }
         }
-      }
-      for (int i = 0; i < MR; ++i) {
-        for (int j = 0; j < NV; ++j) {
-          const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[i][j], ones8), ones16);
-          _mm256_store_si256(total + i * 8 + j, _mm256_add_epi32(_mm256_load_si256(total + i * 8 + j), sums));
+        if (++filled < kFlush && !(s == S - 1 && kk == run - 1)) continue;
+        filled = 0;  // 32-bit sums of each lane's 4 byte counters
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[i][j], ones8), ones16);
+            _mm256_store_si256(total + i * 8 + j, _mm256_add_epi32(_mm256_load_si256(total + i * 8 + j), sums));
+            bytes[i][j] = _mm256_setzero_si256();
+          }
         }
       }
     }
@@ -165,52 +152,64 @@ CTMQ_AVX2 CTMQ_INLINE __m256i lanes_below(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// One vector of 8 channels from c of a pixel row: the rules of binary_conv.h.
-CTMQ_AVX2 CTMQ_INLINE __m256 output_vector(const Conv& cv, const int32_t* counts, int64_t c,
-                                           uint64_t invalid) {
-  __m256i cnt = _mm256_load_si256(reinterpret_cast<const __m256i*>(counts));
-  const int32_t* taps = cv.tap_popc + (c / kGroup) * cv.T * kGroup + c % kGroup;
-  for (uint64_t b = invalid; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
-    cnt = _mm256_sub_epi32(
-        cnt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps + __builtin_ctzll(b) * kGroup)));
-  }
-  const __m256i base = _mm256_set1_epi32(static_cast<int>(valid_taps(cv, invalid) * cv.C));
-  __m256 y = _mm256_cvtepi32_ps(_mm256_sub_epi32(base, _mm256_slli_epi32(cnt, 1)));
-  if (cv.scale) y = _mm256_mul_ps(y, _mm256_loadu_ps(cv.scale + c));
-  if (cv.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(cv.bias + c));
-  return y;
-}
-
-CTMQ_AVX2 void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
-                        int64_t c, const uint64_t* invalid) {
-  alignas(32) float rows_nchw[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
-  const int valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
-  const bool res_nchw = cv.residual && cv.residual_layout == Layout::kNCHW;
-  const bool res_nhwc = cv.residual && cv.residual_layout == Layout::kNHWC;
-  const bool out_nchw = cv.out && cv.out_layout == Layout::kNCHW;
-  const bool out_nhwc = cv.out && cv.out_layout == Layout::kNHWC;
-  if (res_nchw) nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, rows_nchw, &transpose_avx);
-  for (int i = 0; i < rows; ++i) {
-    const int64_t pix = pix0 + i;
-    for (int j = 0; j * kLanes < cols; ++j) {
-      const int64_t cj = c + j * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
-      const __m256i live = lanes_below(n);
-      float* row = rows_nchw + i * kMaxTileCols + j * kLanes;
-      __m256 y = output_vector(cv, counts + i * kMaxTileCols + j * kLanes, cj, invalid[i]);
-      if (res_nhwc) y = _mm256_add_ps(y, _mm256_maskload_ps(cv.residual + pix * cv.O + cj, live));
-      if (res_nchw) y = _mm256_add_ps(y, _mm256_load_ps(row));
-      if (out_nhwc) _mm256_maskstore_ps(cv.out + pix * cv.O + cj, live, y);
-      if (out_nchw) _mm256_store_ps(row, y);
-      if (cv.packed) {
-        const __m256 z = cv.threshold ? _mm256_add_ps(y, _mm256_loadu_ps(cv.threshold + cj)) : y;
-        const int ge = _mm256_movemask_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
-        packed_bytes(cv, pix)[cj / 8] = static_cast<uint8_t>(ge & ((1 << n) - 1));
+// The tile's outputs, vector by vector, per the rules of binary_conv.h:
+// kOut 0 / 1 / 2 = no float output / NCHW / NHWC (binary_kernels.h).
+template <int kOut, bool kPacked, bool kRes>
+struct Epilogue {
+  CTMQ_AVX2 static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
+                            int64_t c, const uint64_t* invalid) {
+    alignas(32) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+    __m256 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
+    __m256i live[kMaxNV];
+    int live_bits[kMaxNV];
+    CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
+      if (j >= nv) break;
+      scale[j] = _mm256_loadu_ps(cv.scale + c + j * kLanes);
+      bias[j] = _mm256_loadu_ps(cv.bias + c + j * kLanes);
+      thr[j] = _mm256_loadu_ps(cv.threshold + c + j * kLanes);
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - c - j * kLanes));
+      live[j] = lanes_below(n);
+      live_bits[j] = (1 << n) - 1;
+    }
+    const float* res = tile;  // residual row i at res + i * res_ld
+    int64_t res_ld = kMaxTileCols;
+    if (kRes && cv.residual_layout == Layout::kNCHW) {
+      nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, tile, &transpose_avx);
+    } else if (kRes) {
+      res = cv.residual + pix0 * cv.O + c;
+      res_ld = cv.O;
+    }
+    for (int i = 0; i < rows; ++i) {
+      const int64_t pix = pix0 + i;
+      const uint64_t inv = invalid[i];
+      const __m256i base = _mm256_set1_epi32(static_cast<int>(valid_taps(cv, inv) * cv.C));
+      CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
+        if (j >= nv) break;
+        const int64_t cj = c + j * kLanes;
+        __m256i cnt = _mm256_load_si256(reinterpret_cast<const __m256i*>(counts + i * kMaxTileCols + j * kLanes));
+        if (inv) {  // outside taps' zero words counted popc(w)
+          const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup + cj % kGroup;
+          for (uint64_t b = inv; b; b &= b - 1) {
+            cnt = _mm256_sub_epi32(
+                cnt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps + __builtin_ctzll(b) * kGroup)));
+          }
+        }
+        __m256 y = _mm256_cvtepi32_ps(_mm256_sub_epi32(base, _mm256_slli_epi32(cnt, 1)));
+        y = _mm256_add_ps(_mm256_mul_ps(y, scale[j]), bias[j]);
+        if (kRes) y = _mm256_add_ps(y, _mm256_maskload_ps(res + i * res_ld + j * kLanes, live[j]));
+        if (kOut == 2) _mm256_maskstore_ps(cv.out + pix * cv.O + cj, live[j], y);
+        if (kOut == 1) _mm256_store_ps(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kPacked) {
+          const __m256 z = _mm256_add_ps(y, thr[j]);
+          const int ge = _mm256_movemask_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+          packed_bytes(cv, pix)[cj / 8] = static_cast<uint8_t>(ge & live_bits[j]);
+        }
       }
     }
+    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose_avx);
   }
-  if (out_nchw) tile_to_nchw(cv, rows_nchw, pix0, rows, c, valid_cols, cv.out, &transpose_avx);
-}
+};
 
 // The shared tile loop, but with each channel tile's weight split first.
 CTMQ_AVX2 void run_block(const Conv& cv, const Block& b, Tile tile) {
@@ -219,14 +218,14 @@ CTMQ_AVX2 void run_block(const Conv& cv, const Block& b, Tile tile) {
   const int64_t width = static_cast<int64_t>(tile.nv) * kLanes;
   if (static_cast<int64_t>(split.size()) < cv.K * width * 2) split.resize(cv.K * width * 2);
   const uint32_t* ws[1] = {split.data()};
+  const EpilogueFn epilogue = epilogue_for<Epilogue>(cv);
   for (int64_t c = b.c0; c < b.c1; c += width) {
     const int nv = static_cast<int>(std::min<int64_t>(tile.nv, (b.c1 - c + kLanes - 1) / kLanes));
     split_weights(cv, c, nv, split.data());
     const GemmFn full = gemm_lookup<Gemm, kMaxMR, kMaxNV>(tile.mr, nv);
-    for (int64_t r = 0; r < b.rows; r += tile.mr) {
+    for (int64_t r = 0, t = 0; r < b.rows; r += tile.mr, ++t) {
       const int mr = static_cast<int>(std::min<int64_t>(tile.mr, b.rows - r));
-      (mr == tile.mr ? full : gemm_lookup<Gemm, kMaxMR, kMaxNV>(mr, nv))(b.P + r * b.ldp, b.ldp, cv.K,
-                                                                         ws, counts);
+      (mr == tile.mr ? full : gemm_lookup<Gemm, kMaxMR, kMaxNV>(mr, nv))(b.src[t], b.S, b.run, ws, counts);
       epilogue(cv, counts, mr, nv * kLanes, b.pix0 + r, c, b.invalid + r);
     }
   }
@@ -256,7 +255,7 @@ CTMQ_AVX2 void pack(const float* x, int64_t pixels, int64_t C, const float* thre
 CTMQ_AVX2 double peak_loop(int64_t iterations) {
   const __m256i lut = nibble_lut();
   __m256i acc[2][2], wl[2], wh[2], pl[2], ph[2];
-  for (int j = 0; j < 2; ++j) {
+  CTMQ_UNROLL for (int j = 0; j < 2; ++j) {
     wl[j] = _mm256_set1_epi8(static_cast<char>(3 + 5 * j));
     wh[j] = _mm256_set1_epi8(static_cast<char>(9 + j));
     pl[j] = _mm256_set1_epi8(static_cast<char>(6 + j));
@@ -264,14 +263,14 @@ CTMQ_AVX2 double peak_loop(int64_t iterations) {
     acc[j][0] = acc[j][1] = _mm256_setzero_si256();
   }
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int i = 0; i < 2; ++i) {
-      for (int j = 0; j < 2; ++j) {
+    CTMQ_UNROLL for (int i = 0; i < 2; ++i) {
+      CTMQ_UNROLL for (int j = 0; j < 2; ++j) {
         const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl[i], wl[j]));
         const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph[i], wh[j]));
         acc[i][j] = _mm256_add_epi8(_mm256_add_epi8(acc[i][j], lo), hi);
       }
     }
-    for (int i = 0; i < 2; ++i) __asm__ volatile("" : "+x"(pl[i]), "+x"(ph[i]));
+    CTMQ_UNROLL for (int i = 0; i < 2; ++i) __asm__ volatile("" : "+x"(pl[i]), "+x"(ph[i]));
   }
   const __m256i sum = _mm256_add_epi8(_mm256_add_epi8(acc[0][0], acc[0][1]),
                                       _mm256_add_epi8(acc[1][0], acc[1][1]));
@@ -279,11 +278,12 @@ CTMQ_AVX2 double peak_loop(int64_t iterations) {
   return static_cast<double>(iterations) * 4 * 4;  // 4 vectors of 4 64-bit words
 }
 
-}  // namespace
+}  // namespace avx2
 
 const PathInfo& avx2_path() {
-  static const PathInfo info{kLanes, 2, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
-                             &choose, &split_rows, &run_block, &pack, &peak_loop};
+  using namespace avx2;
+  static const PathInfo info{kLanes, true, true, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+                             &choose, &split_words, &run_block, &pack, &peak_loop};
   return info;
 }
 

@@ -9,7 +9,7 @@
 namespace ctmq {
 namespace bconv {
 namespace detail {
-namespace {
+namespace avx512 {
 
 constexpr int kLanes = 16;
 constexpr int kMaxMR = 12, kMaxNV = 4;
@@ -24,76 +24,114 @@ Tile choose(int64_t K, int64_t O) {
   return kTiles[0];
 }
 
-template <int MR, int NV>
-struct Gemm {
-  CTMQ_AVX512 static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
-                              int32_t* counts) {
-    __m512i acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; ++k) {
-      __m512i wv[NV];
-      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(w[j] + kGroup * k);
-      for (int i = 0; i < MR; ++i) {
-        const __m512i p = _mm512_set1_epi32(static_cast<int>(P[i * ldp + k]));
-        for (int j = 0; j < NV; ++j) {
-          acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_xor_si512(wv[j], p)));
-        }
+// b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols, in 8x8 blocks;
+// a partial block loads and stores with masks (a tile of 6 pixels is one).
+CTMQ_AVX512 void transpose(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols) {
+  for (int i0 = 0; i0 < rows; i0 += 8) {
+    const int r = std::min(8, rows - i0);
+    const __mmask8 row_mask = static_cast<__mmask8>((1u << r) - 1);
+    for (int j0 = 0; j0 < cols; j0 += 8) {
+      const int c = std::min(8, cols - j0);
+      const __mmask8 col_mask = static_cast<__mmask8>((1u << c) - 1);
+      __m256 v[8];
+      CTMQ_UNROLL for (int k = 0; k < 8; ++k) {
+        v[k] = k < r ? _mm256_maskz_loadu_ps(col_mask, a + (i0 + k) * lda + j0) : _mm256_setzero_ps();
+      }
+      transpose8x8(v);
+      CTMQ_UNROLL for (int k = 0; k < 8; ++k) {
+        if (k < c) _mm256_mask_storeu_ps(b + (j0 + k) * ldb + i0, row_mask, v[k]);
       }
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) _mm512_store_si512(counts + i * kMaxTileCols + j * kLanes, acc[i][j]);
+  }
+}
+
+template <int MR, int NV>
+struct Gemm {
+  CTMQ_AVX512 static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
+                              int32_t* counts) {
+    __m512i acc[MR][NV];
+    const uint32_t* wp[NV];
+    CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] = w[j];
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < S; ++s) {
+      const uint32_t* a[MR];
+      tile_rows<MR>(src, s, a);
+      for (int64_t kk = 0; kk < run; ++kk) {
+        __m512i wv[NV];
+        CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(wp[j] + kGroup * kk);
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const __m512i p = _mm512_set1_epi32(static_cast<int>(a[i][kk]));
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+            acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_xor_si512(wv[j], p)));
+          }
+        }
+      }
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] += kGroup * run;
+    }
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) _mm512_store_si512(counts + i * kMaxTileCols + j * kLanes, acc[i][j]);
   }
 };
 
-// One vector of 16 channels from c of pixel row i: the rules of binary_conv.h.
-CTMQ_AVX512 CTMQ_INLINE __m512 output_vector(const Conv& cv, const int32_t* counts, int64_t c,
-                                             uint64_t invalid) {
-  __m512i cnt = _mm512_load_si512(counts);
-  const int32_t* taps = cv.tap_popc + (c / kGroup) * cv.T * kGroup;
-  for (uint64_t b = invalid; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
-    cnt = _mm512_sub_epi32(cnt, _mm512_loadu_si512(taps + __builtin_ctzll(b) * kGroup));
-  }
-  const __m512i base = _mm512_set1_epi32(static_cast<int>(valid_taps(cv, invalid) * cv.C));
-  __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(base, _mm512_slli_epi32(cnt, 1)));
-  if (cv.scale) y = _mm512_mul_ps(y, _mm512_loadu_ps(cv.scale + c));
-  if (cv.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(cv.bias + c));
-  return y;
-}
-
-CTMQ_AVX512 void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
-                          int64_t c, const uint64_t* invalid) {
-  alignas(64) float rows_nchw[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
-  const int valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
-  const bool res_nchw = cv.residual && cv.residual_layout == Layout::kNCHW;
-  const bool res_nhwc = cv.residual && cv.residual_layout == Layout::kNHWC;
-  const bool out_nchw = cv.out && cv.out_layout == Layout::kNCHW;
-  const bool out_nhwc = cv.out && cv.out_layout == Layout::kNHWC;
-  if (res_nchw) nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, rows_nchw, &transpose_avx);
-  for (int i = 0; i < rows; ++i) {
-    const int64_t pix = pix0 + i;
-    for (int j = 0; j * kLanes < cols; ++j) {
-      const int64_t cj = c + j * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
-      const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
-      float* row = rows_nchw + i * kMaxTileCols + j * kLanes;
-      __m512 y = output_vector(cv, counts + i * kMaxTileCols + j * kLanes, cj, invalid[i]);
-      if (res_nhwc) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(live, cv.residual + pix * cv.O + cj));
-      if (res_nchw) y = _mm512_add_ps(y, _mm512_load_ps(row));
-      if (out_nhwc) _mm512_mask_storeu_ps(cv.out + pix * cv.O + cj, live, y);
-      if (out_nchw) _mm512_store_ps(row, y);
-      if (cv.packed) {
-        const __m512 z = cv.threshold ? _mm512_add_ps(y, _mm512_loadu_ps(cv.threshold + cj)) : y;
-        const uint16_t bits = _mm512_mask_cmp_ps_mask(live, z, _mm512_setzero_ps(), _CMP_GE_OQ);
-        std::memcpy(packed_bytes(cv, pix) + cj / 8, &bits, 2);
+// The tile's outputs, vector by vector, per the rules of binary_conv.h:
+// kOut 0 / 1 / 2 = no float output / NCHW / NHWC (binary_kernels.h).
+template <int kOut, bool kPacked, bool kRes>
+struct Epilogue {
+  CTMQ_AVX512 static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
+                              int64_t c, const uint64_t* invalid) {
+    alignas(64) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+    __m512 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
+    __mmask16 live[kMaxNV];
+    CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
+      if (j >= nv) break;
+      scale[j] = _mm512_loadu_ps(cv.scale + c + j * kLanes);
+      bias[j] = _mm512_loadu_ps(cv.bias + c + j * kLanes);
+      thr[j] = _mm512_loadu_ps(cv.threshold + c + j * kLanes);
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - c - j * kLanes));
+      live[j] = static_cast<__mmask16>((1u << n) - 1);
+    }
+    const float* res = tile;  // residual row i at res + i * res_ld
+    int64_t res_ld = kMaxTileCols;
+    if (kRes && cv.residual_layout == Layout::kNCHW) {
+      nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, tile, &transpose);
+    } else if (kRes) {
+      res = cv.residual + pix0 * cv.O + c;
+      res_ld = cv.O;
+    }
+    for (int i = 0; i < rows; ++i) {
+      const int64_t pix = pix0 + i;
+      const uint64_t inv = invalid[i];
+      const __m512i base = _mm512_set1_epi32(static_cast<int>(valid_taps(cv, inv) * cv.C));
+      CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
+        if (j >= nv) break;
+        const int64_t cj = c + j * kLanes;
+        __m512i cnt = _mm512_load_si512(counts + i * kMaxTileCols + j * kLanes);
+        if (inv) {  // outside taps' zero words counted popc(w)
+          const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup;
+          for (uint64_t b = inv; b; b &= b - 1) {
+            cnt = _mm512_sub_epi32(cnt, _mm512_loadu_si512(taps + __builtin_ctzll(b) * kGroup));
+          }
+        }
+        __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(base, _mm512_slli_epi32(cnt, 1)));
+        y = _mm512_add_ps(_mm512_mul_ps(y, scale[j]), bias[j]);
+        if (kRes) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(live[j], res + i * res_ld + j * kLanes));
+        if (kOut == 2) _mm512_mask_storeu_ps(cv.out + pix * cv.O + cj, live[j], y);
+        if (kOut == 1) _mm512_store_ps(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kPacked) {
+          const uint16_t bits = _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]),
+                                                        _mm512_setzero_ps(), _CMP_GE_OQ);
+          std::memcpy(packed_bytes(cv, pix) + cj / 8, &bits, 2);
+        }
       }
     }
+    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose);
   }
-  if (out_nchw) tile_to_nchw(cv, rows_nchw, pix0, rows, c, valid_cols, cv.out, &transpose_avx);
-}
+};
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, &epilogue);
+  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
 }
 
 // 16 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.
@@ -117,16 +155,16 @@ CTMQ_AVX512 void pack(const float* x, int64_t pixels, int64_t C, const float* th
 // channels, xor + VPOPCNTD + add; the asm hides the pixel words' values.
 CTMQ_AVX512 double peak_loop(int64_t iterations) {
   __m512i acc[4][4], w[4], p[4];
-  for (int j = 0; j < 4; ++j) w[j] = _mm512_set1_epi32(static_cast<int>(0x9E3779B9u * (j + 1u)));
-  for (int i = 0; i < 4; ++i) {
+  CTMQ_UNROLL for (int j = 0; j < 4; ++j) w[j] = _mm512_set1_epi32(static_cast<int>(0x9E3779B9u * (j + 1u)));
+  CTMQ_UNROLL for (int i = 0; i < 4; ++i) {
     p[i] = _mm512_set1_epi32(static_cast<int>(0x7F4A7C15u * (i + 3u)));
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   }
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j)
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
+      CTMQ_UNROLL for (int j = 0; j < 4; ++j)
         acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_xor_si512(w[j], p[i])));
-    for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+v"(p[i]));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+v"(p[i]));
   }
   __m512i sum = _mm512_setzero_si512();
   for (auto& row : acc)
@@ -135,10 +173,11 @@ CTMQ_AVX512 double peak_loop(int64_t iterations) {
   return static_cast<double>(iterations) * 16 * 8;  // 16 vectors of 8 64-bit words
 }
 
-}  // namespace
+}  // namespace avx512
 
 const PathInfo& avx512_path() {
-  static const PathInfo info{kLanes, 1, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+  using namespace avx512;
+  static const PathInfo info{kLanes, false, true, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
                              &choose, nullptr, &run_block, &pack, &peak_loop};
   return info;
 }

@@ -63,71 +63,34 @@ Conv resolve(const ConvParams& p, const PreparedWeight& w) {
   if (w.KH * w.KW > kMaxTaps) bad("weight: kernel of at most 64 taps");
   cv.M = cv.OH * cv.OW;
   cv.Ow = (cv.O + 31) / 32;
-  cv.x = p.x; cv.w = w.words; cv.tap_popc = w.tap_popc;
+  cv.x = p.x; cv.xw = cv.Cw; cv.w = w.words; cv.tap_popc = w.tap_popc;
   cv.residual = p.residual; cv.residual_layout = p.residual_layout;
   cv.out = p.out; cv.out_layout = p.out_layout; cv.packed = p.packed;
   return cv;
 }
 
-// scale, bias and threshold padded with zeros to whole groups (Conv's rule).
+// scale, bias and threshold as Conv has them: padded to whole groups, the
+// identity (1, -0.0) where absent.
 struct Padded {
   std::vector<float> scale, bias, threshold;
-  static const float* copy(const float* v, int64_t O, int64_t G, std::vector<float>& dst) {
-    if (!v) return nullptr;
-    dst.assign(G * kGroup, 0.f);
-    std::copy(v, v + O, dst.begin());
+  static const float* copy(const float* v, float absent, const Conv& cv, std::vector<float>& dst) {
+    dst.assign(cv.G * kGroup, absent);
+    if (v) std::copy(v, v + cv.O, dst.begin());
     return dst.data();
   }
 };
-
-// ---------------------------------------------------------------- patches
-inline void copy_words(uint32_t* __restrict dst, const uint32_t* __restrict src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
-}
-
-// P rows of pixels [pix0, pix0 + rows): each row the K words of its patch,
-// taps in (kh, kw) order; a row of taps inside the image is one copy of
-// KW * Cw words when dilation_w is 1 (NHWC keeps them adjacent).
-void build_patches(const Conv& cv, int64_t pix0, int64_t rows, uint32_t* P, int64_t ldp,
-                   uint64_t* invalid) {
-  const int64_t Cw = cv.Cw, run = cv.KW * Cw;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pix = pix0 + r, n = pix / cv.M, m = pix % cv.M;
-    const int64_t oh = m / cv.OW, ow = m % cv.OW, iw0 = ow * cv.sw - cv.pw;
-    const bool row_inside = cv.dw == 1 && iw0 >= 0 && iw0 + cv.KW <= cv.W;
-    uint32_t* dst = P + r * ldp;
-    uint64_t outside = 0;
-    for (int64_t kh = 0; kh < cv.KH; ++kh, dst += run) {
-      const int64_t ih = oh * cv.sh - cv.ph + kh * cv.dh;
-      const uint32_t* src = cv.x + (n * cv.H + ih) * cv.W * Cw;
-      if (ih >= 0 && ih < cv.H && row_inside) {
-        copy_words(dst, src + iw0 * Cw, run);
-        continue;
-      }
-      for (int64_t kw = 0; kw < cv.KW; ++kw) {
-        const int64_t iw = iw0 + kw * cv.dw;
-        if (ih < 0 || ih >= cv.H || iw < 0 || iw >= cv.W) {
-          std::memset(dst + kw * Cw, 0, sizeof(uint32_t) * Cw);
-          outside |= uint64_t{1} << (kh * cv.KW + kw);
-        } else {
-          copy_words(dst + kw * Cw, src + iw * Cw, Cw);
-        }
-      }
-    }
-    invalid[r] = outside;
-  }
-}
 
 // ---------------------------------------------------------------- tasks
 // Tasks: ptasks pixel ranges x ctasks channel ranges. Pixel range t is
 // [begin(t), begin(t + 1)) with begin(t) = min(NM, (t * units / ptasks) * unit).
 struct Plan {
   Tile tile;
-  int64_t NM, unit, units, ptasks, ctasks, cblock, ldp, max_rows;
+  int64_t NM, unit, units, ptasks, ctasks, cblock;
   int64_t begin(int64_t t) const { return std::min(NM, (t * units / ptasks) * unit); }
 };
 
-constexpr int64_t kPatchBytes = 24 << 10;  // P per task: within L1 beside a weight tile
+// The pixels of a task: their K words within L1 beside a weight tile.
+constexpr int64_t kBlockBytes = 24 << 10;
 
 Plan plan(const Conv& cv, const PathInfo& info, const Parallel& par, const Tuning* tuning) {
   Plan pl{};
@@ -144,9 +107,8 @@ Plan plan(const Conv& cv, const PathInfo& info, const Parallel& par, const Tunin
   }
   const int64_t mr = pl.tile.mr, threads = std::max<int64_t>(1, par.threads);
   pl.NM = cv.N * cv.M;
-  pl.ldp = cv.K * info.p_words_per_k;
   const int64_t tiles = (pl.NM + mr - 1) / mr;
-  const int64_t cap = std::max<int64_t>(1, kPatchBytes / (4 * pl.ldp) / mr);  // tiles per task
+  const int64_t cap = std::max<int64_t>(1, kBlockBytes / (4 * cv.K * cv.xw / cv.Cw) / mr);
   pl.unit = mr;
   pl.units = tiles;
   pl.ptasks = (tiles + cap - 1) / cap;
@@ -169,23 +131,24 @@ Plan plan(const Conv& cv, const PathInfo& info, const Parallel& par, const Tunin
   if (tuning && tuning->channel_tasks > 0) pl.ctasks = tuning->channel_tasks;
   pl.cblock = ((cv.O + pl.ctasks - 1) / pl.ctasks + 31) / 32 * 32;
   pl.ctasks = (cv.O + pl.cblock - 1) / pl.cblock;
-  pl.max_rows = ((pl.units + pl.ptasks - 1) / pl.ptasks) * pl.unit;
   return pl;
 }
 
-// A task's packed bytes: those of its channels, and up to the word's end
-// after the last channel (the padding bits past O are 0).
-void zero_packed(const Conv& cv, int64_t pix0, int64_t rows, int64_t c0, int64_t c1) {
-  const int64_t b0 = c0 / 8, b1 = c1 == cv.O ? cv.Ow * 4 : c1 / 8;
-  for (int64_t r = 0; r < rows; ++r) std::memset(packed_bytes(cv, pix0 + r) + b0, 0, b1 - b0);
+// A task's packed bytes that its epilogues do not store whole: all of its
+// channels' for paths that OR bits in, else only those past its last vector
+// up to the word's end (the padding bits past O are 0).
+void zero_packed(const Conv& cv, const PathInfo& info, int64_t pix0, int64_t rows, int64_t c0,
+                 int64_t c1) {
+  const int64_t stored = info.whole_bytes ? (c1 + info.lanes - 1) / info.lanes * info.lanes : c0;
+  const int64_t b0 = stored / 8, b1 = c1 == cv.O ? cv.Ow * 4 : c1 / 8;
+  if (b1 <= b0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* bytes = packed_bytes(cv, pix0 + r);
+    for (int64_t i = b0; i < b1; ++i) bytes[i] = 0;
+  }
 }
 
-struct Scratch {
-  std::vector<uint32_t> P;
-  std::vector<uint64_t> invalid;
-};
-
-void run_task(const Conv& cv, const PathInfo& info, const Plan& pl, int64_t t, Scratch& s) {
+void run_task(const Conv& cv, const PathInfo& info, const Plan& pl, int64_t t, Patches& patches) {
   const int64_t pt = t / pl.ctasks, ct = t % pl.ctasks;
   Block b;
   b.pix0 = pl.begin(pt);
@@ -193,15 +156,23 @@ void run_task(const Conv& cv, const PathInfo& info, const Plan& pl, int64_t t, S
   b.c0 = ct * pl.cblock;
   b.c1 = std::min(cv.O, b.c0 + pl.cblock);
   if (b.rows <= 0) return;
-  if (static_cast<int64_t>(s.P.size()) < pl.max_rows * pl.ldp) s.P.resize(pl.max_rows * pl.ldp);
-  if (static_cast<int64_t>(s.invalid.size()) < pl.max_rows) s.invalid.resize(pl.max_rows);
-  build_patches(cv, b.pix0, b.rows, s.P.data(), pl.ldp, s.invalid.data());
-  if (info.split_rows) info.split_rows(s.P.data(), b.rows, pl.ldp, cv.K);
-  if (cv.packed) zero_packed(cv, b.pix0, b.rows, b.c0, b.c1);
-  b.P = s.P.data();
-  b.ldp = pl.ldp;
-  b.invalid = s.invalid.data();
+  build_block(cv, pl.tile.mr, patches, b);
+  if (cv.packed) zero_packed(cv, info, b.pix0, b.rows, b.c0, b.c1);
   info.run_block(cv, b, pl.tile);
+}
+
+// x split into nibbles for paths that read it so (avx2), in parallel.
+const uint32_t* split_input(const Conv& cv, const PathInfo& info, const ParallelFor& for_each,
+                            std::vector<uint32_t>& buf) {
+  const int64_t words = cv.N * cv.H * cv.W * cv.Cw, chunk = 1 << 14;
+  buf.resize(2 * words);
+  for_each((words + chunk - 1) / chunk, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t w0 = t * chunk;
+      info.split_words(cv.x + w0, std::min(chunk, words - w0), buf.data() + 2 * w0);
+    }
+  });
+  return buf.data();
 }
 
 }  // namespace
@@ -220,9 +191,9 @@ void run_tiles(const Conv& cv, const Block& b, Tile tile, int lanes, GemmFn (*ge
       w[j] = cv.w + (cj / kGroup) * cv.K * kGroup + cj % kGroup;
     }
     const GemmFn full = gemm_for(tile.mr, nv);
-    for (int64_t r = 0; r < b.rows; r += tile.mr) {
+    for (int64_t r = 0, t = 0; r < b.rows; r += tile.mr, ++t) {
       const int mr = static_cast<int>(std::min<int64_t>(tile.mr, b.rows - r));
-      (mr == tile.mr ? full : gemm_for(mr, nv))(b.P + r * b.ldp, b.ldp, cv.K, w, counts);
+      (mr == tile.mr ? full : gemm_for(mr, nv))(b.src[t], b.S, b.run, w, counts);
       epilogue(cv, counts, mr, nv * lanes, b.pix0 + r, c, b.invalid + r);
     }
   }
@@ -235,14 +206,19 @@ void conv2d(const ConvParams& p, const PreparedWeight& w, Path path, const Paral
   const PathInfo& info = info_of(path);
   Conv cv = resolve(p, w);
   Padded padded;
-  cv.scale = Padded::copy(p.scale, cv.O, cv.G, padded.scale);
-  cv.bias = Padded::copy(p.bias, cv.O, cv.G, padded.bias);
-  cv.threshold = Padded::copy(p.threshold, cv.O, cv.G, padded.threshold);
-  const Plan pl = plan(cv, info, parallel, tuning);
+  cv.scale = Padded::copy(p.scale, 1.f, cv, padded.scale);
+  cv.bias = Padded::copy(p.bias, -0.f, cv, padded.bias);
+  cv.threshold = Padded::copy(p.threshold, -0.f, cv, padded.threshold);
   const ParallelFor& for_each = parallel.for_each ? parallel.for_each : ParallelFor(serial_for);
+  std::vector<uint32_t> split;
+  if (info.split) {
+    cv.x = split_input(cv, info, for_each, split);
+    cv.xw = 2 * cv.Cw;
+  }
+  const Plan pl = plan(cv, info, parallel, tuning);
   for_each(pl.ptasks * pl.ctasks, [&](int64_t t0, int64_t t1) {
-    thread_local Scratch scratch;
-    for (int64_t t = t0; t < t1; ++t) run_task(cv, info, pl, t, scratch);
+    thread_local Patches patches;
+    for (int64_t t = t0; t < t1; ++t) run_task(cv, info, pl, t, patches);
   });
 }
 

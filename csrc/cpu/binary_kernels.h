@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "binary_conv.h"
 
@@ -31,6 +32,10 @@
 #endif
 
 #define CTMQ_INLINE inline __attribute__((always_inline))
+// Fully unrolls a loop over a register tile's rows or vectors, early enough
+// that the tile's accumulator arrays become registers (without it GCC keeps
+// them on the stack).
+#define CTMQ_UNROLL _Pragma("GCC unroll 16")
 
 namespace ctmq {
 namespace bconv {
@@ -42,51 +47,92 @@ constexpr int kMaxTileRows = 16; // the largest mr of any table
 constexpr int kMaxTileCols = 64; // the largest tile width in channels
 
 // A call's arguments, checked and resolved. scale, bias and threshold are
-// copies padded with zeros to whole groups (vector loads past O stay inside).
+// never null: copies padded to whole groups, where an absent scale is 1 and an
+// absent bias or threshold -0.0 (x * 1 and x + -0.0 are x, signed zeros too),
+// so that every epilogue runs the same steps.
 struct Conv {
   int64_t N, H, W, C, Cw;    // input; Cw = 32-bit words per pixel
+  int64_t xw;                // words per pixel of x as the GEMM reads it (avx2: 2 Cw)
   int64_t O, G, KH, KW, T, K;  // weight; G = groups of 16 channels, T = taps
   int64_t OH, OW, M, Ow;     // output; M = OH * OW, Ow = packed words per pixel
   int64_t sh, sw, ph, pw, dh, dw;
-  const uint32_t* x;
+  const uint32_t* x;         // (N, H, W, xw)
   const uint32_t* w;         // (G, K, 16)
   const int32_t* tap_popc;   // (G, T, 16)
-  const float* scale;        // [G * 16] or null
+  const float* scale;        // [G * 16]
   const float* bias;
   const float* threshold;
-  const float* residual;
+  const float* residual;     // or null
   Layout residual_layout;
-  float* out;
+  float* out;                // or null
   Layout out_layout;
-  uint32_t* packed;
+  uint32_t* packed;          // or null
 };
 
-// One task's pixels as the GEMM reads them.
+// One task's pixels as the GEMM reads them. A pixel's K words are S
+// segments of `run` words (`run` word pairs on avx2, its nibble split), each
+// adjacent in memory: one segment per kernel row when dilation_w is 1 (KW
+// taps of Cw words lie side by side in NHWC), else one per tap. A register
+// tile's pixels are found through its Source: directly (a tile of adjacent
+// pixels of one output row with every tap inside: pixel i's segment s at
+// base + s * segment_stride + i * pixel_stride), or through a table of
+// pointers into x, or at copies with zero words for the taps outside the
+// image (those taps' bits in the pixel's invalid mask).
+struct Source {
+  const uint32_t* const* seg;  // table: segment s of row i at seg[s * ld + i]; null when direct
+  int64_t ld;
+  const uint32_t* base;
+  int64_t pixel_stride, segment_stride;
+};
+
 struct Block {
   int64_t pix0, rows;         // output pixels pix0 .. pix0 + rows - 1 (pixel = n * M + m)
-  const uint32_t* P;          // rows x ldp words: the patches (avx2: the nibble split, see there)
-  int64_t ldp;
+  const Source* src;          // per register tile of mr rows
+  int64_t S, run;
   const uint64_t* invalid;    // per row: the taps outside the image
   int64_t c0, c1;             // output channels [c0, c1), c0 a multiple of 32
 };
 
-// counts (mr x cols, row stride kMaxTileCols) of one register tile: P rows
-// r.. r + mr - 1 against channel vectors j < nv, w[j] = word 0 of vector j
-// (word k at w[j] + 16 k).
-using GemmFn = void (*)(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+// counts (mr x cols, row stride kMaxTileCols) of one register tile against
+// channel vectors j < nv, w[j] = word 0 of vector j (word k at w[j] + 16 k).
+using GemmFn = void (*)(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
                         int32_t* counts);
+
+// The segments of a tile's pixel rows i < MR, for segment s.
+template <int MR>
+CTMQ_INLINE void tile_rows(const Source& src, int64_t s, const uint32_t* (&a)[MR]) {
+  if (src.seg) {
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) a[i] = src.seg[s * src.ld + i];
+  } else {
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) a[i] = src.base + s * src.segment_stride + i * src.pixel_stride;
+  }
+}
+
+// A task's block, built once for all its output channels (binary_patches.cpp).
+struct Patches {
+  std::vector<Source> src;
+  std::vector<const uint32_t*> seg;
+  std::vector<uint32_t> copies, zeros;
+  std::vector<uint64_t> invalid;
+};
+void build_block(const Conv& cv, int64_t mr, Patches& p, Block& b);
+
 // The outputs of a tile's counts: rows pixels from pix0, channels c .. c + cols - 1
 // (those past O are not written).
 using EpilogueFn = void (*)(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
                             int64_t c, const uint64_t* invalid);
 
 // A block's channel tiles, and within each its pixel tiles (the weight tile
-// stays in L1 while P streams), each GEMM then its epilogue. gemm_for(mr, nv)
-// gives the instantiation for the tails too.
+// stays in L1 while the pixels stream), each GEMM then its epilogue.
+// gemm_for(mr, nv) gives the instantiation for the tails too.
 void run_tiles(const Conv& cv, const Block& b, Tile tile, int lanes,
                GemmFn (*gemm_for)(int mr, int nv), EpilogueFn epilogue);
 
 // gemm_for of a path: Gemm<MR, NV>::run for 1 <= mr <= MaxMR, 1 <= nv <= MaxNV.
+// Each path's kernels live in a namespace named after the path, not an
+// anonymous one: GCC gives the local statics of these templates one symbol
+// across files when the template arguments come from anonymous namespaces,
+// and one path would then run another's kernels.
 template <template <int, int> class Gemm, int MaxNV, int... I>
 constexpr std::array<GemmFn, sizeof...(I)> gemm_table(std::integer_sequence<int, I...>) {
   return {{&Gemm<I / MaxNV + 1, I % MaxNV + 1>::run...}};
@@ -98,14 +144,30 @@ GemmFn gemm_lookup(int mr, int nv) {
   return table[(mr - 1) * MaxNV + (nv - 1)];
 }
 
+// The epilogue variant for a call's outputs: Epi<kOut, kPacked, kResidual>::run
+// with kOut 0 (no float output), 1 (NCHW) or 2 (NHWC).
+template <template <int, bool, bool> class Epi>
+EpilogueFn epilogue_for(const Conv& cv) {
+  const int out = cv.out ? (cv.out_layout == Layout::kNCHW ? 1 : 2) : 0;
+  const bool packed = cv.packed != nullptr, res = cv.residual != nullptr;
+  static constexpr EpilogueFn table[3][2][2] = {
+      {{nullptr, nullptr}, {&Epi<0, true, false>::run, &Epi<0, true, true>::run}},
+      {{&Epi<1, false, false>::run, &Epi<1, false, true>::run},
+       {&Epi<1, true, false>::run, &Epi<1, true, true>::run}},
+      {{&Epi<2, false, false>::run, &Epi<2, false, true>::run},
+       {&Epi<2, true, false>::run, &Epi<2, true, true>::run}}};
+  return table[out][packed][res];
+}
+
 // What the driver needs to know of a path.
 struct PathInfo {
   int lanes;              // channels per vector
-  int p_words_per_k;      // words of P per GEMM word (2 for avx2's nibble split)
+  bool split;             // avx2: reads x split into nibbles (split_words), 2 words a word
+  bool whole_bytes;       // the epilogue stores whole packed bytes (lanes a multiple of 8)
   const Tile* tiles;      // the table
   int tile_count;
   Tile (*choose)(int64_t K, int64_t O);  // the table's pick for a shape
-  void (*split_rows)(uint32_t* P, int64_t rows, int64_t ldp, int64_t K);  // or null
+  void (*split_words)(const uint32_t* src, int64_t n, uint32_t* dst);  // or null
   void (*run_block)(const Conv& cv, const Block& b, Tile tile);
   void (*pack_nhwc)(const float* x, int64_t pixels, int64_t C, const float* threshold,
                     uint32_t* out);
@@ -163,6 +225,25 @@ CTMQ_INLINE void transpose_scalar(const float* a, int64_t lda, float* b, int64_t
 using TransposeFn = void (*)(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
 #if defined(CTMQ_X86_SIMD)
 void transpose_avx(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
+
+// r[k] (row k of an 8x8 block) becomes column k.
+CTMQ_AVX2 CTMQ_INLINE void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  CTMQ_UNROLL for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  CTMQ_UNROLL for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  CTMQ_UNROLL for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
 #endif
 
 // A tile's rows (row stride kMaxTileCols) to and from NCHW planes: pixels of

@@ -10,7 +10,7 @@
 namespace ctmq {
 namespace bconv {
 namespace detail {
-namespace {
+namespace neon {
 
 constexpr int kLanes = 4;
 constexpr int kMaxMR = 12, kMaxNV = 4;
@@ -28,27 +28,35 @@ Tile choose(int64_t K, int64_t O) {
 
 template <int MR, int NV>
 struct Gemm {
-  static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
                   int32_t* counts) {
     uint32x4_t* total = reinterpret_cast<uint32x4_t*>(counts);  // (i, j) at i * 16 + j
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) total[i * 16 + j] = vdupq_n_u32(0);
-    for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + kFlush);
-      uint8x16_t bytes[MR][NV];
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) bytes[i][j] = vdupq_n_u8(0);
-      for (int64_t k = k0; k < k1; ++k) {
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) total[i * 16 + j] = vdupq_n_u32(0);
+    uint8x16_t bytes[MR][NV];
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = vdupq_n_u8(0);
+    int filled = 0;  // words counted in bytes since the last flush
+    for (int64_t s = 0; s < S; ++s) {
+      const uint32_t* a[MR];
+      tile_rows<MR>(src, s, a);
+      for (int64_t kk = 0; kk < run; ++kk) {
+        const int64_t k = s * run + kk;
         uint8x16_t wv[NV];
-        for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(w[j] + kGroup * k));
-        for (int i = 0; i < MR; ++i) {
-          const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(P + i * ldp + k));
-          for (int j = 0; j < NV; ++j) bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(wv[j], p)));
+        CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(w[j] + kGroup * k));
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(a[i] + kk));
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(wv[j], p)));
+        }
+        if (++filled < kFlush && !(s == S - 1 && kk == run - 1)) continue;
+        filled = 0;  // 32-bit sums of each lane's 4 byte counters
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+            total[i * 16 + j] = vpadalq_u16(total[i * 16 + j], vpaddlq_u8(bytes[i][j]));
+            bytes[i][j] = vdupq_n_u8(0);
+          }
         }
       }
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j)
-          total[i * 16 + j] = vpadalq_u16(total[i * 16 + j], vpaddlq_u8(bytes[i][j]));
     }
   }
 };
@@ -73,20 +81,6 @@ void transpose_neon(const float* a, int64_t lda, float* b, int64_t ldb, int rows
   transpose_scalar(a + i * lda, lda, b + i, ldb, rows - i, cols);
 }
 
-// One vector of 4 channels from c of a pixel row: the rules of binary_conv.h.
-inline float32x4_t output_vector(const Conv& cv, const int32_t* counts, int64_t c, uint64_t invalid) {
-  int32x4_t cnt = vld1q_s32(counts);
-  const int32_t* taps = cv.tap_popc + (c / kGroup) * cv.T * kGroup + c % kGroup;
-  for (uint64_t b = invalid; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
-    cnt = vsubq_s32(cnt, vld1q_s32(taps + __builtin_ctzll(b) * kGroup));
-  }
-  const int32x4_t base = vdupq_n_s32(static_cast<int32_t>(valid_taps(cv, invalid) * cv.C));
-  float32x4_t y = vcvtq_f32_s32(vsubq_s32(base, vshlq_n_s32(cnt, 1)));
-  if (cv.scale) y = vmulq_f32(y, vld1q_f32(cv.scale + c));
-  if (cv.bias) y = vaddq_f32(y, vld1q_f32(cv.bias + c));
-  return y;
-}
-
 // n < 4 lanes at the channel tail: through a stack copy.
 inline float32x4_t load_lanes(const float* src, int n) {
   if (n == kLanes) return vld1q_f32(src);
@@ -108,37 +102,51 @@ inline uint32_t sign_bits(float32x4_t z, int n) {
   return bits & ((1u << n) - 1);
 }
 
-void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
-              const uint64_t* invalid) {
-  alignas(16) float rows_nchw[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
-  const int valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
-  const bool res_nchw = cv.residual && cv.residual_layout == Layout::kNCHW;
-  const bool res_nhwc = cv.residual && cv.residual_layout == Layout::kNHWC;
-  const bool out_nchw = cv.out && cv.out_layout == Layout::kNCHW;
-  const bool out_nhwc = cv.out && cv.out_layout == Layout::kNHWC;
-  if (res_nchw) nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, rows_nchw, &transpose_neon);
-  for (int i = 0; i < rows; ++i) {
-    const int64_t pix = pix0 + i;
-    for (int j = 0; j * kLanes < cols; ++j) {
-      const int64_t cj = c + j * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
-      float* row = rows_nchw + i * kMaxTileCols + j * kLanes;
-      float32x4_t y = output_vector(cv, counts + i * kMaxTileCols + j * kLanes, cj, invalid[i]);
-      if (res_nhwc) y = vaddq_f32(y, load_lanes(cv.residual + pix * cv.O + cj, n));
-      if (res_nchw) y = vaddq_f32(y, vld1q_f32(row));
-      if (out_nhwc) store_lanes(cv.out + pix * cv.O + cj, y, n);
-      if (out_nchw) vst1q_f32(row, y);
-      if (cv.packed) {
-        const float32x4_t z = cv.threshold ? vaddq_f32(y, vld1q_f32(cv.threshold + cj)) : y;
-        packed_bytes(cv, pix)[cj / 8] |= static_cast<uint8_t>(sign_bits(z, n) << (cj % 8));
+// The tile's outputs, vector by vector, per the rules of binary_conv.h:
+// kOut 0 / 1 / 2 = no float output / NCHW / NHWC (binary_kernels.h).
+template <int kOut, bool kPacked, bool kRes>
+struct Epilogue {
+  static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
+                  const uint64_t* invalid) {
+    alignas(16) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+    const float* res = tile;  // residual row i at res + i * res_ld
+    int64_t res_ld = kMaxTileCols;
+    if (kRes && cv.residual_layout == Layout::kNCHW) {
+      nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, tile, &transpose_neon);
+    } else if (kRes) {
+      res = cv.residual + pix0 * cv.O + c;
+      res_ld = cv.O;
+    }
+    for (int i = 0; i < rows; ++i) {
+      const int64_t pix = pix0 + i;
+      const uint64_t inv = invalid[i];
+      const int32x4_t base = vdupq_n_s32(static_cast<int32_t>(valid_taps(cv, inv) * cv.C));
+      for (int j = 0; j < nv; ++j) {
+        const int64_t cj = c + j * kLanes;
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
+        int32x4_t cnt = vld1q_s32(counts + i * kMaxTileCols + j * kLanes);
+        if (inv) {  // outside taps' zero words counted popc(w)
+          const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup + cj % kGroup;
+          for (uint64_t b = inv; b; b &= b - 1) cnt = vsubq_s32(cnt, vld1q_s32(taps + __builtin_ctzll(b) * kGroup));
+        }
+        float32x4_t y = vcvtq_f32_s32(vsubq_s32(base, vshlq_n_s32(cnt, 1)));
+        y = vaddq_f32(vmulq_f32(y, vld1q_f32(cv.scale + cj)), vld1q_f32(cv.bias + cj));
+        if (kRes) y = vaddq_f32(y, load_lanes(res + i * res_ld + j * kLanes, n));
+        if (kOut == 2) store_lanes(cv.out + pix * cv.O + cj, y, n);
+        if (kOut == 1) vst1q_f32(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kPacked) {
+          const float32x4_t z = vaddq_f32(y, vld1q_f32(cv.threshold + cj));
+          packed_bytes(cv, pix)[cj / 8] |= static_cast<uint8_t>(sign_bits(z, n) << (cj % 8));
+        }
       }
     }
+    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose_neon);
   }
-  if (out_nchw) tile_to_nchw(cv, rows_nchw, pix0, rows, c, valid_cols, cv.out, &transpose_neon);
-}
+};
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, &epilogue);
+  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
 }
 
 // 4 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.
@@ -163,15 +171,15 @@ void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uin
 // add; the asm hides the pixel words' values.
 double peak_loop(int64_t iterations) {
   uint8x16_t acc[4][4], w[4], p[4];
-  for (int j = 0; j < 4; ++j) {
+  CTMQ_UNROLL for (int j = 0; j < 4; ++j) {
     w[j] = vdupq_n_u8(static_cast<uint8_t>(0x5a + 17 * j));
     p[j] = vdupq_n_u8(static_cast<uint8_t>(0x3c + 29 * j));
-    for (int i = 0; i < 4; ++i) acc[j][i] = vdupq_n_u8(0);
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) acc[j][i] = vdupq_n_u8(0);
   }
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = vaddq_u8(acc[i][j], vcntq_u8(veorq_u8(w[j], p[i])));
-    for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+w"(p[i]));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
+      CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = vaddq_u8(acc[i][j], vcntq_u8(veorq_u8(w[j], p[i])));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+w"(p[i]));
   }
   uint8x16_t sum = vdupq_n_u8(0);
   for (auto& row : acc)
@@ -180,10 +188,11 @@ double peak_loop(int64_t iterations) {
   return static_cast<double>(iterations) * 16 * 2;  // 16 vectors of 2 64-bit words
 }
 
-}  // namespace
+}  // namespace neon
 
 const PathInfo& neon_path() {
-  static const PathInfo info{kLanes, 1, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+  using namespace neon;
+  static const PathInfo info{kLanes, false, false, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
                              &choose, nullptr, &run_block, &pack, &peak_loop};
   return info;
 }

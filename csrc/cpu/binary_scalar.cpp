@@ -6,7 +6,7 @@
 namespace ctmq {
 namespace bconv {
 namespace detail {
-namespace {
+namespace scalar {
 
 constexpr int kMaxMR = 4, kMaxNV = 8;
 // mr x nv channels; 16 accumulators fill x86-64's general registers.
@@ -16,31 +16,37 @@ Tile choose(int64_t, int64_t) { return kTiles[0]; }
 
 template <int MR, int NV>
 struct Gemm {
-  static void run(const uint32_t* P, int64_t ldp, int64_t K, const uint32_t* const* w,
+  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
                   int32_t* counts) {
     int32_t acc[MR][NV] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      uint32_t wv[NV];
-      for (int j = 0; j < NV; ++j) wv[j] = w[j][kGroup * k];
-      for (int i = 0; i < MR; ++i) {
-        const uint32_t p = P[i * ldp + k];
-        for (int j = 0; j < NV; ++j) acc[i][j] += popc32(p ^ wv[j]);
+    for (int64_t s = 0; s < S; ++s) {
+      const uint32_t* a[MR];
+      tile_rows<MR>(src, s, a);
+      for (int64_t kk = 0; kk < run; ++kk) {
+        const int64_t k = s * run + kk;
+        uint32_t wv[NV];
+        CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = w[j][kGroup * k];
+        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+          const uint32_t p = a[i][kk];
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] += popc32(p ^ wv[j]);
+        }
       }
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) counts[i * kMaxTileCols + j] = acc[i][j];
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) counts[i * kMaxTileCols + j] = acc[i][j];
   }
 };
 
-// One output: the rules of binary_conv.h, in their order.
+// One output: the rules of binary_conv.h, in their order (an absent scale,
+// bias or threshold is an identity in Conv).
 inline float output_value(const Conv& cv, int64_t pix, int64_t o, int32_t count, uint64_t invalid) {
   int64_t popc = count;
   for (uint64_t b = invalid; b; b &= b - 1) {  // the zero words of outside taps counted popc(w)
     popc -= cv.tap_popc[((o / kGroup) * cv.T + __builtin_ctzll(b)) * kGroup + o % kGroup];
   }
   float y = static_cast<float>(valid_taps(cv, invalid) * cv.C - 2 * popc);
-  if (cv.scale) y = y * cv.scale[o];
-  if (cv.bias) y = y + cv.bias[o];
+  y = y * cv.scale[o];
+  y = y + cv.bias[o];
   if (cv.residual) {
     const int64_t n = pix / cv.M, m = pix % cv.M;
     y = y + cv.residual[cv.residual_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m];
@@ -57,9 +63,8 @@ void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t
       const int64_t o = c + j;
       const float y = output_value(cv, pix, o, counts[i * kMaxTileCols + j], invalid[i]);
       if (cv.out) cv.out[cv.out_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m] = y;
-      if (cv.packed) {
-        const float z = cv.threshold ? y + cv.threshold[o] : y;
-        if (z >= 0.f) packed_bytes(cv, pix)[o / 8] |= static_cast<uint8_t>(1u << (o % 8));
+      if (cv.packed && y + cv.threshold[o] >= 0.f) {
+        packed_bytes(cv, pix)[o / 8] |= static_cast<uint8_t>(1u << (o % 8));
       }
     }
   }
@@ -91,9 +96,9 @@ double peak_loop(int64_t iterations) {
   uint32_t w[4] = {0xdeadbeefu, 0x01234567u, 0x89abcdefu, 0x55555555u};
   int32_t acc[4][4] = {};
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] += popc32(p[i] ^ w[j]);
-    for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+r"(p[i]));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
+      CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] += popc32(p[i] ^ w[j]);
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+r"(p[i]));
   }
   int32_t sum = 0;
   for (auto& row : acc)
@@ -102,10 +107,11 @@ double peak_loop(int64_t iterations) {
   return static_cast<double>(iterations) * 16 / 2;  // 64-bit words
 }
 
-}  // namespace
+}  // namespace scalar
 
 const PathInfo& scalar_path() {
-  static const PathInfo info{1, 1, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+  using namespace scalar;
+  static const PathInfo info{1, false, false, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
                              &choose, nullptr, &run_block, &pack, &peak_loop};
   return info;
 }
