@@ -60,13 +60,14 @@ constexpr int kLanes = 8;
 constexpr int kMaxMR = 10, kMaxNV = 4;
 constexpr int kFlush = 31;  // words between byte-counter flushes: 31 * 8 < 256
 
-constexpr Tile kTiles[] = {{4, 2}, {5, 2}, {8, 1}, {3, 3}, {2, 4}, {10, 1}};
+// mr x nv: mr * nv byte counters, the pixel word's two nibble vectors, the
+// lookup table and temporaries within the 16 ymm registers; the weights stay
+// memory operands (see Gemm), so a wide tile pays: 3x4 is the fastest or
+// within 4% of it on ResNet-18's shapes (K = 2..144, O = 8..512) on Zen 5
+// capped to AVX2 (docs/design.md 5.1; not measured on an AVX2-only CPU).
+constexpr Tile kTiles[] = {{3, 4}, {2, 4}, {3, 3}, {4, 2}, {5, 2}, {8, 1}};
 
-Tile choose(int64_t K, int64_t O) {
-  (void)K;
-  (void)O;
-  return kTiles[0];
-}
+Tile choose(int64_t, int64_t) { return kTiles[0]; }
 
 CTMQ_AVX2 CTMQ_INLINE __m256i nibble_lut() {
   return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
@@ -107,12 +108,24 @@ CTMQ_AVX2 void split_weights(const Conv& cv, int64_t c, int nv, uint32_t* ws) {
   }
 }
 
+// The byte counters into the 32-bit sums (each lane's 4 bytes), then zero.
+template <int MR, int NV>
+CTMQ_AVX2 CTMQ_INLINE void flush(__m256i (&bytes)[MR][NV], __m256i* total) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+    CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[i][j], ones8), ones16);
+      _mm256_store_si256(total + i * 8 + j, _mm256_add_epi32(_mm256_load_si256(total + i * 8 + j), sums));
+      bytes[i][j] = _mm256_setzero_si256();
+    }
+  }
+}
+
 template <int MR, int NV>
 struct Gemm {
   CTMQ_AVX2 static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
                             int32_t* counts) {
     const __m256i lut = nibble_lut();
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     __m256i* total = reinterpret_cast<__m256i*>(counts);  // 32-bit sums, (i, j) at i * 8 + j
     CTMQ_UNROLL for (int i = 0; i < MR; ++i)
       CTMQ_UNROLL for (int j = 0; j < NV; ++j) _mm256_store_si256(total + i * 8 + j, _mm256_setzero_si256());
@@ -124,27 +137,28 @@ struct Gemm {
     for (int64_t s = 0; s < S; ++s) {
       const uint32_t* a[MR];
       tile_rows<MR>(src, s, a);
-      for (int64_t kk = 0; kk < run; ++kk, wk += 2 * NV) {
-        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
-          const __m256i pl = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk]));
-          const __m256i ph = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk + 1]));
-          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl, _mm256_loadu_si256(wk + 2 * j)));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph, _mm256_loadu_si256(wk + 2 * j + 1)));
-            bytes[i][j] = _mm256_add_epi8(_mm256_add_epi8(bytes[i][j], lo), hi);
+      for (int64_t k0 = 0; k0 < run;) {
+        const int64_t k1 = std::min<int64_t>(run, k0 + kFlush - filled);  // no branch inside
+        for (int64_t kk = k0; kk < k1; ++kk, wk += 2 * NV) {
+          CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+            // The weight vectors stay memory operands of the xors (reloaded
+            // per pixel from L1), leaving the 16 registers to the counters.
+            __asm__("" : "+r"(wk));
+            const __m256i pl = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk]));
+            const __m256i ph = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk + 1]));
+            CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+              const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl, _mm256_loadu_si256(wk + 2 * j)));
+              const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph, _mm256_loadu_si256(wk + 2 * j + 1)));
+              bytes[i][j] = _mm256_add_epi8(bytes[i][j], _mm256_add_epi8(lo, hi));
+            }
           }
         }
-        if (++filled < kFlush && !(s == S - 1 && kk == run - 1)) continue;
-        filled = 0;  // 32-bit sums of each lane's 4 byte counters
-        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
-          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
-            const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(bytes[i][j], ones8), ones16);
-            _mm256_store_si256(total + i * 8 + j, _mm256_add_epi32(_mm256_load_si256(total + i * 8 + j), sums));
-            bytes[i][j] = _mm256_setzero_si256();
-          }
-        }
+        filled += static_cast<int>(k1 - k0);
+        k0 = k1;
+        if (filled == kFlush) flush<MR, NV>(bytes, total), filled = 0;
       }
     }
+    if (filled) flush<MR, NV>(bytes, total);
   }
 };
 
@@ -183,7 +197,7 @@ struct Epilogue {
     for (int i = 0; i < rows; ++i) {
       const int64_t pix = pix0 + i;
       const uint64_t inv = invalid[i];
-      const __m256i base = _mm256_set1_epi32(static_cast<int>(valid_taps(cv, inv) * cv.C));
+      const __m256i base = _mm256_set1_epi32(static_cast<int>((cv.T - __builtin_popcountll(inv)) * cv.C));
       CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
         if (j >= nv) break;
         const int64_t cj = c + j * kLanes;

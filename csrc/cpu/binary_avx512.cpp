@@ -15,14 +15,13 @@ constexpr int kLanes = 16;
 constexpr int kMaxMR = 12, kMaxNV = 4;
 
 // mr x nv: mr * nv accumulators + nv weight vectors + the broadcast pixel
-// word + a temporary within the 32 zmm registers.
-constexpr Tile kTiles[] = {{6, 4}, {8, 3}, {12, 2}, {4, 4}, {8, 2}};
+// word + a temporary within the 32 zmm registers. Measured on Zen 5 over
+// ResNet-18's shapes (K = 2..144 words, O = 8..512; docs/design.md 5.1):
+// 6x4 is the fastest or within 2% everywhere, so the choice does not depend
+// on the shape (a narrower O only clamps nv).
+constexpr Tile kTiles[] = {{6, 4}, {5, 4}, {4, 4}, {8, 3}, {12, 2}, {8, 2}};
 
-Tile choose(int64_t K, int64_t O) {
-  (void)K;
-  (void)O;
-  return kTiles[0];
-}
+Tile choose(int64_t, int64_t) { return kTiles[0]; }
 
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols, in 8x8 blocks;
 // a partial block loads and stores with masks (a tile of 6 pixels is one).
@@ -81,7 +80,12 @@ struct Epilogue {
   CTMQ_AVX512 static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
                               int64_t c, const uint64_t* invalid) {
     alignas(64) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
-    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+    // locals, not cv's fields: the packed stores are bytes, which may alias anything
+    const int64_t O = cv.O, T = cv.T, C = cv.C, packed_ld = cv.Ow * 4;
+    const int32_t* const taps = cv.tap_popc + (c / kGroup) * T * kGroup;
+    float* const out = cv.out + (kOut == 2 ? pix0 * O + c : 0);
+    uint8_t* const packed = kPacked ? packed_bytes(cv, pix0) + c / 8 : nullptr;
+    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, O - c));
     __m512 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
     __mmask16 live[kMaxNV];
     CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
@@ -89,7 +93,7 @@ struct Epilogue {
       scale[j] = _mm512_loadu_ps(cv.scale + c + j * kLanes);
       bias[j] = _mm512_loadu_ps(cv.bias + c + j * kLanes);
       thr[j] = _mm512_loadu_ps(cv.threshold + c + j * kLanes);
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - c - j * kLanes));
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, O - c - j * kLanes));
       live[j] = static_cast<__mmask16>((1u << n) - 1);
     }
     const float* res = tile;  // residual row i at res + i * res_ld
@@ -97,33 +101,35 @@ struct Epilogue {
     if (kRes && cv.residual_layout == Layout::kNCHW) {
       nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, tile, &transpose);
     } else if (kRes) {
-      res = cv.residual + pix0 * cv.O + c;
-      res_ld = cv.O;
+      res = cv.residual + pix0 * O + c;
+      res_ld = O;
     }
     for (int i = 0; i < rows; ++i) {
-      const int64_t pix = pix0 + i;
       const uint64_t inv = invalid[i];
-      const __m512i base = _mm512_set1_epi32(static_cast<int>(valid_taps(cv, inv) * cv.C));
+      const __m512i base = _mm512_set1_epi32(static_cast<int>((T - __builtin_popcountll(inv)) * C));
+      uint64_t bits = 0;  // the row's packed bits, 16 per vector
       CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
         if (j >= nv) break;
-        const int64_t cj = c + j * kLanes;
         __m512i cnt = _mm512_load_si512(counts + i * kMaxTileCols + j * kLanes);
-        if (inv) {  // outside taps' zero words counted popc(w)
-          const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup;
-          for (uint64_t b = inv; b; b &= b - 1) {
-            cnt = _mm512_sub_epi32(cnt, _mm512_loadu_si512(taps + __builtin_ctzll(b) * kGroup));
-          }
+        for (uint64_t b = inv; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
+          cnt = _mm512_sub_epi32(cnt, _mm512_loadu_si512(taps + (j * T + __builtin_ctzll(b)) * kGroup));
         }
         __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(base, _mm512_slli_epi32(cnt, 1)));
         y = _mm512_add_ps(_mm512_mul_ps(y, scale[j]), bias[j]);
         if (kRes) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(live[j], res + i * res_ld + j * kLanes));
-        if (kOut == 2) _mm512_mask_storeu_ps(cv.out + pix * cv.O + cj, live[j], y);
+        if (kOut == 2) _mm512_mask_storeu_ps(out + i * O + j * kLanes, live[j], y);
         if (kOut == 1) _mm512_store_ps(tile + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
-          const uint16_t bits = _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]),
-                                                        _mm512_setzero_ps(), _CMP_GE_OQ);
-          std::memcpy(packed_bytes(cv, pix) + cj / 8, &bits, 2);
+          const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]),
+                                                       _mm512_setzero_ps(), _CMP_GE_OQ);
+          bits |= static_cast<uint64_t>(_cvtmask16_u32(ge)) << (16 * j);
         }
+      }
+      if (kPacked) {  // one store of the row's bytes (little-endian: channel c first)
+        uint8_t* dst = packed + i * packed_ld;
+        if (nv == 4) std::memcpy(dst, &bits, 8);
+        else if (nv == 2) std::memcpy(dst, &bits, 4);
+        else for (int j = 0; j < nv; ++j) std::memcpy(dst + 2 * j, reinterpret_cast<const uint8_t*>(&bits) + 2 * j, 2);
       }
     }
     if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose);

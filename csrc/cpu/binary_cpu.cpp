@@ -95,6 +95,11 @@ std::string binary_cpu_path(const std::string& request) {
   return bconv::path_name(current_path());
 }
 
+double binary_cpu_peak(double seconds) {
+  TORCH_CHECK(seconds > 0 && seconds <= 60, "binary_cpu_peak: seconds must be in (0, 60], got ", seconds);
+  return bconv::peak_words_per_second(current_path(), seconds);
+}
+
 namespace {
 
 // ------------------------------------------------------------------ packing

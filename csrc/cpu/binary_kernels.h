@@ -194,14 +194,8 @@ CTMQ_INLINE int64_t run_end(const Conv& cv, int64_t pix0, int64_t r0, int64_t r1
   return std::min(r1, next_image);
 }
 
-// val = C * valid_taps - 2 * popc, where popc is the count over all taps and
-// the taps outside the image, whose zero words counted popc(w), come off.
-CTMQ_INLINE int valid_taps(const Conv& cv, uint64_t invalid) {
-  return static_cast<int>(cv.T) - __builtin_popcountll(invalid);
-}
-
-// popcount of a 32-bit word in the baseline ISA: x86-64 has no POPCNT before
-// SSE4.2 (GCC would call libgcc), aarch64's becomes CNT.
+// popcounts in the baseline ISA: x86-64 has no POPCNT before SSE4.2 (GCC
+// would call libgcc), aarch64's become CNT.
 CTMQ_INLINE int popc32(uint32_t v) {
 #if defined(__x86_64__) && !defined(__POPCNT__)
   v = v - ((v >> 1) & 0x55555555u);
@@ -211,6 +205,10 @@ CTMQ_INLINE int popc32(uint32_t v) {
 #else
   return __builtin_popcount(v);
 #endif
+}
+
+CTMQ_INLINE int popc64(uint64_t v) {
+  return popc32(static_cast<uint32_t>(v)) + popc32(static_cast<uint32_t>(v >> 32));
 }
 
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (scalar; the paths

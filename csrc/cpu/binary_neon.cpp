@@ -18,12 +18,21 @@ constexpr int kFlush = 31;
 
 // mr x nv: mr * nv byte counters + nv weight vectors + the broadcast pixel
 // word + a temporary within the 32 q registers. Not measured on aarch64
-// hardware: the choice follows the register budget (docs/design.md 5.1).
+// hardware (qemu checks correctness only): 6x4 follows the register budget
+// and the other paths' measurements (docs/design.md 5.1).
 constexpr Tile kTiles[] = {{6, 4}, {4, 4}, {12, 2}, {8, 2}};
 
-Tile choose(int64_t K, int64_t O) {
-  (void)K;
-  return O >= 16 ? kTiles[0] : kTiles[3];
+Tile choose(int64_t, int64_t) { return kTiles[0]; }
+
+// The byte counters into the 32-bit sums (each lane's 4 bytes), then zero.
+template <int MR, int NV>
+CTMQ_INLINE void flush(uint8x16_t (&bytes)[MR][NV], uint32x4_t* total) {
+  CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+    CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+      total[i * 16 + j] = vpadalq_u16(total[i * 16 + j], vpaddlq_u8(bytes[i][j]));
+      bytes[i][j] = vdupq_n_u8(0);
+    }
+  }
 }
 
 template <int MR, int NV>
@@ -36,28 +45,31 @@ struct Gemm {
     uint8x16_t bytes[MR][NV];
     CTMQ_UNROLL for (int i = 0; i < MR; ++i)
       CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = vdupq_n_u8(0);
+    const uint32_t* wp[NV];
+    CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] = w[j];
     int filled = 0;  // words counted in bytes since the last flush
     for (int64_t s = 0; s < S; ++s) {
       const uint32_t* a[MR];
       tile_rows<MR>(src, s, a);
-      for (int64_t kk = 0; kk < run; ++kk) {
-        const int64_t k = s * run + kk;
-        uint8x16_t wv[NV];
-        CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(w[j] + kGroup * k));
-        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
-          const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(a[i] + kk));
-          CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(wv[j], p)));
-        }
-        if (++filled < kFlush && !(s == S - 1 && kk == run - 1)) continue;
-        filled = 0;  // 32-bit sums of each lane's 4 byte counters
-        CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
-          CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
-            total[i * 16 + j] = vpadalq_u16(total[i * 16 + j], vpaddlq_u8(bytes[i][j]));
-            bytes[i][j] = vdupq_n_u8(0);
+      for (int64_t k0 = 0; k0 < run;) {
+        const int64_t k1 = std::min<int64_t>(run, k0 + kFlush - filled);  // no branch inside
+        for (int64_t kk = k0; kk < k1; ++kk) {
+          uint8x16_t wv[NV];
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(wp[j] + kGroup * kk));
+          CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
+            const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(a[i] + kk));
+            CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
+              bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(wv[j], p)));
+            }
           }
         }
+        filled += static_cast<int>(k1 - k0);
+        k0 = k1;
+        if (filled == kFlush) flush<MR, NV>(bytes, total), filled = 0;
       }
+      CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] += kGroup * run;
     }
+    if (filled) flush<MR, NV>(bytes, total);
   }
 };
 
@@ -109,35 +121,41 @@ struct Epilogue {
   static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
                   const uint64_t* invalid) {
     alignas(16) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
-    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
+    // locals, not cv's fields: the packed stores are bytes, which may alias anything
+    const int64_t O = cv.O, T = cv.T, C = cv.C;
+    const float *scale = cv.scale + c, *bias = cv.bias + c, *thr = cv.threshold + c;
+    const int32_t* const taps = cv.tap_popc;
+    float* const out = cv.out + (kOut == 2 ? pix0 * O + c : 0);
+    uint8_t* const packed = kPacked ? packed_bytes(cv, pix0) + c / 8 : nullptr;
+    const int64_t packed_ld = cv.Ow * 4;
+    const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, O - c));
     const float* res = tile;  // residual row i at res + i * res_ld
     int64_t res_ld = kMaxTileCols;
     if (kRes && cv.residual_layout == Layout::kNCHW) {
       nchw_to_tile(cv, cv.residual, pix0, rows, c, valid_cols, tile, &transpose_neon);
     } else if (kRes) {
-      res = cv.residual + pix0 * cv.O + c;
-      res_ld = cv.O;
+      res = cv.residual + pix0 * O + c;
+      res_ld = O;
     }
     for (int i = 0; i < rows; ++i) {
-      const int64_t pix = pix0 + i;
       const uint64_t inv = invalid[i];
-      const int32x4_t base = vdupq_n_s32(static_cast<int32_t>(valid_taps(cv, inv) * cv.C));
+      const int32x4_t base = vdupq_n_s32(static_cast<int32_t>((T - popc64(inv)) * C));
       for (int j = 0; j < nv; ++j) {
-        const int64_t cj = c + j * kLanes;
-        const int n = static_cast<int>(std::min<int64_t>(kLanes, cv.O - cj));
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, O - c - j * kLanes));
         int32x4_t cnt = vld1q_s32(counts + i * kMaxTileCols + j * kLanes);
-        if (inv) {  // outside taps' zero words counted popc(w)
-          const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup + cj % kGroup;
-          for (uint64_t b = inv; b; b &= b - 1) cnt = vsubq_s32(cnt, vld1q_s32(taps + __builtin_ctzll(b) * kGroup));
+        const int64_t cj = c + j * kLanes;
+        const int32_t* tap = taps + (cj / kGroup) * T * kGroup + cj % kGroup;
+        for (uint64_t b = inv; b; b &= b - 1) {  // outside taps' zero words counted popc(w)
+          cnt = vsubq_s32(cnt, vld1q_s32(tap + __builtin_ctzll(b) * kGroup));
         }
         float32x4_t y = vcvtq_f32_s32(vsubq_s32(base, vshlq_n_s32(cnt, 1)));
-        y = vaddq_f32(vmulq_f32(y, vld1q_f32(cv.scale + cj)), vld1q_f32(cv.bias + cj));
+        y = vaddq_f32(vmulq_f32(y, vld1q_f32(scale + j * kLanes)), vld1q_f32(bias + j * kLanes));
         if (kRes) y = vaddq_f32(y, load_lanes(res + i * res_ld + j * kLanes, n));
-        if (kOut == 2) store_lanes(cv.out + pix * cv.O + cj, y, n);
+        if (kOut == 2) store_lanes(out + i * O + j * kLanes, y, n);
         if (kOut == 1) vst1q_f32(tile + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
-          const float32x4_t z = vaddq_f32(y, vld1q_f32(cv.threshold + cj));
-          packed_bytes(cv, pix)[cj / 8] |= static_cast<uint8_t>(sign_bits(z, n) << (cj % 8));
+          const uint32_t bits = sign_bits(vaddq_f32(y, vld1q_f32(thr + j * kLanes)), n);
+          packed[i * packed_ld + j / 2] |= static_cast<uint8_t>(bits << (j % 2 * 4));
         }
       }
     }

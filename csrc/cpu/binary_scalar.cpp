@@ -9,8 +9,9 @@ namespace detail {
 namespace scalar {
 
 constexpr int kMaxMR = 4, kMaxNV = 8;
-// mr x nv channels; 16 accumulators fill x86-64's general registers.
-constexpr Tile kTiles[] = {{4, 4}, {2, 8}};
+// mr x nv channels; 16 accumulators fill x86-64's general registers. 4x4 is
+// the fastest or within 3% on ResNet-18's shapes (docs/design.md 5.1).
+constexpr Tile kTiles[] = {{4, 4}, {2, 8}, {2, 4}};
 
 Tile choose(int64_t, int64_t) { return kTiles[0]; }
 
@@ -37,41 +38,47 @@ struct Gemm {
   }
 };
 
-// One output: the rules of binary_conv.h, in their order (an absent scale,
-// bias or threshold is an identity in Conv).
-inline float output_value(const Conv& cv, int64_t pix, int64_t o, int32_t count, uint64_t invalid) {
-  int64_t popc = count;
-  for (uint64_t b = invalid; b; b &= b - 1) {  // the zero words of outside taps counted popc(w)
-    popc -= cv.tap_popc[((o / kGroup) * cv.T + __builtin_ctzll(b)) * kGroup + o % kGroup];
-  }
-  float y = static_cast<float>(valid_taps(cv, invalid) * cv.C - 2 * popc);
-  y = y * cv.scale[o];
-  y = y + cv.bias[o];
-  if (cv.residual) {
-    const int64_t n = pix / cv.M, m = pix % cv.M;
-    y = y + cv.residual[cv.residual_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m];
-  }
-  return y;
-}
-
-void epilogue(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
-              const uint64_t* invalid) {
-  cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
-  for (int i = 0; i < rows; ++i) {
-    const int64_t pix = pix0 + i, n = pix / cv.M, m = pix % cv.M;
-    for (int j = 0; j < cols; ++j) {
-      const int64_t o = c + j;
-      const float y = output_value(cv, pix, o, counts[i * kMaxTileCols + j], invalid[i]);
-      if (cv.out) cv.out[cv.out_layout == Layout::kNHWC ? pix * cv.O + o : (n * cv.O + o) * cv.M + m] = y;
-      if (cv.packed && y + cv.threshold[o] >= 0.f) {
-        packed_bytes(cv, pix)[o / 8] |= static_cast<uint8_t>(1u << (o % 8));
+// The tile's outputs one by one, per the rules of binary_conv.h (an absent
+// scale, bias or threshold is an identity in Conv): kOut 0 / 1 / 2 = no float
+// output / NCHW / NHWC (binary_kernels.h).
+template <int kOut, bool kPacked, bool kRes>
+struct Epilogue {
+  static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
+                  const uint64_t* invalid) {
+    // locals, not cv's fields: the packed stores are bytes, which may alias anything
+    const int64_t O = cv.O, M = cv.M, T = cv.T, C = cv.C;
+    const float *scale = cv.scale, *bias = cv.bias, *thr = cv.threshold, *res = cv.residual;
+    const int32_t* taps = cv.tap_popc;
+    float* const out = cv.out;
+    const bool res_nhwc = cv.residual_layout == Layout::kNHWC;
+    const int n_out = static_cast<int>(std::min<int64_t>(cols, O - c));
+    int64_t n = pix0 / M, m = pix0 % M;
+    for (int i = 0; i < rows; ++i) {
+      const int64_t pix = pix0 + i;
+      const uint64_t inv = invalid[i];
+      const int64_t base = (T - popc64(inv)) * C;
+      uint8_t* packed = kPacked ? packed_bytes(cv, pix) : nullptr;
+      for (int j = 0; j < n_out; ++j) {
+        const int64_t o = c + j;
+        int64_t popc = counts[i * kMaxTileCols + j];
+        for (uint64_t b = inv; b; b &= b - 1) {  // the zero words of outside taps counted popc(w)
+          popc -= taps[((o / kGroup) * T + __builtin_ctzll(b)) * kGroup + o % kGroup];
+        }
+        float y = static_cast<float>(base - 2 * popc);
+        y = y * scale[o];
+        y = y + bias[o];
+        if (kRes) y = y + res[res_nhwc ? pix * O + o : (n * O + o) * M + m];
+        if (kOut == 2) out[pix * O + o] = y;
+        if (kOut == 1) out[(n * O + o) * M + m] = y;
+        if (kPacked) packed[o / 8] |= static_cast<uint8_t>((y + thr[o] >= 0.f) << (o % 8));  // no branch
       }
+      if (++m == M) m = 0, ++n;
     }
   }
-}
+};
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, 1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, &epilogue);
+  run_tiles(cv, b, tile, 1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
 }
 
 void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out) {
