@@ -212,6 +212,7 @@ const Case kCases[] = {
     {1, 100, 5, 6, 33, 3, 3, 2, 2, 1, 1, 1, 1},    // K = 36, stride 2
     {3, 64, 4, 5, 65, 3, 3, 1, 1, 1, 1, 1, 1},     // K = 18, 20 pixels an image
     {1, 960, 3, 4, 20, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 30
+    {1, 992, 2, 5, 20, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 31
     {1, 1000, 3, 4, 24, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 32
     {1, 1025, 3, 3, 17, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 33
     {1, 2000, 2, 3, 16, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 63
@@ -223,6 +224,8 @@ const Case kCases[] = {
     {1, 130, 10, 10, 129, 3, 3, 1, 1, 1, 1, 1, 1}, // K = 45, 100 pixels, O = 129
     {2, 64, 9, 9, 64, 3, 3, 2, 1, 0, 2, 1, 2},     // stride 2 x 1, dilation 1 x 2
     {1, 32, 3, 3, 200, 1, 1, 1, 1, 0, 0, 1, 1},    // O = 200
+    {1, 64, 12, 12, 40, 3, 3, 2, 2, 1, 1, 1, 1},   // stride 2 with interior tiles (read in place)
+    {2, 96, 10, 10, 20, 1, 1, 2, 2, 0, 0, 1, 1},   // 1x1 stride 2, K = 3
     {5, 33, 1, 1, 40, 1, 1, 1, 1, 0, 0, 1, 1},     // 1x1 images (a GEMM)
     {1, 512, 7, 7, 64, 3, 3, 1, 1, 1, 1, 1, 1},    // K = 144, ResNet-18's 7x7 map
 };
@@ -271,8 +274,8 @@ int check_path(Path path, int* runs) {
 
 int check_pack(Path path) {
   int failures = 0;
-  for (int64_t C : {1, 7, 8, 9, 16, 17, 31, 32, 33, 65, 100}) {
-    const int64_t pixels = 13, Cw = (C + 31) / 32;
+  for (int64_t C : {1, 7, 8, 9, 16, 17, 31, 32, 33, 65, 100, 64}) {
+    const int64_t pixels = C == 64 ? 3001 : 13, Cw = (C + 31) / 32;  // 3001: several chunks
     std::vector<float> x(pixels * C), thr(C);
     for (auto& v : x) v = next_float(1.f);
     for (auto& v : thr) v = next_float(1.f);
@@ -343,6 +346,26 @@ int check_errors() {
     path_from_name("avx9000");
     ++failures;
   } catch (const std::invalid_argument&) {
+  }
+  try {  // a tile outside the path's table
+    Tuning tuning;
+    tuning.tile = Tile{7, 7};
+    conv2d(ok, w, Path::kScalar, Parallel{}, &tuning);
+    std::printf("NO ERROR for a tile outside the table\n");
+    ++failures;
+  } catch (const std::invalid_argument& e) {
+    if (std::string(e.what()).find("not in the table") == std::string::npos) ++failures;
+  }
+  // prepare_weight_into + weight_view is prepare_weight over the caller's buffers
+  std::vector<uint32_t> words(prepared_words_size(1, 1, 1, 40));
+  std::vector<int32_t> popc(prepared_tap_popc_size(1, 1, 1));
+  prepare_weight_into(bits, 1, 1, 1, 40, words.data(), popc.data());
+  if (std::memcmp(words.data(), w.words, words.size() * 4) != 0 ||
+      std::memcmp(popc.data(), w.tap_popc, popc.size() * 4) != 0 ||
+      weight_bytes(weight_view(words.data(), popc.data(), 1, 1, 1, 40)) !=
+          static_cast<int64_t>(4 * (words.size() + popc.size()))) {
+    std::printf("prepare_weight_into differs from prepare_weight\n");
+    ++failures;
   }
   for (Path p : {Path::kScalar, Path::kAvx2, Path::kAvx512, Path::kNeon}) {
     if (path_runs(p)) continue;
