@@ -171,8 +171,8 @@ CTMQ_AVX2 CTMQ_INLINE __m256i lanes_below(int n) {
 template <int kOut, bool kPacked, bool kRes>
 struct Epilogue {
   CTMQ_AVX2 static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
-                            int64_t c, const uint64_t* invalid) {
-    alignas(32) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+                            int64_t c, const uint64_t* invalid, float* stage) {
+    alignas(32) float tile[kMaxTileRows * kMaxTileCols];  // an NCHW residual, gathered
     const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
     __m256 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
     __m256i live[kMaxNV];
@@ -213,7 +213,7 @@ struct Epilogue {
         y = _mm256_add_ps(_mm256_mul_ps(y, scale[j]), bias[j]);
         if (kRes) y = _mm256_add_ps(y, _mm256_maskload_ps(res + i * res_ld + j * kLanes, live[j]));
         if (kOut == 2) _mm256_maskstore_ps(cv.out + pix * cv.O + cj, live[j], y);
-        if (kOut == 1) _mm256_store_ps(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kOut == 1) _mm256_store_ps(stage + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
           const __m256 z = _mm256_add_ps(y, thr[j]);
           const int ge = _mm256_movemask_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
@@ -221,28 +221,21 @@ struct Epilogue {
         }
       }
     }
-    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose_avx);
   }
 };
 
-// The shared tile loop, but with each channel tile's weight split first.
-CTMQ_AVX2 void run_block(const Conv& cv, const Block& b, Tile tile) {
+// The channel tile's weight split into nibbles, in a buffer of the thread's.
+CTMQ_AVX2 void weights(const Conv& cv, int64_t c, int nv, const uint32_t** w) {
   thread_local std::vector<uint32_t> split;
-  alignas(64) int32_t counts[kMaxTileRows * kMaxTileCols];
-  const int64_t width = static_cast<int64_t>(tile.nv) * kLanes;
-  if (static_cast<int64_t>(split.size()) < cv.K * width * 2) split.resize(cv.K * width * 2);
-  const uint32_t* ws[1] = {split.data()};
-  const EpilogueFn epilogue = epilogue_for<Epilogue>(cv);
-  for (int64_t c = b.c0; c < b.c1; c += width) {
-    const int nv = static_cast<int>(std::min<int64_t>(tile.nv, (b.c1 - c + kLanes - 1) / kLanes));
-    split_weights(cv, c, nv, split.data());
-    const GemmFn full = gemm_lookup<Gemm, kMaxMR, kMaxNV>(tile.mr, nv);
-    for (int64_t r = 0, t = 0; r < b.rows; r += tile.mr, ++t) {
-      const int mr = static_cast<int>(std::min<int64_t>(tile.mr, b.rows - r));
-      (mr == tile.mr ? full : gemm_lookup<Gemm, kMaxMR, kMaxNV>(mr, nv))(b.src[t], b.S, b.run, ws, counts);
-      epilogue(cv, counts, mr, nv * kLanes, b.pix0 + r, c, b.invalid + r);
-    }
-  }
+  if (static_cast<int64_t>(split.size()) < cv.K * nv * 2 * kLanes) split.resize(cv.K * nv * 2 * kLanes);
+  split_weights(cv, c, nv, split.data());
+  w[0] = split.data();
+}
+
+void run_block(const Conv& cv, const Block& b, Tile tile) {
+  const TileOps ops{kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose_avx,
+                    &weights};
+  run_tiles(cv, b, tile, ops);
 }
 
 // 8 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.

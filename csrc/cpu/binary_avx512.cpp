@@ -78,8 +78,8 @@ struct Gemm {
 template <int kOut, bool kPacked, bool kRes>
 struct Epilogue {
   CTMQ_AVX512 static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
-                              int64_t c, const uint64_t* invalid) {
-    alignas(64) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+                              int64_t c, const uint64_t* invalid, float* stage) {
+    alignas(64) float tile[kMaxTileRows * kMaxTileCols];  // an NCHW residual, gathered
     // locals, not cv's fields: the packed stores are bytes, which may alias anything
     const int64_t O = cv.O, T = cv.T, C = cv.C, packed_ld = cv.Ow * 4;
     const int32_t* const taps = cv.tap_popc + (c / kGroup) * T * kGroup;
@@ -118,7 +118,7 @@ struct Epilogue {
         y = _mm512_add_ps(_mm512_mul_ps(y, scale[j]), bias[j]);
         if (kRes) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(live[j], res + i * res_ld + j * kLanes));
         if (kOut == 2) _mm512_mask_storeu_ps(out + i * O + j * kLanes, live[j], y);
-        if (kOut == 1) _mm512_store_ps(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kOut == 1) _mm512_store_ps(stage + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
           const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]),
                                                        _mm512_setzero_ps(), _CMP_GE_OQ);
@@ -132,12 +132,13 @@ struct Epilogue {
         else for (int j = 0; j < nv; ++j) std::memcpy(dst + 2 * j, reinterpret_cast<const uint8_t*>(&bits) + 2 * j, 2);
       }
     }
-    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose);
   }
 };
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
+  const TileOps ops{kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose,
+                    nullptr};
+  run_tiles(cv, b, tile, ops);
 }
 
 // 16 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.

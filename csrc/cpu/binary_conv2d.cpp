@@ -179,23 +179,37 @@ const uint32_t* split_input(const Conv& cv, const PathInfo& info, const Parallel
 
 namespace detail {
 
-void run_tiles(const Conv& cv, const Block& b, Tile tile, int lanes, GemmFn (*gemm_for)(int, int),
-               EpilogueFn epilogue) {
+void run_tiles(const Conv& cv, const Block& b, Tile tile, const TileOps& ops) {
   alignas(64) int32_t counts[kMaxTileRows * kMaxTileCols];
+  alignas(64) float stage[kStageRows * kMaxTileCols];
   const uint32_t* w[kMaxTileCols];
-  const int64_t width = static_cast<int64_t>(tile.nv) * lanes;
+  const bool nchw = cv.out && cv.out_layout == Layout::kNCHW;
+  const int64_t width = static_cast<int64_t>(tile.nv) * ops.lanes;
   for (int64_t c = b.c0; c < b.c1; c += width) {
-    const int nv = static_cast<int>(std::min<int64_t>(tile.nv, (b.c1 - c + lanes - 1) / lanes));
-    for (int j = 0; j < nv; ++j) {
-      const int64_t cj = c + static_cast<int64_t>(j) * lanes;
-      w[j] = cv.w + (cj / kGroup) * cv.K * kGroup + cj % kGroup;
+    const int nv = static_cast<int>(std::min<int64_t>(tile.nv, (b.c1 - c + ops.lanes - 1) / ops.lanes));
+    const int cols = static_cast<int>(std::min<int64_t>(nv * ops.lanes, cv.O - c));
+    if (ops.weights) {
+      ops.weights(cv, c, nv, w);
+    } else {
+      for (int j = 0; j < nv; ++j) {
+        const int64_t cj = c + static_cast<int64_t>(j) * ops.lanes;
+        w[j] = cv.w + (cj / kGroup) * cv.K * kGroup + cj % kGroup;
+      }
     }
-    const GemmFn full = gemm_for(tile.mr, nv);
+    const GemmFn full = ops.gemm_for(tile.mr, nv);
+    int staged = 0;  // rows in stage, from pixel b.pix0 + r - staged
     for (int64_t r = 0, t = 0; r < b.rows; r += tile.mr, ++t) {
       const int mr = static_cast<int>(std::min<int64_t>(tile.mr, b.rows - r));
-      (mr == tile.mr ? full : gemm_for(mr, nv))(b.src[t], b.S, b.run, w, counts);
-      epilogue(cv, counts, mr, nv * lanes, b.pix0 + r, c, b.invalid + r);
+      if (nchw && staged + mr > kStageRows) {
+        tile_to_nchw(cv, stage, b.pix0 + r - staged, staged, c, cols, cv.out, ops.transpose);
+        staged = 0;
+      }
+      (mr == tile.mr ? full : ops.gemm_for(mr, nv))(b.src[t], b.S, b.run, w, counts);
+      ops.epilogue(cv, counts, mr, nv * ops.lanes, b.pix0 + r, c, b.invalid + r,
+                   stage + staged * kMaxTileCols);
+      staged += mr;
     }
+    if (nchw) tile_to_nchw(cv, stage, b.pix0 + b.rows - staged, staged, c, cols, cv.out, ops.transpose);
   }
 }
 

@@ -118,15 +118,32 @@ struct Patches {
 void build_block(const Conv& cv, int64_t mr, Patches& p, Block& b);
 
 // The outputs of a tile's counts: rows pixels from pix0, channels c .. c + cols - 1
-// (those past O are not written).
+// (those past O are not written). An NCHW float output goes to stage
+// instead (row i at stage + i * kMaxTileCols), which run_tiles transposes
+// into the planes for several tiles at once: a 6-pixel tile alone would
+// store 24 bytes per channel plane.
 using EpilogueFn = void (*)(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0,
-                            int64_t c, const uint64_t* invalid);
+                            int64_t c, const uint64_t* invalid, float* stage);
+
+// b[j * ldb + i] = a[i * lda + j]: each path's register transposes.
+using TransposeFn = void (*)(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
+
+// A path's pieces of the tile loop.
+struct TileOps {
+  int lanes;                             // channels per vector
+  GemmFn (*gemm_for)(int mr, int nv);    // Gemm<MR, NV>::run, tails included
+  EpilogueFn epilogue;
+  TransposeFn transpose;                 // stage -> NCHW planes
+  // The weight of a channel tile as its Gemm reads it (w[j] per vector); null:
+  // the prepared layout itself.
+  void (*weights)(const Conv& cv, int64_t c, int nv, const uint32_t** w);
+};
+
+constexpr int kStageRows = 48;  // NCHW rows staged before a transpose
 
 // A block's channel tiles, and within each its pixel tiles (the weight tile
 // stays in L1 while the pixels stream), each GEMM then its epilogue.
-// gemm_for(mr, nv) gives the instantiation for the tails too.
-void run_tiles(const Conv& cv, const Block& b, Tile tile, int lanes,
-               GemmFn (*gemm_for)(int mr, int nv), EpilogueFn epilogue);
+void run_tiles(const Conv& cv, const Block& b, Tile tile, const TileOps& ops);
 
 // gemm_for of a path: Gemm<MR, NV>::run for 1 <= mr <= MaxMR, 1 <= nv <= MaxNV.
 // Each path's kernels live in a namespace named after the path, not an
@@ -219,8 +236,6 @@ CTMQ_INLINE void transpose_scalar(const float* a, int64_t lda, float* b, int64_t
     for (int i = 0; i < rows; ++i) b[j * ldb + i] = a[i * lda + j];
 }
 
-// b[j * ldb + i] = a[i * lda + j]: each path's register transposes.
-using TransposeFn = void (*)(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
 #if defined(CTMQ_X86_SIMD)
 void transpose_avx(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols);
 

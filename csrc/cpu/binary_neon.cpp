@@ -119,8 +119,8 @@ inline uint32_t sign_bits(float32x4_t z, int n) {
 template <int kOut, bool kPacked, bool kRes>
 struct Epilogue {
   static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
-                  const uint64_t* invalid) {
-    alignas(16) float tile[kMaxTileRows * kMaxTileCols];  // NCHW residual in, NCHW out
+                  const uint64_t* invalid, float* stage) {
+    alignas(16) float tile[kMaxTileRows * kMaxTileCols];  // an NCHW residual, gathered
     // locals, not cv's fields: the packed stores are bytes, which may alias anything
     const int64_t O = cv.O, T = cv.T, C = cv.C;
     const float *scale = cv.scale + c, *bias = cv.bias + c, *thr = cv.threshold + c;
@@ -152,19 +152,20 @@ struct Epilogue {
         y = vaddq_f32(vmulq_f32(y, vld1q_f32(scale + j * kLanes)), vld1q_f32(bias + j * kLanes));
         if (kRes) y = vaddq_f32(y, load_lanes(res + i * res_ld + j * kLanes, n));
         if (kOut == 2) store_lanes(out + i * O + j * kLanes, y, n);
-        if (kOut == 1) vst1q_f32(tile + i * kMaxTileCols + j * kLanes, y);
+        if (kOut == 1) vst1q_f32(stage + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
           const uint32_t bits = sign_bits(vaddq_f32(y, vld1q_f32(thr + j * kLanes)), n);
           packed[i * packed_ld + j / 2] |= static_cast<uint8_t>(bits << (j % 2 * 4));
         }
       }
     }
-    if (kOut == 1) tile_to_nchw(cv, tile, pix0, rows, c, valid_cols, cv.out, &transpose_neon);
   }
 };
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
+  const TileOps ops{kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv),
+                    &transpose_neon, nullptr};
+  run_tiles(cv, b, tile, ops);
 }
 
 // 4 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.

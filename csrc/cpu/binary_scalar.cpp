@@ -44,7 +44,7 @@ struct Gemm {
 template <int kOut, bool kPacked, bool kRes>
 struct Epilogue {
   static void run(const Conv& cv, const int32_t* counts, int rows, int cols, int64_t pix0, int64_t c,
-                  const uint64_t* invalid) {
+                  const uint64_t* invalid, float* stage) {
     // locals, not cv's fields: the packed stores are bytes, which may alias anything
     const int64_t O = cv.O, M = cv.M, T = cv.T, C = cv.C;
     const float *scale = cv.scale, *bias = cv.bias, *thr = cv.threshold, *res = cv.residual;
@@ -69,7 +69,7 @@ struct Epilogue {
         y = y + bias[o];
         if (kRes) y = y + res[res_nhwc ? pix * O + o : (n * O + o) * M + m];
         if (kOut == 2) out[pix * O + o] = y;
-        if (kOut == 1) out[(n * O + o) * M + m] = y;
+        if (kOut == 1) stage[i * kMaxTileCols + j] = y;
         if (kPacked) packed[o / 8] |= static_cast<uint8_t>((y + thr[o] >= 0.f) << (o % 8));  // no branch
       }
       if (++m == M) m = 0, ++n;
@@ -77,8 +77,14 @@ struct Epilogue {
   }
 };
 
+void transpose(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols) {
+  transpose_scalar(a, lda, b, ldb, rows, cols);
+}
+
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  run_tiles(cv, b, tile, 1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv));
+  const TileOps ops{1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose,
+                    nullptr};
+  run_tiles(cv, b, tile, ops);
 }
 
 void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out) {
