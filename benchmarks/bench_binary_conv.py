@@ -8,7 +8,8 @@ out and packed out (scale/bias epilogue, the deploy chain between binary
 layers), each rated in 64-bit words per cycle (words = N*OH*OW*O*KH*KW*ceil(C/64);
 cycles = seconds x the TSC frequency, from /proc/cpuinfo or --tsc-ghz) against
 the path's peak, measured in the same run by a register-only loop of its
-xor + popcount + accumulate (torch.ops.ctmq.binary_cpu_peak, one thread).
+xor + popcount + accumulate (torch.ops.ctmq.binary_cpu_peak, one core; with
+N threads the rows are rated against N times that).
 Kernel times are the fastest call, the ctmq / torch ratio the median's.
 CUDA: each CUDA binary kernel that runs here (Triton, tensor cores), float in/out
 and packed in/out, against cuDNN in bfloat16 and float16, channels_last (CUDA
@@ -100,8 +101,8 @@ def run_cpu(batch, min_time=0.6, on_row=None, shapes=None, hz=None, peak=None, t
             row[f"kernel_{kind}_ms"] = best * 1e3
             if hz:
                 row[f"kernel_{kind}_wpc"] = words / (best * hz)
-                if peak:
-                    row[f"kernel_{kind}_pct_peak"] = 100 * words / best / peak
+            if peak:  # against the peak of every thread's core
+                row[f"kernel_{kind}_pct_peak"] = 100 * words / best / (peak * row["threads"])
         rows.append(row)
         if on_row:
             on_row(row)
@@ -185,7 +186,8 @@ def cuda_totals(rows, batch):
 
 def format_rows(rows, title):
     """ctmq (packing included) against torch float32; the kernel alone, float
-    and packed out: fastest ms, words per TSC cycle, % of the path's peak."""
+    and packed out: fastest ms, words per TSC cycle, % of the path's peak;
+    one section per path, totals over the 3x3 shapes per batch and threads."""
     def kern(r, kind):
         if f"kernel_{kind}_ms" not in r:
             return f"{'-':>8s} {'-':>6s} {'-':>5s}"
@@ -193,20 +195,26 @@ def format_rows(rows, title):
         pct = r.get(f"kernel_{kind}_pct_peak")
         return (f"{r[f'kernel_{kind}_ms']:8.3f} " + (f"{wpc:6.2f}" if wpc else f"{'-':>6s}") + " "
                 + (f"{pct:4.0f}%" if pct else f"{'-':>5s}"))
-    lines = [title, f"{'shape':20s} {'batch':>5s} {'thr':>3s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
-             f"{'speedup':>8s} {'bin GOPS':>9s} | {'float ms':>8s} {'w/cyc':>6s} {'peak':>5s} | "
-             f"{'pack ms':>8s} {'w/cyc':>6s} {'peak':>5s}"]
-    for r in rows:
-        lines.append(f"{r['shape']:20s} {r['batch']:5d} {r.get('threads', 0):3d} {r['ctmq_ms']:9.3f} "
-                     f"{r['torch_f32_ms']:12.3f} {r['speedup']:7.2f}x {r['binary_gops']:9.0f} | "
-                     f"{kern(r, 'float')} | {kern(r, 'packed')}")
-    for key in sorted({(r["batch"], r.get("threads", 0)) for r in rows}):
-        mine = [r for r in rows if (r["batch"], r.get("threads", 0)) == key and not r["shape"].startswith("1x1")]
-        tb, tf = sum(r["ctmq_ms"] for r in mine), sum(r["torch_f32_ms"] for r in mine)
-        kf = sum(r.get("kernel_float_ms", 0) for r in mine)
-        kp = sum(r.get("kernel_packed_ms", 0) for r in mine)
-        lines.append(f"{'total 3x3':20s} {key[0]:5d} {key[1]:3d} {tb:9.3f} {tf:12.3f} {tf / tb:7.2f}x "
-                     f"{'':9s} | {kf:8.3f} {'':12s} | {kp:8.3f}")
+    lines = [title]
+    for path in dict.fromkeys(r.get("path", "") for r in rows):
+        mine = [r for r in rows if r.get("path", "") == path]
+        peak = mine[0].get("peak_wpc")
+        lines += ["", f"path {path}" + (f", peak {peak:.2f} words per cycle" if peak else ""),
+                  f"{'shape':20s} {'batch':>5s} {'thr':>3s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
+                  f"{'speedup':>8s} {'bin GOPS':>9s} | {'float ms':>8s} {'w/cyc':>6s} {'peak':>5s} | "
+                  f"{'pack ms':>8s} {'w/cyc':>6s} {'peak':>5s}"]
+        for r in mine:
+            lines.append(f"{r['shape']:20s} {r['batch']:5d} {r.get('threads', 0):3d} {r['ctmq_ms']:9.3f} "
+                         f"{r['torch_f32_ms']:12.3f} {r['speedup']:7.2f}x {r['binary_gops']:9.0f} | "
+                         f"{kern(r, 'float')} | {kern(r, 'packed')}")
+        for key in sorted({(r["batch"], r.get("threads", 0)) for r in mine}):
+            group = [r for r in mine if (r["batch"], r.get("threads", 0)) == key
+                     and not r["shape"].startswith("1x1")]
+            tb, tf = sum(r["ctmq_ms"] for r in group), sum(r["torch_f32_ms"] for r in group)
+            kf = sum(r.get("kernel_float_ms", 0) for r in group)
+            kp = sum(r.get("kernel_packed_ms", 0) for r in group)
+            lines.append(f"{'total 3x3':20s} {key[0]:5d} {key[1]:3d} {tb:9.3f} {tf:12.3f} {tf / tb:7.2f}x "
+                         f"{'':9s} | {kf:8.3f} {'':12s} | {kp:8.3f}")
     return "\n".join(lines)
 
 
@@ -241,14 +249,26 @@ def main(argv=None):
     try:
         for request in a.paths:
             path = ops.binary_cpu_path(request)
+            mine = []
             peak = torch.ops.ctmq.binary_cpu_peak(0.5)
-            print(f"path {path}: peak {peak / 1e9:.2f} G words/s" +
-                  (f" = {peak / hz:.2f} words per TSC cycle" if hz else ""), flush=True)
             for threads in a.threads or [torch.get_num_threads()]:
                 torch.set_num_threads(threads)
                 for b in a.batch or [1, 8]:
-                    rows += run_cpu(b, a.min_time, on_row=log.add, shapes=shapes, hz=hz, peak=peak,
-                                    threads=threads)
+                    mine += run_cpu(b, a.min_time, shapes=shapes, hz=hz, peak=peak, threads=threads)
+            # the peak once more after the rows: the best of both rates them (this
+            # machine's clock drifts; a low reading would flatter the kernel)
+            best = max(peak, torch.ops.ctmq.binary_cpu_peak(0.5))
+            print(f"path {path}: peak {best / 1e9:.2f} G words/s" +
+                  (f" = {best / hz:.2f} words per TSC cycle" if hz else ""), flush=True)
+            for r in mine:
+                r["peak_words_per_s"] = best
+                if hz:
+                    r["peak_wpc"] = best / hz
+                for kind in ("float", "packed"):
+                    if f"kernel_{kind}_pct_peak" in r:
+                        r[f"kernel_{kind}_pct_peak"] *= peak / best
+                log.add(r)
+            rows += mine
     finally:
         ops.binary_cpu_path("auto")
     clock = f"TSC {hz / 1e9:.3f} GHz" if hz else "no TSC frequency: no words per cycle"
