@@ -31,8 +31,14 @@ CTMQ_AVX512 void transpose(const float* a, int64_t lda, float* b, int64_t ldb, i
     const __mmask8 row_mask = static_cast<__mmask8>((1u << r) - 1);
     for (int j0 = 0; j0 < cols; j0 += 8) {
       const int c = std::min(8, cols - j0);
-      const __mmask8 col_mask = static_cast<__mmask8>((1u << c) - 1);
       __m256 v[8];
+      if (r == 8 && c == 8) {  // the common block, without masks or branches
+        CTMQ_UNROLL for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(a + (i0 + k) * lda + j0);
+        transpose8x8(v);
+        CTMQ_UNROLL for (int k = 0; k < 8; ++k) _mm256_storeu_ps(b + (j0 + k) * ldb + i0, v[k]);
+        continue;
+      }
+      const __mmask8 col_mask = static_cast<__mmask8>((1u << c) - 1);
       CTMQ_UNROLL for (int k = 0; k < 8; ++k) {
         v[k] = k < r ? _mm256_maskz_loadu_ps(col_mask, a + (i0 + k) * lda + j0) : _mm256_setzero_ps();
       }

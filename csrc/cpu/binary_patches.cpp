@@ -81,8 +81,13 @@ void build_block(const Conv& cv, int64_t mr, Patches& p, Block& b) {
     for (int64_t r = 0; r < count; ++r, px.advance(cv, 1)) {
       uint64_t outside = 0;
       uint32_t* copies = p.copies.data() + (r0 + r) * S * seg_words;
+      const int64_t ih = px.oh * cv.sh - cv.ph, iw = px.ow * cv.sw - cv.pw;
+      const bool cols_inside = cv.dw == 1 && iw >= 0 && iw + span < cv.W;
       for (int64_t g = 0; g < S; ++g) {
-        seg[g * mr + r] = segment(cv, px, g, copies + g * seg_words, p.zeros.data(), outside);
+        const int64_t ihg = ih + g * cv.dh;  // with dw = 1, segment g is kernel row g
+        seg[g * mr + r] = cols_inside && ihg >= 0 && ihg < cv.H
+                              ? cv.x + ((px.n * cv.H + ihg) * cv.W + iw) * cv.xw
+                              : segment(cv, px, g, copies + g * seg_words, p.zeros.data(), outside);
       }
       p.invalid[r0 + r] = outside;
     }
