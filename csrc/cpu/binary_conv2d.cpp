@@ -1,6 +1,7 @@
 // conv2d, pack_nhwc and the peak loop of binary_conv.h: the checks, the cut
-// into tasks, the patches (im2col) each task builds once for all its output
-// channels, and the tile loop every path shares. Torch-free.
+// into tasks (each builds its pixels' patches once for all its output
+// channels, binary_patches.cpp), and the tile loop every path shares.
+// Torch-free.
 #include <chrono>
 #include <stdexcept>
 #include <string>

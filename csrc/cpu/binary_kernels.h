@@ -1,15 +1,17 @@
 // Inside the CPU binary conv (binary_conv.h is its API): what the driver
-// (binary_conv.cpp) hands each code path's file (binary_scalar.cpp,
-// binary_avx2.cpp, binary_avx512.cpp, binary_neon.cpp). Torch-free.
+// (binary_conv2d.cpp, binary_patches.cpp) hands each code path's file
+// (binary_scalar.cpp, binary_avx2.cpp, binary_avx512.cpp, binary_neon.cpp).
+// Torch-free.
 //
 // The conv is a GEMM of output pixels x output channels over K = KH * KW *
 // ceil(C/32) 32-bit words. A task owns a block of output pixels (of any
-// images) and a range of output channels: the driver copies the block's
-// patches into P once (im2col; a zero word where a tap falls outside the
-// image, and that tap's bit in the pixel's `invalid` mask), then the path's
-// run_block multiplies P with every channel tile of the range, tile after
-// tile (mr pixels x nv channel vectors, counts in registers), and the
-// epilogue turns counts into outputs.
+// images) and a range of output channels: the driver finds the block's
+// patches once (an indirect im2col, Block: in place where the taps lie inside
+// the image, copies with zero words where they do not, and those taps' bits
+// in the pixel's `invalid` mask), then the path's run_block multiplies them
+// with every channel tile of the range, tile after tile (mr pixels x nv
+// channel vectors, counts in registers), and the epilogue turns counts into
+// outputs.
 #pragma once
 #include <algorithm>
 #include <array>
