@@ -11,4 +11,8 @@ void register_binary_cpu(torch::Library& m);
 // on x86-64, "neon" on aarch64) or "scalar" (portable); "" only queries.
 // Returns the path now in use (csrc/cpu/binary_cpu.cpp lists them).
 std::string binary_cpu_path(const std::string& request);
+// 64-bit words per second of the current path's inner loop on registers
+// alone (xor, popcount, accumulate; no memory), run for about `seconds` in
+// the calling thread: the path's peak, against which benchmarks rate the conv.
+double binary_cpu_peak(double seconds);
 }  // namespace ctmq

@@ -19,6 +19,7 @@ TORCH_LIBRARY(ctmq, m) {
         "int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, Tensor? residual, "
         "bool packed_out) -> Tensor");  // CUDA only: csrc/cuda/binary_conv_bind.cpp
   m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
+  m.def("binary_cpu_peak(float seconds) -> float", &ctmq::binary_cpu_peak);
 }
 
 TORCH_LIBRARY_IMPL(ctmq, CPU, m) {

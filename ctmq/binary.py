@@ -43,8 +43,8 @@ class PackedActivation:
 class PackedWeight:
     """Sign bits of an (O, C, KH, KW) conv weight: `bits` is int32 (O, KH, KW, ceil(C/32))
     in the packed format. Each kernel's own form of the same bits
-    (ops.binary_weight_layout: for the C++ kernel 8 output channels
-    interleaved in 64-bit words + per-tap popcounts, for the tensor-core kernel
+    (ops.binary_weight_layout: for the C++ kernel 16 output channels
+    interleaved per 32-bit word + per-tap popcounts, for the tensor-core kernel
     the per-tap popcounts) is made once per (device, kernel) and kept in
     `layouts` for the weight's lifetime, so a CUDA graph captured with either
     kernel keeps reading live buffers; `gemm` and `tap_popc` are the last one

@@ -1,18 +1,14 @@
-// Bit packing and XNOR-popcount binary convolution on the CPU, exact.
+// The torch ops of the CPU binary conv: bit packing (pack_bits_cpu), the
+// prepared weight (binary_weight_gemm) and the conv (binary_conv2d_cpu), which
+// calls the torch-free library of binary_conv.h with at::parallel_for as its
+// pool. Exact: out = C * valid_taps - 2 * popc(a XOR w) over the taps inside
+// the image, then the epilogue (docs/design.md sections 3 and 5.1).
 //
-// Packed format (docs/design.md): NHWC, channels in 32-bit words, bit j of word w =
-// channel 32w + j, bit 1 = +1 (x >= 0); channel padding bits are 0 in both the
-// activation and the weight, so they never count. A tap outside the image is
-// zero padding (as F.conv2d on sign(x)): it adds nothing, and each output
-// counts only its valid taps: out = C * valid_taps - 2 * popc(a XOR w).
-//
-// Code paths (binary_gemm.h says which each architecture builds); the best one
-// the CPU has is chosen at run time:
-//   "avx512-vpopcntdq"  x86-64: the GEMM on 8 output channels per vector (VPOPCNTQ);
-//   "avx2"              x86-64: 4 output channels per vector, vpshufb nibble popcount;
-//   "neon"              aarch64: 8 output channels per tile, CNT on 16 bytes;
-//   "scalar"            the same C++ for the baseline ISA (on x86-64 popcount
-//                       in software, on aarch64 CNT one word at a time).
+// Code paths, the best one the CPU has chosen at run time:
+//   "avx512-vpopcntdq"  x86-64: VPOPCNTD on 16 output channels per vector;
+//   "avx2"              x86-64: vpshufb nibble popcount, 8 channels per vector;
+//   "neon"              aarch64: CNT, 4 channels per vector;
+//   "scalar"            the same loops for the baseline ISA.
 // set_cpu_path("avx2" | "neon" | "scalar") caps the path, so the tests check each.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,53 +18,86 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "../ctmq.h"
-#include "binary_gemm.h"
+#include "binary_conv.h"
+#include "binary_kernels.h"
 
 namespace ctmq {
-using namespace binary_detail;
+using bconv::Layout;
+using bconv::Path;
 namespace {
 
-std::atomic<int> g_max_path{kBestPath};  // lowered by set_cpu_path
+// This build's paths, slowest first: set_cpu_path caps the rank.
+#if defined(CTMQ_X86_SIMD)
+constexpr Path kRanked[] = {Path::kScalar, Path::kAvx2, Path::kAvx512};
+#elif defined(CTMQ_NEON)
+constexpr Path kRanked[] = {Path::kScalar, Path::kNeon};
+#else
+constexpr Path kRanked[] = {Path::kScalar};
+#endif
+constexpr int kPaths = sizeof(kRanked) / sizeof(kRanked[0]);
 
-Path current_path() { return static_cast<Path>(std::min<int>(g_max_path.load(), cpu_best_path())); }
+std::atomic<int> g_cap{kPaths - 1};  // lowered by set_cpu_path
+
+Path current_path() {
+  for (int r = g_cap.load(); r > 0; --r) {
+    if (bconv::path_runs(kRanked[r])) return kRanked[r];
+  }
+  return Path::kScalar;
+}
 
 // What a request may name besides "auto": this build's paths, except the best
 // x86 one, which is only ever detected. Another architecture's path is an error.
 struct Requestable {
   const char* name;
-  Path path;
+  int rank;
 };
 #if defined(CTMQ_X86_SIMD)
-constexpr Requestable kRequestable[] = {{"avx2", kAvx2}, {"scalar", kScalar}};
+constexpr Requestable kRequestable[] = {{"avx2", 1}, {"scalar", 0}};
 #elif defined(CTMQ_NEON)
-constexpr Requestable kRequestable[] = {{"neon", kNeon}, {"scalar", kScalar}};
+constexpr Requestable kRequestable[] = {{"neon", 1}, {"scalar", 0}};
 #else
-constexpr Requestable kRequestable[] = {{"scalar", kScalar}};
+constexpr Requestable kRequestable[] = {{"scalar", 0}};
 #endif
+
+// at::parallel_for as the library's pool (one thread inside a parallel region,
+// where at::parallel_for runs serially).
+bconv::Parallel torch_parallel() {
+  bconv::Parallel par;
+  par.threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  par.for_each = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    at::parallel_for(0, n, 1, fn);
+  };
+  return par;
+}
 
 }  // namespace
 
 std::string binary_cpu_path(const std::string& request) {
-  if (request.empty()) return path_name(current_path());
-  Path cap = kBestPath;
+  if (request.empty()) return bconv::path_name(current_path());
+  int cap = kPaths - 1;
   bool known = request == "auto";
   std::string choices = "'auto'";
   constexpr size_t count = sizeof(kRequestable) / sizeof(kRequestable[0]);
   for (size_t i = 0; i < count; ++i) {
     choices += (i + 1 < count ? ", '" : " or '") + std::string(kRequestable[i].name) + "'";
     if (request == kRequestable[i].name) {
-      cap = kRequestable[i].path;
+      cap = kRequestable[i].rank;
       known = true;
     }
   }
   TORCH_CHECK(known, "set_cpu_path: path must be ", choices, " in this build, got '", request, "'");
-  g_max_path = cap;
-  return path_name(current_path());
+  g_cap = cap;
+  return bconv::path_name(current_path());
+}
+
+double binary_cpu_peak(double seconds) {
+  TORCH_CHECK(seconds > 0 && seconds <= 60, "binary_cpu_peak: seconds must be in (0, 60], got ", seconds);
+  return bconv::peak_words_per_second(current_path(), seconds);
 }
 
 namespace {
@@ -106,7 +135,7 @@ CTMQ_INLINE void pack_row(const T* x, const PackArgs& a, int64_t n, int64_t h, u
 
 #if defined(CTMQ_X86_SIMD)
 template <typename T>
-CTMQ_HW void pack_row_hw(const T* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
+CTMQ_AVX2 void pack_row_hw(const T* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
   pack_row<T>(x, a, n, h, out);
 }
 
@@ -156,13 +185,19 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
              x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   auto out = at::empty({a.N, a.H, a.W, a.Cw}, x.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
-#if defined(CTMQ_X86_SIMD)
   const Path path = current_path();
-  const bool hw = path >= kAvx2;
-  // the avx512 row kernel reads rows of W contiguous float32 values per channel
-  const bool rows512 = path == kAvx512 && x.scalar_type() == at::kFloat && a.sW == 1 && a.sC != 1;
-#endif
   auto* o = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
+  if (x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // NHWC float32: the conv library's vectorized packing, pixel after pixel
+    bconv::pack_nhwc(x.const_data_ptr<float>(), a.N * a.H * a.W, a.C, nullptr, o, path,
+                     torch_parallel());
+    return out;
+  }
+#if defined(CTMQ_X86_SIMD)
+  const bool hw = path != Path::kScalar;
+  // the avx512 row kernel reads rows of W contiguous float32 values per channel
+  const bool rows512 = path == Path::kAvx512 && x.scalar_type() == at::kFloat && a.sW == 1 && a.sC != 1;
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_bits_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, a.N * a.H, 1, [&](int64_t r0, int64_t r1) {
@@ -183,34 +218,28 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
   return out;
 }
 
-// The weight in the GEMM's form, (ceil(O/8), K, 8): 8 output channels
-// interleaved per 64-bit word column, and the popcount of each channel's tap,
-// (ceil(O/8), KH * KW, 8), for the border correction. Made once per weight.
+// The weight as the library's kernels read it (binary_conv.h): words
+// (ceil(O/16), K, 16) int32 with K = KH * KW * ceil(C/32), 16 output channels
+// interleaved per word column, and tap popcounts (ceil(O/16), KH * KW, 16)
+// int32 for the border correction. Made once per weight.
 std::tuple<at::Tensor, at::Tensor> weight_gemm_cpu(const at::Tensor& bits) {
   TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kInt && bits.dim() == 4,
               "weight bits must be a CPU int32 (O, KH, KW, words) tensor, got ", bits.scalar_type(),
               " ", bits.sizes(), " on ", bits.device());
   const auto b = bits.contiguous();
-  const int64_t O = b.size(0), T = b.size(1) * b.size(2), Cw = b.size(3), Cw64 = (Cw + 1) / 2;
-  const int64_t G = (O + 7) / 8, K = T * Cw64;
-  auto w8 = at::zeros({G, K, 8}, b.options().dtype(at::kLong));
-  auto popw8 = at::zeros({G, T, 8}, b.options().dtype(at::kLong));
-  const auto* src = reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>());
-  auto* w = reinterpret_cast<uint64_t*>(w8.mutable_data_ptr<int64_t>());
-  auto* pc = popw8.mutable_data_ptr<int64_t>();
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t t = 0; t < T; ++t) {
-      const uint32_t* tap = src + (o * T + t) * Cw;
-      int64_t count = 0;
-      for (int64_t j = 0; j < Cw; ++j) {
-        const uint64_t word = static_cast<uint64_t>(tap[j]) << (32 * (j % 2));
-        w[((o / 8) * K + t * Cw64 + j / 2) * 8 + o % 8] |= word;
-        count += __builtin_popcount(tap[j]);
-      }
-      pc[((o / 8) * T + t) * 8 + o % 8] = count;
-    }
+  const int64_t O = b.size(0), KH = b.size(1), KW = b.size(2), Cw = b.size(3);
+  const int64_t G = (O + 15) / 16, T = KH * KW;
+  auto words = at::empty({G, T * Cw, 16}, b.options());
+  auto popc = at::empty({G, T, 16}, b.options());
+  if (O == 0 || T == 0 || Cw == 0) return {words.zero_(), popc.zero_()};
+  try {  // C = 32 * Cw: the padding bits are zero, so any C of those words gives the same form
+    bconv::prepare_weight_into(reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>()), O, KH,
+                               KW, 32 * Cw, reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()),
+                               popc.mutable_data_ptr<int32_t>());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
   }
-  return {w8, popw8};
+  return {words, popc};
 }
 
 void check_packed(const at::Tensor& t, const char* name) {
@@ -227,8 +256,28 @@ std::optional<at::Tensor> check_vector(const std::optional<at::Tensor>& t, const
   return t->to(at::kFloat).contiguous();
 }
 
-at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at::Tensor& w8,
-                             const at::Tensor& popw8, int64_t out_channels, at::IntArrayRef kernel_size,
+// The prepared weight's tensors, checked against the conv's shape.
+bconv::PreparedWeight weight_of(const at::Tensor& words, const at::Tensor& popc, int64_t O,
+                                at::IntArrayRef kernel_size, int64_t C) {
+  const int64_t KH = kernel_size[0], KW = kernel_size[1], Cw = (C + 31) / 32, G = (O + 15) / 16;
+  TORCH_CHECK(KH >= 1 && KW >= 1 && KH * KW <= 64, "kernel_size must be >= 1 with at most 64 taps, got ",
+              kernel_size);
+  TORCH_CHECK(O >= 1, "out_channels must be >= 1, got ", O);
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.is_contiguous() &&
+                  words.dim() == 3 && words.size(0) == G && words.size(2) == 16,
+              "weight must be the contiguous int32 (ceil(O/16), K, 16) layout of ctmq.binary.pack_weight "
+              "for ", O, " output channels, got ", words.scalar_type(), " ", words.sizes());
+  TORCH_CHECK(words.size(1) == KH * KW * Cw, "weight is packed for ", words.size(1), " words per output "
+              "channel (another channel count or kernel size), x needs ", KH * KW * Cw);
+  TORCH_CHECK(popc.scalar_type() == at::kInt && popc.is_contiguous() &&
+                  popc.sizes() == at::IntArrayRef({G, KH * KW, 16}),
+              "tap_popc must be int32 (ceil(O/16), KH*KW, 16), got ", popc.scalar_type(), " ", popc.sizes());
+  return bconv::weight_view(reinterpret_cast<const uint32_t*>(words.const_data_ptr<int32_t>()),
+                            popc.const_data_ptr<int32_t>(), O, KH, KW, C);
+}
+
+at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at::Tensor& weight,
+                             const at::Tensor& tap_popc, int64_t out_channels, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              const std::optional<at::Tensor>& scale_in,
                              const std::optional<at::Tensor>& bias_in,
@@ -240,63 +289,43 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   const int64_t Cw = x.size(3);
   TORCH_CHECK(in_channels >= 1 && (in_channels + 31) / 32 == Cw, "in_channels (", in_channels,
               ") does not fit x's ", Cw, " words per pixel");
-  const int64_t KH = kernel_size[0], KW = kernel_size[1], Cw64 = (Cw + 1) / 2;
-  TORCH_CHECK(KH >= 1 && KW >= 1 && KH * KW <= 64, "kernel_size must be >= 1 with at most 64 taps, got ",
-              kernel_size);
-  TORCH_CHECK(out_channels >= 1, "out_channels must be >= 1, got ", out_channels);
-  TORCH_CHECK(w8.device().is_cpu() && w8.scalar_type() == at::kLong && w8.is_contiguous() &&
-                  w8.dim() == 3 && w8.size(0) == (out_channels + 7) / 8 && w8.size(2) == 8,
-              "weight must be the contiguous int64 (ceil(O/8), K, 8) layout of ctmq.binary.pack_weight "
-              "for ", out_channels, " output channels, got ", w8.scalar_type(), " ", w8.sizes());
-  TORCH_CHECK(w8.size(1) == KH * KW * Cw64, "weight is packed for ", w8.size(1), " words per output "
-              "channel (another channel count or kernel size), x needs ", KH * KW * Cw64);
-  TORCH_CHECK(popw8.scalar_type() == at::kLong && popw8.is_contiguous() &&
-                  popw8.sizes() == at::IntArrayRef({w8.size(0), KH * KW, 8}),
-              "tap_popc must be int64 (ceil(O/8), KH*KW, 8), got ", popw8.sizes());
-  ConvArgs a{};
-  a.N = x.size(0); a.H = x.size(1); a.W = x.size(2); a.C = in_channels; a.Cw = Cw; a.Cw64 = Cw64;
-  a.O = out_channels; a.KH = KH; a.KW = KW; a.K = KH * KW * Cw64;
-  a.sh = stride[0]; a.sw = stride[1]; a.ph = padding[0]; a.pw = padding[1];
-  a.dh = dilation[0]; a.dw = dilation[1];
-  TORCH_CHECK(a.sh >= 1 && a.sw >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(a.ph >= 0 && a.pw >= 0, "padding must be >= 0, got ", padding);
-  TORCH_CHECK(a.dh >= 1 && a.dw >= 1, "dilation must be >= 1, got ", dilation);
-  a.OH = conv_output_size(a.H, a.KH, a.sh, a.ph, a.dh);
-  a.OW = conv_output_size(a.W, a.KW, a.sw, a.pw, a.dw);
-  TORCH_CHECK(a.OH >= 1 && a.OW >= 1, "the kernel (", a.KH, "x", a.KW, ", dilation ", dilation,
-              ") does not fit the padded input (", a.H, "x", a.W, ", padding ", padding, ")");
-  a.Ow = (a.O + 31) / 32;
-  auto scale = check_vector(scale_in, "scale", a.O);
-  auto bias = check_vector(bias_in, "bias", a.O);
-  at::Tensor out = packed_out ? at::empty({a.N, a.OH, a.OW, a.Ow}, x.options())
-                              : at::empty({a.N, a.O, a.OH, a.OW}, x.options().dtype(at::kFloat));
+  const bconv::PreparedWeight w = weight_of(weight, tap_popc, out_channels, kernel_size, in_channels);
+  bconv::ConvParams p;
+  p.N = x.size(0); p.H = x.size(1); p.W = x.size(2);
+  p.sh = stride[0]; p.sw = stride[1]; p.ph = padding[0]; p.pw = padding[1];
+  p.dh = dilation[0]; p.dw = dilation[1];
+  TORCH_CHECK(p.sh >= 1 && p.sw >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK(p.ph >= 0 && p.pw >= 0, "padding must be >= 0, got ", padding);
+  TORCH_CHECK(p.dh >= 1 && p.dw >= 1, "dilation must be >= 1, got ", dilation);
+  const int64_t OH = bconv::output_size(p.H, w.KH, p.sh, p.ph, p.dh);
+  const int64_t OW = bconv::output_size(p.W, w.KW, p.sw, p.pw, p.dw);
+  TORCH_CHECK(OH >= 1 && OW >= 1, "the kernel (", w.KH, "x", w.KW, ", dilation ", dilation,
+              ") does not fit the padded input (", p.H, "x", p.W, ", padding ", padding, ")");
+  const int64_t O = out_channels;
+  auto scale = check_vector(scale_in, "scale", O);
+  auto bias = check_vector(bias_in, "bias", O);
+  at::Tensor out = packed_out ? at::empty({p.N, OH, OW, (O + 31) / 32}, x.options())
+                              : at::empty({p.N, O, OH, OW}, x.options().dtype(at::kFloat));
   if (residual.has_value()) {
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
-                    residual->sizes() == at::IntArrayRef({a.N, a.O, a.OH, a.OW}),
-                "residual must be a contiguous float32 (", a.N, ", ", a.O, ", ", a.OH, ", ", a.OW,
+                    residual->sizes() == at::IntArrayRef({p.N, O, OH, OW}),
+                "residual must be a contiguous float32 (", p.N, ", ", O, ", ", OH, ", ", OW,
                 ") tensor, got ", residual->scalar_type(), " ", residual->sizes());
-    a.residual = residual->const_data_ptr<float>();
+    p.residual = residual->const_data_ptr<float>();
+    p.residual_layout = Layout::kNCHW;
   }
   if (out.numel() == 0) return out;
-  a.x = reinterpret_cast<const uint32_t*>(x.const_data_ptr<int32_t>());
-  a.w8 = reinterpret_cast<const uint64_t*>(w8.const_data_ptr<int64_t>());
-  a.popw8 = popw8.const_data_ptr<int64_t>();
-  a.scale = scale ? scale->const_data_ptr<float>() : nullptr;
-  a.bias = bias ? bias->const_data_ptr<float>() : nullptr;
-  if (packed_out) a.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
-  else a.out = out.mutable_data_ptr<float>();
-  const Path path = current_path();
-  const int64_t M = a.OH * a.OW, mblocks = (M + kBlockM - 1) / kBlockM;
-  const int64_t oblocks = (a.O + kBlockO - 1) / kBlockO;
-  at::parallel_for(0, a.N * mblocks * oblocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint64_t> P(kBlockM * a.K);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t ob = t % oblocks, mb = (t / oblocks) % mblocks, n = t / (oblocks * mblocks);
-      const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
-      const int64_t oc0 = ob * kBlockO, oc1 = std::min(a.O, oc0 + kBlockO);
-      conv_block_on(path, a, n, m0, rows, oc0, oc1, P.data());
-    }
-  });
+  p.x = reinterpret_cast<const uint32_t*>(x.const_data_ptr<int32_t>());
+  p.scale = scale ? scale->const_data_ptr<float>() : nullptr;
+  p.bias = bias ? bias->const_data_ptr<float>() : nullptr;
+  if (packed_out) p.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
+  else p.out = out.mutable_data_ptr<float>();
+  p.out_layout = Layout::kNCHW;
+  try {
+    bconv::conv2d(p, w, current_path(), torch_parallel());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
   return out;
 }
 

@@ -33,10 +33,9 @@ def _(x):
 
 @_fake("binary_weight_gemm")
 def _(bits):
-    groups, taps = (bits.shape[0] + 7) // 8, bits.shape[1] * bits.shape[2]
-    k = taps * ((bits.shape[3] + 1) // 2)
-    return (bits.new_empty((groups, k, 8), dtype=torch.int64),
-            bits.new_empty((groups, taps, 8), dtype=torch.int64))
+    groups, taps = (bits.shape[0] + 15) // 16, bits.shape[1] * bits.shape[2]
+    return (bits.new_empty((groups, taps * bits.shape[3], 16), dtype=torch.int32),
+            bits.new_empty((groups, taps, 16), dtype=torch.int32))
 
 
 @_fake("binary_conv2d_bmma")

@@ -68,8 +68,9 @@ def binary_backend(t: Tensor) -> str:
 
 def binary_weight_layout(bits: Tensor, backend: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(gemm, tap_popc): the weight in the form `backend`'s kernel reads besides
-    the bits, made once per weight: the C++ kernel's interleaved GEMM layout
-    and tap popcounts for "cpp", (None, tap popcounts) for "bmma", (None, None)
+    the bits, made once per weight: the C++ kernel's prepared weight (16
+    output channels interleaved per 32-bit word column, and tap popcounts;
+    csrc/cpu/binary_conv.h) for "cpp", (None, tap popcounts) for "bmma", (None, None)
     for "triton"."""
     if backend == "cpp":
         return torch.ops.ctmq.binary_weight_gemm(bits.contiguous())
