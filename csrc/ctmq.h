@@ -1,5 +1,6 @@
 // Registration hooks of ctmq's C++ kernels; the schemas live in ctmq_library.cpp.
 #pragma once
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <string>
@@ -15,4 +16,6 @@ std::string binary_cpu_path(const std::string& request);
 // alone (xor, popcount, accumulate; no memory), run for about `seconds` in
 // the calling thread: the path's peak, against which benchmarks rate the conv.
 double binary_cpu_peak(double seconds);
+// ctmq._C.Executor, the deploy runtime's compiled executor (csrc/torch/executor_bind.cpp).
+void register_executor(pybind11::module& m);
 }  // namespace ctmq

@@ -29,4 +29,5 @@ TORCH_LIBRARY_IMPL(ctmq, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ctmq C++/CUDA kernels; the ops are registered under torch.ops.ctmq";
+  ctmq::register_executor(m);  // csrc/torch/executor_bind.cpp
 }

@@ -46,6 +46,14 @@ def extension():
                  "CUDA kernels also need nvcc and a CUDA build of torch).")
 
 
+def extension_or_none():
+    """ctmq._C, or None where it is not built."""
+    try:
+        return extension()
+    except RuntimeError:
+        return None
+
+
 def has_extension():
     try:
         extension()

@@ -12,6 +12,7 @@ with the model's eval-mode logits. On CUDA, each (batch size, binary kernel)
 is captured once as a CUDA graph so that small batches are not launch-bound.
 """
 import contextlib
+import json
 import time
 from typing import Callable, NamedTuple
 
@@ -40,10 +41,17 @@ def _ieee_fp32():
         torch.set_float32_matmul_precision(saved[1])
 
 
-def load(path, device="cpu"):
-    """The runtime of an artifact on `device` ("cpu" or "cuda")."""
+ENGINES = ("auto", "executor", "python")
+
+
+def load(path, device="cpu", engine="auto"):
+    """The torch runtime of an artifact on `device` ("cpu" or "cuda").
+    engine: on the CPU, "executor" runs the compiled executor of ctmq._C
+    (one C++ call per forward), "python" the node-by-node torch calls;
+    "auto" the executor where ctmq._C has it. Both give the same logits, bit
+    for bit."""
     header, tensors = read_artifact(path)
-    return Runtime(header, tensors, device)
+    return Runtime(header, tensors, device, engine)
 
 
 class _Step(NamedTuple):
@@ -56,10 +64,12 @@ class _Step(NamedTuple):
 class Runtime:
     """Callable: runtime(images) -> logits; runtime.predict(images, topk)."""
 
-    def __init__(self, header, tensors, device="cpu"):
+    def __init__(self, header, tensors, device="cpu", engine="auto"):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA device is available here")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         check_artifact(header, tensors)
         self.header = header
         self.class_names = header["class_names"]
@@ -73,6 +83,22 @@ class Runtime:
                             list(node["in"]), node["out"]) for node in header["nodes"]]
         self._graphs = {}
         self._dry_run()
+        self.executor = self._make_executor(header, tensors, engine)
+
+    def _make_executor(self, header, tensors, engine):
+        """The compiled executor (CPU), or None for the node-by-node path."""
+        if self.device.type != "cpu" or engine == "python":
+            return None
+        module = _backend.extension_or_none()
+        if module is None or not hasattr(module, "Executor"):
+            if engine == "executor":
+                _backend.extension()  # the error that says what is missing
+                raise RuntimeError("ctmq._C has no Executor: rebuild ctmq")
+            return None
+        try:
+            return module.Executor(json.dumps(header), {k: v.contiguous() for k, v in tensors.items()})
+        except ValueError as e:
+            raise ArtifactError(str(e)) from e
 
     def _dry_run(self):
         """Run every node once on an input of the declared size, so that nodes
@@ -126,12 +152,23 @@ class Runtime:
         if self.device.type != "cuda":
             with torch.inference_mode():
                 images = images.to(self.device, torch.float32)
-                # _max_pool2d's oneDNN pool ignores NaN where torch's propagates it:
-                # refuse what could make one (a CUDA runtime skips this: no sync)
+                # the CPU max pools ignore NaN where torch's propagates it: refuse
+                # what could make one (a CUDA runtime skips this: no sync)
                 if not bool(torch.isfinite(images).all()):
                     raise ValueError("images contain NaN or infinite values")
+                if self.executor is not None:
+                    return self.executor.run(images.contiguous())
                 return self.run(images)
         return self._run_graph(images)
+
+    def profile(self, images):
+        """(logits, {op: seconds}) of one CPU forward through the executor:
+        where the time goes, per op (the planned layout conversions as
+        to_nhwc/to_nchw, packing as pack)."""
+        if self.executor is None:
+            raise RuntimeError("profile() needs the compiled executor (CPU, engine executor)")
+        self.check_images(images)
+        return self.executor.profile(images.to(torch.float32).contiguous())
 
     def _run_graph(self, images):
         # one CUDA graph per batch size and binary kernel (use_kernel): static
