@@ -13,6 +13,7 @@ are built alone.
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,16 +69,34 @@ def _extensions():
             wants_cuda = False
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    # csrc/cuda holds the CUDA kernels (.cu) and their torch bindings (.cpp)
-    cpp = sorted(set(glob.glob("csrc/**/*.cpp", recursive=True)) - set(glob.glob("csrc/cuda/*.cpp")))
+    # csrc/cuda holds the CUDA kernels (.cu) and their torch bindings (.cpp);
+    # csrc/native the torch-free runtime's C API, command line and fuzz target
+    cpp = sorted(set(glob.glob("csrc/**/*.cpp", recursive=True)) - set(glob.glob("csrc/cuda/*.cpp"))
+                 - set(glob.glob("csrc/native/**/*.cpp", recursive=True)))
     cu = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(cu) and wants_cuda and CUDA_HOME is not None
+    native = _native_extension()
     if not with_cuda:
         return [CppExtension("ctmq._C", cpp, extra_compile_args={"cxx": CXX_FLAGS},
-                         extra_link_args=["-fopenmp"])]
+                             extra_link_args=["-fopenmp"]), native]
     return [CUDAExtension("ctmq._C", cpp + cu, define_macros=[("CTMQ_WITH_CUDA", None)],
                           extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-                          extra_link_args=["-fopenmp"])]
+                          extra_link_args=["-fopenmp"]), native]
+
+
+def _native_extension():
+    """ctmq._native: the native runtime (csrc/runtime, the CPU binary kernels,
+    csrc/native's C API) as a library without torch, which
+    ctmq.deploy.load(..., engine="native") loads through ctypes."""
+    from setuptools import Extension
+    torch_free = [f for f in sorted(glob.glob("csrc/cpu/*.cpp"))
+                  if not re.search(r"#include\s*<(ATen|torch|c10)/", open(f).read())]
+    sources = (torch_free + sorted(glob.glob("csrc/runtime/*.cpp"))
+               + ["csrc/native/runtime.cpp", "csrc/native/thread_pool.cpp",
+                  "csrc/native/python_module.cpp"])
+    flags = [f for f in CXX_FLAGS if f != "-fopenmp"]
+    return Extension("ctmq._native", sources, language="c++",
+                     extra_compile_args={"cxx": flags}, extra_link_args=["-pthread"])
 
 
 def _build_ext():

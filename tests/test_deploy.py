@@ -2,7 +2,6 @@
 logits, layer by layer; bad artifacts and inputs fail clearly."""
 import contextlib
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from ctmq.export import ExportError, export_binary
 from ctmq.models import resnet18
 from ctmq.models import resnet as resnet_mod
 from ctmq.nn import QConv2d, conv_bn, fold_binary_conv_bn, set_bits
+
+from bad_artifacts import make_cases, rewrite_header
 
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
@@ -113,110 +114,12 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     assert cli.main(["bench", "deploy", str(art), "--batch", "1"]) == 0
 
 
-def _rewrite_header(src, dst, edit, extra=None):
-    """An artifact with an edited header (plus the tensors `extra`) and a
-    correct checksum, as a newer ctmq or a hand-edited file would write it."""
-    from safetensors.torch import load_file, save_file
-
-    from ctmq.artifact import artifact_checksum
-    header, tensors = deploy.read_artifact(src)
-    edit(header)
-    tensors = dict(load_file(str(src)), **(extra or {}))
-    header["checksum"] = artifact_checksum(header, tensors)
-    save_file(tensors, str(dst), metadata={"ctmq": json.dumps(header)})
-
-
 def _first(h, op):
     return next(n for n in h["nodes"] if n["op"] == op)
 
 
-def _packed_into_float_op(h):
-    """A Bi-Real block's second conv made to output packed bits, which the
-    next block reads as a float."""
-    _first(h, "binary_conv")["output"] = "packed"
-
-
-def _wrong_in_channels(h):
-    """20 input channels: the same word count as the 16 that arrive."""
-    _first(h, "binary_conv")["in_channels"] = 20
-
-
-def _nine_by_nine(h):
-    node = _first(h, "binary_conv")
-    node.update(weight="nine.bits", padding=[4, 4])
-
-
 def test_bad_artifacts_fail_clearly(tmp_path, capsys):
-    m = _binarized("cifar", "bireal", 8)
-    good = tmp_path / "m.ctmq"
-    export_binary(m, good, input_size=8)
-    blob = good.read_bytes()
-    cases = {}
-    (tmp_path / "trunc.ctmq").write_bytes(blob[: len(blob) // 2])
-    cases["trunc.ctmq"] = "truncated|corrupt"
-    flipped = bytearray(blob)
-    flipped[-100] ^= 0xFF
-    (tmp_path / "flip.ctmq").write_bytes(bytes(flipped))
-    cases["flip.ctmq"] = "checksum mismatch"
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    broken = bytearray(blob)
-    broken[8 + blob[8:8 + header_len].index(b":")] = ord("{")  # the JSON no longer parses
-    (tmp_path / "hdr.ctmq").write_bytes(bytes(broken))
-    cases["hdr.ctmq"] = "no readable ctmq header|corrupt"
-    _rewrite_header(good, tmp_path / "new.ctmq", lambda h: h.update(version=99))
-    cases["new.ctmq"] = "version 99 is newer"
-    _rewrite_header(good, tmp_path / "op.ctmq", lambda h: h["nodes"].insert(0, {"op": "xnor_lstm", "in": ["input"], "out": "z"}))
-    cases["op.ctmq"] = "unknown layer type.*xnor_lstm"
-
-    def edit_binary(key, value):
-        def edit(h):
-            next(n for n in h["nodes"] if n["op"] == "binary_conv")[key] = value
-        return edit
-    for key, value, words in (("stride", "two", "stride must be an int"),
-                              ("padding", [-1, 0], "padding must be >= 0"),
-                              ("scale", "nope", "'nope'"),
-                              ("in_channels", 999, "not packed for 999 input channels"),
-                              ("output", "int8", "output must be 'float' or 'packed'")):
-        _rewrite_header(good, tmp_path / f"bin_{key}.ctmq", edit_binary(key, value))
-        cases[f"bin_{key}.ctmq"] = f"binary_conv node .*{words}"
-    (tmp_path / "tiny.ctmq").write_bytes(b"abc")
-    cases["tiny.ctmq"] = "truncated"
-
-    def edit_node(op, key, value):
-        def edit(h):
-            next(n for n in h["nodes"] if n["op"] == op)[key] = value
-        return edit
-    # crafted headers with a valid checksum: each is refused at load, naming the node
-    header, tensors = deploy.read_artifact(good)
-    first = tensors[_first(header, "binary_conv")["weight"]]  # 16 input channels
-    extra = {"nine.bits": torch.zeros(first.shape[0], 9, 9, first.shape[3], dtype=torch.int32)}
-    for name, edit, words in (
-            ("undef", edit_node("global_avg_pool", "in", ["v999"]), r"reads \['v999'\], not defined"),
-            ("arity", edit_node("linear", "in", []), "needs 1..1 input names"),
-            ("listop", lambda h: h["nodes"][0].update(op=["conv2d"]), "unknown layer type"),
-            ("listin", edit_node("linear", "in", [["v1"]]), "needs 1..1 input names"),
-            ("version", lambda h: h.update(version=True), "not a version number"),
-            ("packed", _packed_into_float_op, "fails on a \\(1, 3, 8, 8\\) input"),
-            ("inch", _wrong_in_channels, "expects 20 input channels, got 16"),
-            ("taps", _nine_by_nine, "at most 64 taps"),
-            ("huge", edit_node("binary_conv", "padding", [2**31, 0]), r"padding must be .* < 2\^31|in \[0, 2\^31\)|padding must be <= 16384"),
-            ("mean", lambda h: h["input"].update(mean=["0.5", "0.5", "0.5"]), "one nonzero std"),
-            ("chan", lambda h: h["input"].update(channels=True), "one nonzero std"),
-            ("dup", lambda h: h["nodes"][1].update(out=h["nodes"][0]["out"]), "must be a new value"),
-            ("noout", lambda h: h["nodes"].pop(), "must end with its one 'output' node"),
-            ("outname", lambda h: h["nodes"][-1].update(out="logits"), "must be named 'output'"),
-            ("twoout", lambda h: h["nodes"].insert(0, {"op": "output", "in": ["input"], "out": "o"}),
-             "must end with its one 'output' node"),
-            ("convw", edit_node("conv2d", "weight", "missing.weight"),
-             "conv2d node .*weight names no tensor of the file: 'missing.weight'"),
-            ("eps", edit_node("batch_norm", "eps", "small"), "batch_norm node .*eps must be a float"),
-            ("fcw", edit_node("linear", "weight", "conv1.weight"),
-             r"linear node .*weight \(conv1.weight\) must be 2-D"),
-            ("bnlen", edit_node("batch_norm", "mean", "fc.bias"), "mean .* of length"),
-            ("input", lambda h: h["input"].update(std=[1.0]), "one nonzero std"),
-            ("classes", lambda h: h.update(class_names=[1, 2]), "class_names must be a list of str")):
-        _rewrite_header(good, tmp_path / f"{name}.ctmq", edit, extra)
-        cases[f"{name}.ctmq"] = words
+    cases = make_cases(tmp_path)
     for name, words in cases.items():
         with pytest.raises(deploy.ArtifactError, match=words):
             deploy.load(tmp_path / name)
@@ -235,7 +138,7 @@ def test_weight_bits_past_in_channels_are_ignored(tmp_path):
     name = _first(header, "binary_conv")["weight"]  # 16 input channels: 16 spare bits
     dirty = tensors[name].clone()
     dirty[..., -1] |= -(1 << 16)
-    _rewrite_header(good, tmp_path / "dirty.ctmq", lambda h: None, {name: dirty})
+    rewrite_header(good, tmp_path / "dirty.ctmq", lambda h: None, {name: dirty})
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(deploy.load(tmp_path / "dirty.ctmq")(x), deploy.load(good)(x))
 

@@ -308,7 +308,14 @@ void Executor::run(const float* images, int64_t n, float* logits, Profile* profi
     Buffer outs[2] = {buffer(e.out), buffer(e.signs)};
     if (e.out < 0) outs[0].shape = im.slots[e.signs].shape;
     const auto t0 = profile ? clock::now() : clock::time_point{};
-    e.step->run(im.ctx, n, in, outs);
+    try {
+      e.step->run(im.ctx, n, in, outs);
+    } catch (const std::exception& err) {  // a kernel's own limit, named with its node
+      throw std::invalid_argument(e.step->op() + " node '" + e.step->name() + "' fails on a (" +
+                                  std::to_string(n) + ", " + std::to_string(channels_) + ", " +
+                                  std::to_string(size_) + ", " + std::to_string(size_) +
+                                  ") input: " + err.what());
+    }
     if (e.out >= 0 && im.slots[e.out].dynamic) dynamic[e.out] = outs[0].data;
     if (profile) {
       profile->seconds_by_op[e.step->op()] +=

@@ -177,8 +177,9 @@ def read_artifact(path):
         header = json.loads(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise TypeError("not an object")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ArtifactError(f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)") from e
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # (RecursionError: a header nested deeper than Python's parser goes)
+        raise ArtifactError(f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)") from None
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("version")

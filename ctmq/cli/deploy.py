@@ -163,10 +163,14 @@ def _load_image(path, runtime):
     if runtime.input_channels not in (1, 3):
         raise _Unreadable(f"{path}: the model takes {runtime.input_channels} channels; give it "
                           "a tensor file instead of an image")
+    size = runtime.input_size
     try:
         with Image.open(path) as img:
             img = img.convert("L" if runtime.input_channels == 1 else "RGB")
-            img = img.resize((runtime.input_size, runtime.input_size), Image.BILINEAR)
+            # the width, then the height: Pillow 13 picks the order of its two passes
+            # by the image's shape, older releases always width first; one pass at
+            # a time gives the same pixels on every release (and in ctmq-run)
+            img = img.resize((size, img.height), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise _Unreadable(f"{path}: not a readable image ({e})") from e
     a = np.asarray(img, dtype=np.float32) / 255.0

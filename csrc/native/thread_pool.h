@@ -1,0 +1,40 @@
+// A small fixed thread pool for the native runtime's parallel_for: the
+// calling thread takes part, work is split into one contiguous range per
+// thread. Torch-free, no OpenMP needed.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ctmq {
+namespace native {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);  // threads >= 1 (the caller counts as one)
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+  // fn(begin, end) over [0, n) in up to threads() ranges; returns when all are done.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  void work(int index);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable start_, done_;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  int64_t generation_ = 0;
+  int pending_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace native
+}  // namespace ctmq

@@ -1,0 +1,248 @@
+"""The native runtime (csrc/native, csrc/runtime; no torch): through its
+Python binding, its command line built with CMake, under sanitizers and a
+fuzz loop, and cross-built for aarch64 under qemu-user. Its logits are the
+same bits on every CPU path and both ISAs; against the torch engine they
+agree to float rounding (its float ops are its own kernels, not oneDNN's);
+it refuses the same bad files with the same messages."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ctmq
+from ctmq import deploy
+from ctmq.export import export_binary
+from ctmq.models import MODELS
+from ctmq.nn import RPReLU, RSign, set_bits
+
+from bad_artifacts import make_cases
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CMAKE = shutil.which("cmake")
+AARCH64_GXX = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+REQUIRE_AARCH64 = os.environ.get("CTMQ_REQUIRE_AARCH64", "0") not in ("", "0")
+X86 = os.uname().machine in ("x86_64", "amd64")
+PATHS = ["auto", "avx2", "scalar"] if X86 else ["auto", "scalar"]
+
+
+def _native_built():
+    import importlib.util
+    return importlib.util.find_spec("ctmq._native") is not None
+
+
+pytestmark = pytest.mark.skipif(not (_native_built() and ctmq.has_extension()),
+                                reason="ctmq._native / ctmq._C not built")
+
+
+def _randomized(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            elif isinstance(m, (RSign, RPReLU)):
+                for p in m.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+ZOO = [("resnet18", dict(stem="imagenet", width=0.25), 64, 3),
+       ("resnet34", dict(stem="cifar", block="basic", width=0.125), 16, 3),
+       ("vgg_small", dict(width=0.125), 32, 3),
+       ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16, 1)]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = []
+    for i, (name, kwargs, size, ch) in enumerate(ZOO):
+        torch.manual_seed(i)
+        model = _randomized(set_bits(MODELS[name](10, **kwargs), 1, 1))
+        path = tmp_path_factory.mktemp("zoo") / f"{name}.ctmq"
+        export_binary(model, path, input_size=size)
+        x = np.random.default_rng(i).standard_normal((3, ch, size, size)).astype(np.float32)
+        out.append((path, x))
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(ZOO)), ids=[z[0] for z in ZOO])
+def test_native_agrees_with_the_torch_engine(zoo, case):
+    path, x = zoo[case]
+    native = deploy.load(path, engine="native", threads=2)
+    got = native(x)
+    want = deploy.load(path, engine="executor")(torch.from_numpy(x)).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-3 * scale
+    assert (got.argmax(1) == want.argmax(1)).all()
+    idx, prob = native.predict(x, topk=3)
+    assert idx.shape == (3, 3) and np.all(np.diff(prob, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("case", range(len(ZOO)), ids=[z[0] for z in ZOO])
+def test_native_logits_are_the_same_bits_on_every_path_and_thread_count(zoo, case):
+    path, x = zoo[case]
+    want = deploy.load(path, engine="native", threads=1, cpu_path="scalar")(x)
+    for cpu_path in PATHS:
+        for threads in (1, 2, 3):
+            rt = deploy.load(path, engine="native", threads=threads, cpu_path=cpu_path)
+            assert np.array_equal(rt(x), want), (cpu_path, threads)
+
+
+def test_native_refuses_what_the_torch_loader_refuses_with_the_same_words(tmp_path):
+    import re
+    for name, words in make_cases(tmp_path).items():
+        with pytest.raises(deploy.ArtifactError) as torch_err:
+            deploy.load(tmp_path / name)
+        with pytest.raises(deploy.ArtifactError) as native_err:
+            deploy.load(tmp_path / name, engine="native")
+        assert re.search(words, str(native_err.value)), (name, str(native_err.value))
+        assert re.search(words, str(torch_err.value)), (name, str(torch_err.value))
+
+
+def test_native_binding_runs_without_torch(zoo, tmp_path):
+    path, x = zoo[0]
+    np.save(tmp_path / "x.npy", x)
+    want = deploy.load(path, engine="native")(x)
+    np.save(tmp_path / "want.npy", want)
+    code = f"""
+import sys
+sys.modules["torch"] = None  # import torch fails from here on
+import numpy as np
+from ctmq import deploy
+rt = deploy.load({str(path)!r}, engine="native")
+got = rt(np.load({str(tmp_path / 'x.npy')!r}))
+assert np.array_equal(got, np.load({str(tmp_path / 'want.npy')!r}))
+assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+print("ok", rt.cpu_path)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
+
+
+def test_native_binding_errors():
+    with pytest.raises(deploy.ArtifactError, match="cannot read"):
+        deploy.load("/nonexistent.ctmq", engine="native")
+    with pytest.raises(ValueError, match="engine 'native' runs on the CPU"):
+        deploy.load("/nonexistent.ctmq", device="cuda", engine="native")
+    with pytest.raises(TypeError, match="apply to engine 'native' only"):
+        deploy.load("/nonexistent.ctmq", threads=2)
+
+
+# ------------------------------------------------------------------ CMake
+def _cmake_build(build, *options):
+    _run([CMAKE, "-S", ROOT / "csrc", "-B", build, "-DCMAKE_BUILD_TYPE=Release", *options])
+    _run([CMAKE, "--build", build, "-j", "2"])
+    return build
+
+
+def _run(cmd, **kw):
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def cmake_build(tmp_path_factory):
+    if CMAKE is None:
+        pytest.skip("cmake not found")
+    return _cmake_build(tmp_path_factory.mktemp("native"))
+
+
+@pytest.mark.slow
+def test_command_line_classifies_as_ctmq_infer_does(cmake_build, zoo, tmp_path):
+    from PIL import Image
+    path, x = zoo[0]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(tmp_path / "gray.png")
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    run = subprocess.run([cmake_build / "ctmq-run", path, tmp_path / "rgb.png", tmp_path / "gray.png",
+                          tmp_path / "x.npy", tmp_path / "bad.png", "--topk", "2", "--logits",
+                          tmp_path / "logits.npy"], capture_output=True, text=True)
+    assert run.returncode == 1 and "bad.png: not a readable image" in run.stderr, run.stderr
+    assert "1 of 6 inputs failed" in run.stderr
+    # the images' pixels as ctmq infer makes them (Pillow), through the binding: the same logits
+    from ctmq.cli.deploy import _load_image
+    rt = deploy.load(path, engine="native")
+    torch_rt = deploy.load(path)
+    pixels = np.concatenate([_load_image(str(tmp_path / n), torch_rt).numpy()
+                             for n in ("rgb.png", "gray.png")])
+    want = np.concatenate([rt(pixels), rt(x)])
+    assert np.array_equal(np.load(tmp_path / "logits.npy"), want)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 5 and lines[0].startswith(f"{tmp_path / 'rgb.png'}: ")
+    assert lines[2].startswith(f"{tmp_path / 'x.npy'}[0]: ") and lines[0].count("%") == 2
+
+
+@pytest.mark.slow
+def test_command_line_errors_are_one_line(cmake_build, zoo, tmp_path):
+    exe = cmake_build / "ctmq-run"
+    for args, words, status in (([], "required: MODEL.ctmq", 2),
+                                ([zoo[0][0], "x.npy", "--topk", "0"], "--topk: expected a positive", 2),
+                                ([tmp_path / "none.ctmq", "x.npy"], "none.ctmq: cannot read", 2),
+                                ([zoo[0][0], tmp_path / "none.npy"], "no input could be classified", 2)):
+        res = subprocess.run([str(a) for a in (exe, *args)], capture_output=True, text=True)
+        assert res.returncode == status and words in res.stderr, res.stderr
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("ctmq-run ")
+
+
+@pytest.mark.slow
+def test_sanitizers_and_the_loader_fuzz_loop(zoo, tmp_path):
+    """The runtime under AddressSanitizer and UndefinedBehaviorSanitizer: the
+    zoo's models run, and a bounded loop of mutated artifacts (and of mutated
+    headers checked past their checksum) ends with no crash and no report."""
+    if CMAKE is None:
+        pytest.skip("cmake not found")
+    build = _cmake_build(tmp_path / "asan", "-DCTMQ_SANITIZE=address,undefined", "-DCTMQ_FUZZ=ON")
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    for path, x in zoo:
+        np.save(tmp_path / "x.npy", x)
+        _run([build / "ctmq-run", path, tmp_path / "x.npy", "--threads", "2"], env=env)
+    seeds = [str(p) for p, _ in zoo]
+    res = _run([build / "ctmq-fuzz-loader", *seeds, "--runs", "3000"], env=env)
+    assert "no crash" in res.stdout
+    res = _run([build / "ctmq-fuzz-loader", *seeds, "--runs", "400", "--headers"], env=env)
+    assert "no crash" in res.stdout
+
+
+def _needs(tool, what):
+    if tool is None:
+        if REQUIRE_AARCH64:
+            pytest.fail(f"{what} not found and CTMQ_REQUIRE_AARCH64 is set")
+        pytest.skip(f"{what} not found")
+
+
+@pytest.mark.slow
+def test_aarch64_build_gives_the_same_logits_under_qemu(zoo, tmp_path):
+    """ctmq-run cross-built for aarch64 (NEON and scalar paths) writes the same
+    logits as the x86-64 build, bit for bit."""
+    _needs(AARCH64_GXX, "aarch64-linux-gnu-g++")
+    _needs(QEMU, "qemu-aarch64")
+    if CMAKE is None:
+        pytest.skip("cmake not found")
+    toolchain = tmp_path / "aarch64.cmake"
+    toolchain.write_text("set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
+                         f"set(CMAKE_CXX_COMPILER {AARCH64_GXX})\n")
+    build = _cmake_build(tmp_path / "arm", f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+                         "-DCMAKE_EXE_LINKER_FLAGS=-static")
+    for i, (path, x) in enumerate(zoo):
+        np.save(tmp_path / "x.npy", x)
+        want = deploy.load(path, engine="native")(x)
+        for cpu_path in ("neon", "scalar"):
+            out = tmp_path / f"arm-{i}-{cpu_path}.npy"
+            _run([QEMU, build / "ctmq-run", path, tmp_path / "x.npy", "--cpu-path", cpu_path,
+                  "--logits", out])
+            assert np.array_equal(np.load(out), want), (path.name, cpu_path)
