@@ -218,6 +218,29 @@ def test_sanitizers_and_the_loader_fuzz_loop(zoo, tmp_path):
     assert "no crash" in res.stdout
 
 
+@pytest.mark.slow
+def test_thread_sanitizer_on_the_thread_pool(zoo, tmp_path):
+    """ctmq-run under ThreadSanitizer with more threads than cores: the spin-
+    then-sleep pool hands out regions and collects them with no data race,
+    and the logits are the single-threaded ones."""
+    if CMAKE is None:
+        pytest.skip("cmake not found")
+    build = tmp_path / "tsan"
+    _run([CMAKE, "-S", ROOT / "csrc", "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+          "-DCTMQ_SANITIZE=thread"])
+    _run([CMAKE, "--build", build, "-j", "2", "--target", "ctmq-run"])
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
+    for path, x in zoo:
+        np.save(tmp_path / "x.npy", x)
+        got = {}
+        for threads in (1, 3):
+            out = tmp_path / f"logits{threads}.npy"
+            _run([build / "ctmq-run", path, tmp_path / "x.npy", "--threads", threads,
+                  "--logits", out], env=env)
+            got[threads] = np.load(out)
+        assert np.array_equal(got[1], got[3]), path.name
+
+
 def _needs(tool, what):
     if tool is None:
         if REQUIRE_AARCH64:

@@ -3,24 +3,24 @@
 
 #include <algorithm>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CTMQ_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define CTMQ_PAUSE() asm volatile("yield")
+#else
+#define CTMQ_PAUSE() std::this_thread::yield()
+#endif
+
 namespace ctmq {
 namespace native {
 
-ThreadPool::ThreadPool(int threads) {
-  for (int i = 1; i < std::max(1, threads); ++i) workers_.emplace_back([this, i] { work(i); });
-}
-
-ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  start_.notify_all();
-  for (std::thread& t : workers_) t.join();
-}
-
 namespace {
 thread_local bool in_worker = false;  // a nested parallel_for runs serially
+
+// Spin rounds before a worker sleeps (about 0.1-0.3 ms) and before a waiting
+// caller starts yielding its core.
+constexpr int kSpin = 1 << 14;
 
 void range(int64_t n, int parts, int index, int64_t& begin, int64_t& end) {
   begin = n * index / parts;
@@ -28,27 +28,42 @@ void range(int64_t n, int parts, int index, int64_t& begin, int64_t& end) {
 }
 }  // namespace
 
+ThreadPool::ThreadPool(int threads) {
+  for (int i = 1; i < std::max(1, threads); ++i) workers_.emplace_back([this, i] { work(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  stop_.store(true);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+  }
+  start_.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
 void ThreadPool::work(int index) {
   in_worker = true;
   int64_t seen = 0;
   for (;;) {
-    const std::function<void(int64_t, int64_t)>* fn;
-    int64_t n;
-    {
+    // spin, then sleep, until a new region or the stop
+    int spins = 0;
+    while (generation_.load() == seen && !stop_.load()) {
+      if (++spins < kSpin) {
+        CTMQ_PAUSE();
+        continue;
+      }
       std::unique_lock<std::mutex> lock(mu_);
-      start_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      fn = fn_;
-      n = n_;
+      sleepers_.fetch_add(1);  // before the check under the lock: see parallel_for
+      start_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+      sleepers_.fetch_sub(1);
+      break;
     }
+    if (stop_.load()) return;
+    seen = generation_.load();
     int64_t b, e;
-    range(n, threads(), index, b, e);
-    if (b < e) (*fn)(b, e);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_.notify_one();
-    }
+    range(n_, threads(), index, b, e);
+    if (b < e) (*fn_)(b, e);
+    pending_.fetch_sub(1, std::memory_order_release);
   }
 }
 
@@ -58,19 +73,27 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     fn(0, n);
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    n_ = n;
-    pending_ = static_cast<int>(workers_.size());
-    ++generation_;
+  fn_ = &fn;
+  n_ = n;
+  pending_.store(static_cast<int>(workers_.size()));
+  generation_.fetch_add(1);  // publishes fn_ and n_ (sequentially consistent)
+  // A worker that found the old generation counted itself a sleeper first,
+  // so it is seen here, and it holds the lock until it waits: taking the
+  // lock before notifying cannot miss it.
+  if (sleepers_.load() > 0) {
+    { std::lock_guard<std::mutex> lock(mu_); }
+    start_.notify_all();
   }
-  start_.notify_all();
   int64_t b, e;
   range(n, threads(), 0, b, e);
   if (b < e) fn(b, e);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_.wait(lock, [&] { return pending_ == 0; });
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < kSpin) {
+      CTMQ_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 }  // namespace native

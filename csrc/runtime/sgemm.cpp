@@ -32,6 +32,7 @@ void tile_scalar(const float* A, int64_t lda, const float* panel, int64_t K, con
   for (int i = 0; i < MR; ++i) std::memcpy(acc[i], bias, sizeof(float) * kPanel);
   for (int64_t k = 0; k < K; ++k) {
     const float* b = panel + k * kPanel;
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const float a = A[i * lda + k];
       for (int j = 0; j < kPanel; ++j) acc[i][j] = acc[i][j] + a * b[j];
@@ -50,6 +51,7 @@ CTMQ_AVX512_FN void tile_avx512(const float* A, int64_t lda, const float* panel,
   for (int i = 0; i < MR; ++i) acc[i][0] = b0, acc[i][1] = b1;
   for (int64_t k = 0; k < K; ++k) {
     const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel), w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
       acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_mul_ps(a, w0));
@@ -73,6 +75,7 @@ CTMQ_AVX2_FN void half_avx2(const float* A, int64_t lda, const float* panel, int
   for (int64_t k = 0; k < K; ++k) {
     const float* row = panel + k * kPanel + off;
     const __m256 w0 = _mm256_loadu_ps(row), w1 = _mm256_loadu_ps(row + 8);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m256 a = _mm256_set1_ps(A[i * lda + k]);
       acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_mul_ps(a, w0));
@@ -105,6 +108,7 @@ void half_neon(const float* A, int64_t lda, const float* panel, int64_t K, const
     const float* row = panel + k * kPanel + off;
     float32x4_t w[4];
     for (int v = 0; v < 4; ++v) w[v] = vld1q_f32(row + 4 * v);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const float32x4_t a = vdupq_n_f32(A[i * lda + k]);
       for (int v = 0; v < 4; ++v) acc[i][v] = vaddq_f32(acc[i][v], vmulq_f32(a, w[v]));

@@ -426,8 +426,17 @@ void Conv2d::run(const Context& ctx, int64_t n, const std::vector<Buffer>& in, B
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = p0 + r, b = p / (os.h * os.w), oh = p / os.w % os.h, ow = p % os.w;
           float* dst = patch.data() + r * K;
+          const int64_t iw0 = ow * s_[1] - p_[1];
+          // the KW taps of a kernel row lie side by side in NHWC when the row
+          // is inside the map and the kernel neither dilates nor groups
+          const bool whole_rows = groups_ == 1 && d_[1] == 1 && iw0 >= 0 && iw0 + KW_ <= is.w;
           for (int64_t kh = 0; kh < KH_; ++kh) {
             const int64_t ih = oh * s_[0] - p_[0] + kh * d_[0];
+            if (whole_rows && ih >= 0 && ih < is.h) {
+              std::memcpy(dst, x + ((b * is.h + ih) * is.w + iw0) * C, sizeof(float) * KW_ * C);
+              dst += KW_ * C;
+              continue;
+            }
             for (int64_t kw = 0; kw < KW_; ++kw, dst += Cg_) {
               const int64_t iw = ow * s_[1] - p_[1] + kw * d_[1];
               if (ih < 0 || ih >= is.h || iw < 0 || iw >= is.w) {
