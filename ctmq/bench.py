@@ -193,17 +193,35 @@ def format_table(copy_gbps, rows, device_name):
 
 
 def device_name(device):
+    """The device as a figure's caption names it: the GPU's name, or the CPU's
+    model, family/model numbers and vector ISA (the binary kernels' path
+    depends on it), and torch's thread count."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name():
+    """'AMD EPYC (family 26 model 2, AVX-512 VPOPCNTDQ), 2 cores': the CPU
+    from /proc/cpuinfo where there is one (a VM often shows only the brand)."""
+    import os
     import platform
-    model = platform.processor() or platform.machine()
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split()) | set(info.get("Features", "").split())
+    isa = ("AVX-512 VPOPCNTDQ" if "avx512_vpopcntdq" in flags else "AVX2" if "avx2" in flags
+           else "NEON" if "asimd" in flags else platform.machine())
+    family = (f"family {info['cpu family']} model {info['model']}, "
+              if "cpu family" in info and "model" in info else "")
+    return f"{name} ({family}{isa}), {os.cpu_count()} cores"
 
 
 def write_json(path, copy_gbps, rows, device_name, **meta):

@@ -68,16 +68,27 @@ def test_deploy_benchmark_runs(tmp_path, capsys):
         pytest.skip("ctmq._C not built")
     mod = _benchmark_module("bench_deploy")
     out = tmp_path / "d.json"
-    mod.main(["--models", "resnet18,vgg_small,reactnet_a", "--width", "0.125", "--batch", "1",
-              "--min-time", "0.05", "--json", str(out)])
+    mod.main(["--models", "resnet18,vgg_small", "--width", "0.125", "--batch", "1", "--threads", "1",
+              "--engines", "executor", "--peers", "torch", "--min-time", "0.05", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert [(r["model"], r["size"], r["batch"], r["kernel"]) for r in data["rows"]] == [
-        ("resnet18", 224, 1, "cpp"), ("vgg_small", 32, 1, "cpp"), ("reactnet_a", 224, 1, "cpp")]
-    assert all(r["speedup"] > 0 for r in data["rows"])
+    assert [(r["model"], r["size"], r["batch"], r["threads"]) for r in data["rows"]] == [
+        ("resnet18", 224, 1, 1), ("vgg_small", 32, 1, 1)]
+    assert all(set(r["ms"]) == {"executor", "torch"} and min(r["ms"].values()) > 0 for r in data["rows"])
     assert all(a["artifact_bytes"] < a["checkpoint_bytes"] for a in data["artifacts"].values())
-    assert capsys.readouterr().out.count("smaller") == 3
+    # the per-layer split and the binary convs against the path's peak
+    split = data["splits"][0]["native kernels"]
+    assert split["parts"]["binary convs"] > 0 and split["wall_ms"] >= split["parts"]["binary convs"]
+    shapes = data["floors"][0]["shapes"]
+    assert sum(s["layers"] for s in shapes) == 16 and all(0 < s["pct_peak"] for s in shapes)
+    # resnet18 at width 1/8 (8 channels): one 64-bit word per tap and pixel
+    assert sum(s["words"] for s in shapes) == 9 * (4 * 8 * 56 ** 2 + 16 * (28 ** 2 * 4) + 32 * 14 ** 2 * 4
+                                                   + 64 * 7 ** 2 * 4) // 1
+    text = capsys.readouterr().out
+    assert text.count("smaller") == 2 and "where the time goes" in text
     with pytest.raises(SystemExit):
         mod.main(["--models", "resnet50"])
+    with pytest.raises(SystemExit):
+        mod.main(["--peers", "tflite"])
 
 
 def test_train_without_the_training_extras_says_what_to_install(monkeypatch, capsys):

@@ -156,6 +156,13 @@ def test_profile_names_where_the_time_goes(zoo_artifacts):
     assert logits.shape == (2, 10)
     assert {"binary_conv", "conv2d", "max_pool2d", "pack", "to_nchw", "linear"} <= set(seconds)
     assert all(v >= 0 for v in seconds.values())
+    _, steps = rt.profile(torch.randn(2, ch, size, size), per_node=True)
+    op_of = {n["out"]: n["op"] for n in rt.header["nodes"]}
+    run = [name for name, op, _ in steps if op_of.get(name) == op]  # the nodes' own steps
+    assert run == [n for n in op_of if n in run]  # in the graph's order
+    assert {n for n, op in op_of.items() if op in ("binary_conv", "conv2d", "linear")} <= set(run)
+    assert {op for _, op, _ in steps} == set(seconds)
+    assert all(s >= 0 for _, _, s in steps)
 
 
 def test_executor_refuses_what_load_refuses(zoo_artifacts):

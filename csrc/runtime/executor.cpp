@@ -318,8 +318,9 @@ void Executor::run(const float* images, int64_t n, float* logits, Profile* profi
     }
     if (e.out >= 0 && im.slots[e.out].dynamic) dynamic[e.out] = outs[0].data;
     if (profile) {
-      profile->seconds_by_op[e.step->op()] +=
-          std::chrono::duration<double>(clock::now() - t0).count();
+      const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
+      profile->seconds_by_op[e.step->op()] += seconds;
+      profile->steps.emplace_back(e.step->name(), e.step->op(), seconds);
     }
   }
   if (profile) profile->layout_conversions = im.conversions;

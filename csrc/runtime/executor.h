@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../cpu/binary_conv.h"
@@ -136,6 +137,9 @@ struct FloatOps {
 
 struct Profile {
   std::map<std::string, double> seconds_by_op;  // summed over steps of each op
+  // each step in the order run: (its name: the node's output, or
+  // "to_nhwc:<value>" for a planned conversion; op; seconds)
+  std::vector<std::tuple<std::string, std::string, double>> steps;
   int64_t layout_conversions = 0;               // planned to_nhwc / to_nchw steps
 };
 

@@ -203,7 +203,7 @@ class TorchExecutor {
     }
   }
 
-  at::Tensor run(const at::Tensor& images, std::map<std::string, double>* seconds = nullptr) {
+  at::Tensor run(const at::Tensor& images, rt::Profile* profile = nullptr) {
     TORCH_CHECK(images.device().is_cpu() && images.scalar_type() == at::kFloat && images.dim() == 4 &&
                     images.size(1) == exec_->channels() && images.size(2) == exec_->size() &&
                     images.size(3) == exec_->size(),
@@ -212,20 +212,20 @@ class TorchExecutor {
     c10::InferenceMode guard;
     const at::Tensor x = images.contiguous();
     at::Tensor logits = at::empty({x.size(0), exec_->classes()}, x.options());
-    rt::Profile profile;
     {
       pybind11::gil_scoped_release release;
       exec_->set_context(context());  // the path cap and thread count of now
-      exec_->run(x.data_ptr<float>(), x.size(0), logits.data_ptr<float>(), seconds ? &profile : nullptr);
+      exec_->run(x.data_ptr<float>(), x.size(0), logits.data_ptr<float>(), profile);
     }
-    if (seconds) *seconds = profile.seconds_by_op;
     return logits;
   }
 
-  std::pair<at::Tensor, std::map<std::string, double>> profile(const at::Tensor& images) {
-    std::map<std::string, double> seconds;
-    at::Tensor logits = run(images, &seconds);
-    return {logits, seconds};
+  // (logits, {op: seconds}, [(step, op, seconds)] in the order run)
+  std::tuple<at::Tensor, std::map<std::string, double>, std::vector<std::tuple<std::string, std::string, double>>>
+  profile(const at::Tensor& images) {
+    rt::Profile profile;
+    at::Tensor logits = run(images, &profile);
+    return {logits, profile.seconds_by_op, profile.steps};
   }
 
   std::string describe() const { return exec_->describe(); }

@@ -161,14 +161,17 @@ class Runtime:
                 return self.run(images)
         return self._run_graph(images)
 
-    def profile(self, images):
+    def profile(self, images, per_node=False):
         """(logits, {op: seconds}) of one CPU forward through the executor:
         where the time goes, per op (the planned layout conversions as
-        to_nhwc/to_nchw, packing as pack)."""
+        to_nhwc/to_nchw, packing as pack). per_node=True: (logits,
+        [(node, op, seconds)]) per step in the order run, a node named by its
+        output (a planned conversion by the value it converts)."""
         if self.executor is None:
             raise RuntimeError("profile() needs the compiled executor (CPU, engine executor)")
         self.check_images(images)
-        return self.executor.profile(images.to(torch.float32).contiguous())
+        logits, by_op, steps = self.executor.profile(images.to(torch.float32).contiguous())
+        return (logits, steps) if per_node else (logits, by_op)
 
     def _run_graph(self, images):
         # one CUDA graph per batch size and binary kernel (use_kernel): static
