@@ -13,7 +13,9 @@ torchvision ResNet, for the others the zoo's model with 32-bit layers) by:
   ort       ONNX Runtime float32 (CPUExecutionProvider) on the model
             exported by torch.onnx (pip install 'ctmq[peers]')
 for each batch size and thread count, all engines timed in turns in one
-process (median ms per batch; the machine's drift moves all alike). Then,
+process (median ms per batch; the machine's drift moves all alike), with a
+pause before each turn in which the threads of the engine before stop
+spinning. Then,
 for the fastest ctmq engine's kernels: where the time goes (binary convs,
 pooling, layout and packing, float convs, classifier, the rest), and the
 binary convs against the hardware's floor: words per second per binary conv
@@ -245,7 +247,7 @@ def measure_cpu(name, art, ref, size, batches, thread_counts, engines, peers, pa
     for threads in thread_counts:
         for b in batches:
             fns, missing = cpu_callables(art, ref, size, b, threads, engines, peers, path, sessions)
-            t = bench.timeit_interleaved(fns, min_time=min_time)
+            t = bench.timeit_interleaved(fns, min_time=min_time, settle=0.03)
             rows.append({"model": name, "size": size, "batch": b, "threads": threads,
                          "ms": {k: v * 1e3 for k, v in t.items()}, "missing": missing})
     return rows

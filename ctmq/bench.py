@@ -62,18 +62,23 @@ class JsonRows:
                 json.dump({**self.meta, "rows": self.rows}, f, indent=1)
 
 
-def timeit_interleaved(fns, min_time=1.0, calls_per_turn=8):
+def timeit_interleaved(fns, min_time=1.0, calls_per_turn=8, settle=0.0):
     """{name: median seconds per call} of CPU callables timed in turns of
     calls_per_turn calls each, so that a machine slowing down or speeding up
     during the run (these VMs drift by 10% and more within seconds) moves all
     of them alike and their ratios hold. The first call of each turn is not
-    counted: it finds the caches full of the other callable's data."""
+    counted: it finds the caches full of the other callable's data. settle:
+    seconds of sleep before each turn, so that the worker threads of the
+    callable before (OpenMP's, ONNX Runtime's, which spin for milliseconds
+    after their last region) are asleep when the next one's start."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     start = time.perf_counter()
     while min(len(t) for t in times.values()) < 5 or time.perf_counter() - start < min_time:
         for name, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             fn()
             for _ in range(calls_per_turn - 1):
                 t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import ctmq
 from ctmq import deploy
 from ctmq.export import export_binary
 from ctmq.models import MODELS
-from ctmq.nn import RPReLU, RSign, set_bits
+from ctmq.nn import QConv2d, RPReLU, RSign, set_bits
 
 from bad_artifacts import make_cases
 
@@ -87,6 +87,44 @@ def test_native_agrees_with_the_torch_engine(zoo, case):
     assert (got.argmax(1) == want.argmax(1)).all()
     idx, prob = native.predict(x, topk=3)
     assert idx.shape == (3, 3) and np.all(np.diff(prob, axis=1) <= 0)
+
+
+class FloatOps(nn.Module):
+    """Every elementwise op and pooling of the vocabulary on a float map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.prelu = nn.PReLU(5)
+        self.rprelu = RPReLU(5)
+        self.relu6 = nn.ReLU6()
+        self.q = QConv2d(30, 30, 1, bias=False, w_bits=1, a_bits=1)  # (export wants one)
+        self.bnq = nn.BatchNorm2d(30)
+        self.fc = nn.Linear(30, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        F = nn.functional
+        x = torch.cat([F.relu(x), F.hardtanh(x, -0.5, 0.75), F.leaky_relu(x, 0.2), self.prelu(x),
+                       self.rprelu(x), self.relu6(x)], 1)
+        x = x + self.bnq(self.q(x))
+        x = F.avg_pool2d(F.max_pool2d(x, 3, 2, 1), 2, ceil_mode=True)  # 11 -> 6 -> 3
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_native_float_ops_follow_torch(tmp_path):
+    torch.manual_seed(0)
+    model = _randomized(FloatOps())
+    with torch.no_grad():
+        model.prelu.weight.copy_(torch.linspace(-0.5, 0.9, 5))
+        model.stem.weight.mul_(8)  # values past relu6's 6 and hardtanh's bounds
+    export_binary(model, tmp_path / "ops.ctmq", input_size=11)
+    x = torch.randn(3, 3, 11, 11)
+    with torch.no_grad():
+        want = model(x).numpy()
+    for cpu_path in PATHS:
+        got = deploy.load(tmp_path / "ops.ctmq", engine="native", cpu_path=cpu_path)(x.numpy())
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), cpu_path
 
 
 @pytest.mark.parametrize("case", range(len(ZOO)), ids=[z[0] for z in ZOO])

@@ -56,6 +56,7 @@ class Elementwise : public Step {
     const int64_t numel = n * in[0].shape.numel();
     for_range(ctx, numel / 4096 + 1, 4096, [&](int64_t b, int64_t e) {
       const int64_t i1 = std::min(numel, e * 4096);
+#pragma GCC ivdep
       for (int64_t i = b * 4096; i < i1; ++i) y[i] = f_(x[i]);
     });
   }
@@ -83,7 +84,16 @@ class PerChannel : public Step {
     const int64_t c = in[0].shape.c, pixels = n * in[0].shape.h * in[0].shape.w;
     for_range(ctx, pixels, c, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t j = 0; j < c; ++j) y[p * c + j] = f_(x[p * c + j], channels_ == 1 ? 0 : j);
+        const float* xp = x + p * c;
+        float* yp = y + p * c;
+        // (no dependence between elements: the loops vectorize; y may be x)
+        if (channels_ == 1) {
+#pragma GCC ivdep
+          for (int64_t j = 0; j < c; ++j) yp[j] = f_(xp[j], 0);
+        } else {
+#pragma GCC ivdep
+          for (int64_t j = 0; j < c; ++j) yp[j] = f_(xp[j], j);
+        }
       }
     });
   }
@@ -556,7 +566,10 @@ std::unique_ptr<Step> make_step(const Node& node) {
     const float lo = static_cast<float>(node.number("min_val", &lo_d));
     const float hi = static_cast<float>(node.number("max_val", &hi_d));
     if (!(lo < hi)) node.fail("min_val must be below max_val");
-    return elementwise(node, [lo, hi](float x) { return x < lo ? lo : (x > hi ? hi : x); });
+    return elementwise(node, [lo, hi](float x) {
+      const float up = x < lo ? lo : x;  // NaN stays NaN, as in torch
+      return up > hi ? hi : up;
+    });
   }
   if (op == "leaky_relu") {
     const double d = 0.01;
@@ -566,7 +579,11 @@ std::unique_ptr<Step> make_step(const Node& node) {
   if (op == "prelu") {
     const TensorRef* w = node.tensor("weight", 1, DType::kFloat32);
     const float* wp = w->f32();
-    return per_channel(node, w->shape[0], [wp](float x, int64_t c) { return x > 0.f ? x : wp[c] * x; });
+    // (the weight is loaded whatever the sign, so the loop needs no branch)
+    return per_channel(node, w->shape[0], [wp](float x, int64_t c) {
+      const float slope = wp[c];
+      return x > 0.f ? x : slope * x;
+    });
   }
   if (op == "rprelu") {
     const TensorRef* w = node.tensor("weight", 1, DType::kFloat32);
@@ -575,8 +592,8 @@ std::unique_ptr<Step> make_step(const Node& node) {
     const float* b = node.tensor("shift_out", 1, DType::kFloat32, false, c)->f32();
     const float* wp = w->f32();
     return per_channel(node, c, [a, b, wp](float x, int64_t j) {
-      const float t = x + a[j];
-      const float p = t > 0.f ? t : wp[j] * t;
+      const float t = x + a[j], slope = wp[j];
+      const float p = t > 0.f ? t : slope * t;
       return p + b[j];
     });
   }
