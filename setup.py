@@ -20,7 +20,6 @@ import sys
 
 from setuptools import setup
 
-
 # No -m flags: the x86 SIMD paths carry their own target attributes and are
 # chosen at run time (csrc/cpu/binary_gemm.h), so these build the same sources
 # on x86-64 and aarch64 (tests/test_csrc_portable.py cross-compiles with them).

@@ -136,7 +136,7 @@ class TorchvisionResNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]),
                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
         layers, cin = [], w[0]
-        for i, (n, c) in enumerate(zip(blocks, w)):
+        for i, (n, c) in enumerate(zip(blocks, w, strict=True)):
             for j in range(n):
                 layers.append(_Block(cin, c, 2 if i > 0 and j == 0 else 1))
                 cin = c
@@ -272,7 +272,7 @@ def split(art, size, batch, threads, path, reps=10):
             t0 = time.perf_counter()
             _, _, steps = ex.profile(x)
             wall = min(wall, time.perf_counter() - t0)
-            best = steps if best is None else [(n, o, min(s, b[2])) for (n, o, s), b in zip(steps, best)]
+            best = steps if best is None else [(n, o, min(s, b[2])) for (n, o, s), b in zip(steps, best, strict=True)]
         parts = dict.fromkeys(PART_ORDER, 0.0)
         for _, op, s in best:
             parts[PARTS.get(op, "other ops")] += s * 1e3

@@ -72,7 +72,7 @@ def synthetic_image(rng, size=(500, 375)):
     At 500x375, quality 90: about 125 KB."""
     w, h = size
     img = None
-    for (lw, lh), amp in zip(_LEVELS, _AMPS):
+    for (lw, lh), amp in zip(_LEVELS, _AMPS, strict=True):
         base = (np.full((lh, lw, 3), 128, np.int16) if img is None
                 else np.asarray(img.resize((lw, lh), Image.BICUBIC), np.int16))
         base += rng.integers(-amp, amp + 1, (lh, lw, 1), dtype=np.int16)
@@ -383,7 +383,7 @@ def parse_workers(text):
     try:
         ws = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--workers wants comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--workers wants comma-separated integers, got {text!r}") from None
     if not ws or any(w < 0 for w in ws):
         raise argparse.ArgumentTypeError(f"--workers wants integers >= 0, got {text!r}")
     return ws
@@ -437,7 +437,8 @@ def main(argv=None):
             return 2
         pin = torch.cuda.is_available()
         ncores = core_count()
-        from PIL import __version__ as pil_version, features
+        from PIL import __version__ as pil_version
+        from PIL import features
         jpeg = features.version("jpg") or "?"
         turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
         log = bench.JsonRows(a.json, cpu=cpu_model(), cores=ncores, load_average=load_average(),

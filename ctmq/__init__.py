@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {  # public name -> (module, attribute or None for the module itself)
     "ops": ("ctmq.ops", None),
     "quant": ("ctmq.quant", None),
-    "force_triton": ("ctmq._backend", "force_triton"),
-    "has_extension": ("ctmq._backend", "has_extension"),
+    "force_triton": ("ctmq.backend", "force_triton"),
+    "has_extension": ("ctmq.backend", "has_extension"),
     "fake_quant_affine": ("ctmq.quant", "fake_quant_affine"),
     "quantize_act": ("ctmq.quant", "quantize_act"),
     "quantize_weight": ("ctmq.quant", "quantize_weight"),

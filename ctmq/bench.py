@@ -15,7 +15,10 @@ import time
 import torch
 
 from . import quant
-from ._io import atomic_open
+from .files import atomic_open
+
+__all__ = ["Row", "JsonRows", "timeit", "timeit_interleaved", "cases", "run", "format_table",
+           "device_name", "cpu_name", "write_json", "json_row_writer"]
 
 
 @dataclasses.dataclass

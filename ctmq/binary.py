@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _backend, ops
+from . import backend, ops
 
 __all__ = ["PackedActivation", "PackedWeight", "pack_bits", "unpack_bits", "pack_activation",
            "pack_weight",
@@ -224,7 +224,7 @@ def use_kernel(kernel):
     outside any block is the environment variable CTMQ_BINARY_KERNEL, read once
     when ctmq is imported, else "triton". A kernel that cannot run on the
     input's device is a RuntimeError at the call, saying why."""
-    return _backend.use_binary_kernel(kernel)
+    return backend.use_binary_kernel(kernel)
 
 
 def cuda_kernels(device=None):
@@ -236,7 +236,7 @@ def cuda_kernels(device=None):
     device = torch.device("cuda") if device is None else torch.device(device)
     found = []
     try:
-        _backend.triton_kernels("binary")
+        backend.triton_kernels("binary")
         found.append("triton")
     except RuntimeError:
         pass
@@ -259,7 +259,7 @@ def backend_info():
         cuda = "unavailable: no CUDA device"
     else:
         try:
-            cuda = _backend.cuda_binary_kernel()
+            cuda = backend.cuda_binary_kernel()
             if cuda not in available:
                 cuda = f"unavailable: {cuda!r} is chosen, this machine has {list(available)}"
         except ValueError as e:

@@ -17,6 +17,9 @@ import struct
 import numpy as np
 import torch
 
+__all__ = ["DATASETS", "DataError", "Data", "load", "load_digits_data", "load_idx_data",
+           "load_cifar_data", "load_imagenet_data", "read_idx", "augment_batch"]
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")
 
 

@@ -17,6 +17,9 @@ from torch import Tensor
 
 from . import ops
 
+__all__ = ["quantize_act", "quantize_weight", "weight_scale", "fake_quant_affine", "check_bits",
+           "ctmq_quantize_ref", "quantize_weight_ref", "FULL_PRECISION", "ACCEPTED_BITS"]
+
 FULL_PRECISION = 32
 ACCEPTED_BITS = ops.VALID_BITS + (FULL_PRECISION,)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -14,7 +14,7 @@ import ctmq  # noqa: E402  (after TRITON_INTERPRET)
 
 def _triton_usable():
     try:
-        ctmq._backend.triton_kernels("quant")
+        ctmq.backend.triton_kernels("quant")
         return True
     except RuntimeError:
         return False

@@ -239,7 +239,7 @@ def test_op_checks_name_the_argument():
     def call(**changes):
         names = ["x", "in_channels", "bits", "gemm", "tap_popc", "stride", "padding", "dilation",
                  "scale", "bias", "residual", "packed_out"]
-        return conv(*[changes.get(n, a) for n, a in zip(names, args)])
+        return conv(*[changes.get(n, a) for n, a in zip(names, args, strict=True)])
     assert call().shape == (1, 3, 3, 3)
     for changes, message in [
             ({"in_channels": 70}, "in_channels \\(70\\) does not fit x's 2 words"),
@@ -338,19 +338,19 @@ def test_backend_info_reports_a_path():
 def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
     import threading
 
-    from ctmq import _backend
-    monkeypatch.setattr(_backend, "_ENV_BINARY_KERNEL", "triton")  # whatever CTMQ_BINARY_KERNEL says
-    assert _backend.cuda_binary_kernel() == "triton"
+    from ctmq import backend
+    monkeypatch.setattr(backend, "_ENV_BINARY_KERNEL", "triton")  # whatever CTMQ_BINARY_KERNEL says
+    assert backend.cuda_binary_kernel() == "triton"
     seen = []
     with binary.use_kernel("bmma"):
-        assert _backend.cuda_binary_kernel() == "bmma"
-        worker = threading.Thread(target=lambda: seen.append(_backend.cuda_binary_kernel()))
+        assert backend.cuda_binary_kernel() == "bmma"
+        worker = threading.Thread(target=lambda: seen.append(backend.cuda_binary_kernel()))
         worker.start()
         worker.join()
         with binary.use_kernel("triton"):
-            assert _backend.cuda_binary_kernel() == "triton"
-        assert _backend.cuda_binary_kernel() == "bmma"
-    assert _backend.cuda_binary_kernel() == "triton" and seen == ["triton"]
+            assert backend.cuda_binary_kernel() == "triton"
+        assert backend.cuda_binary_kernel() == "bmma"
+    assert backend.cuda_binary_kernel() == "triton" and seen == ["triton"]
     with pytest.raises(ValueError, match=r"kernel must be one of \('triton', 'bmma'\), got 'cudnn'"):
         with binary.use_kernel("cudnn"):
             pass
@@ -359,14 +359,14 @@ def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
 def test_binary_kernel_env_is_the_default_and_checked():
     import subprocess
     import sys
-    code = ("import ctmq, os; from ctmq import _backend; os.environ['CTMQ_BINARY_KERNEL'] = 'triton';"
-            "print(_backend.cuda_binary_kernel())")
+    code = ("import ctmq, os; from ctmq import backend; os.environ['CTMQ_BINARY_KERNEL'] = 'triton';"
+            "print(backend.cuda_binary_kernel())")
     for value, expect in (("bmma", "bmma"), ("", "triton")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": value})
         assert out.stdout.strip() == expect, out.stderr  # read once, at import
-    out = subprocess.run([sys.executable, "-c", "import ctmq; from ctmq import _backend; "
-                          "_backend.cuda_binary_kernel()"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", "import ctmq; from ctmq import backend; "
+                          "backend.cuda_binary_kernel()"], capture_output=True, text=True,
                          env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": "tensorcore"})
     assert out.returncode != 0 and "CTMQ_BINARY_KERNEL must be one of" in out.stderr
 
@@ -414,12 +414,12 @@ def test_cuda_kernels_without_the_extension(monkeypatch):
     """The GPU benchmarks ask binary.cuda_kernels() which kernels to time: without
     ctmq._C (or without its CUDA kernels) that is Triton alone, not a crash on an
     op the dispatcher does not know."""
-    from ctmq import _backend
+    from ctmq import backend
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (9, 0))
     monkeypatch.setattr(ops.selection, "_bmma_built", None)
-    monkeypatch.setattr(_backend, "has_extension", lambda: False)
+    monkeypatch.setattr(backend, "has_extension", lambda: False)
     assert binary.cuda_kernels("cuda") == ("triton",)
     monkeypatch.setattr(ops.selection, "_bmma_built", None)
-    monkeypatch.setattr(_backend, "has_extension", lambda: True)
+    monkeypatch.setattr(backend, "has_extension", lambda: True)
     assert binary.cuda_kernels("cuda") == ("triton",)  # a CPU build: no CUDA kernel registered

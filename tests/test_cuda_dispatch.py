@@ -15,11 +15,10 @@ import subprocess
 
 import pytest
 import torch
+from setup_flags import CXX_STD
 from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from setup_flags import CXX_STD
 
 import ctmq
 from ctmq import binary, deploy, ops, quant

@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bad_artifacts import make_cases, rewrite_header
 
 import ctmq
 from ctmq import binary, cli, deploy
 from ctmq.export import ExportError, export_binary
-from ctmq.models import resnet18
 from ctmq.models import resnet as resnet_mod
+from ctmq.models import resnet18
 from ctmq.nn import QConv2d, conv_bn, fold_binary_conv_bn, set_bits
-
-from bad_artifacts import make_cases, rewrite_header
 
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
@@ -56,7 +55,7 @@ def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
         seen = []
         real = resnet_mod.conv_bn
 
-        def record(conv, bn, x):
+        def record(conv, bn, x, seen=seen, real=real):
             seen.append(x >= 0)
             return real(conv, bn, x)
 
@@ -69,7 +68,7 @@ def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
         inputs = [env[n["in"][0]] for n in rt.header["nodes"] if n["op"] == "binary_conv"]
         assert len(inputs) == len(seen) == 16
         packed_links = 0
-        for got, want in zip(inputs, seen):
+        for got, want in zip(inputs, seen, strict=True):
             if isinstance(got, binary.PackedActivation):
                 packed_links += 1
                 got = binary.unpack_bits(got.bits, got.channels) > 0
@@ -79,6 +78,7 @@ def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
         assert packed_links == (8 if block == "basic" else 0)
 
 
+@pytest.mark.slow
 def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--width", "0.25", "--cycles", "1", "--start-bits", "2",

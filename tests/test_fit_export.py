@@ -74,7 +74,7 @@ def test_a_converted_user_model_trains_with_ctmq_exports_and_deploys(tmp_path):
     assert meta["stage"]["w_bits"] == 1 and all(m.w_bits == m.a_bits == 1
                                                  for m in quantized_layers(again))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
-                                                  model.state_dict().values()))
+                                                  model.state_dict().values(), strict=True))
 
     # resume: every stage is complete, nothing is trained again
     seen = []
@@ -295,8 +295,8 @@ def test_resnet18_exports_to_the_graph_it_always_had(tmp_path):
 @pytest.mark.parametrize("name", ["resnet34", "vgg_small", "reactnet_a"])
 def test_ctmq_train_and_export_take_every_zoo_model(tmp_path, name):
     from ctmq import cli
-    from ctmq.engine import model_from_checkpoint
     from ctmq.cli.deploy import find_checkpoint
+    from ctmq.engine import model_from_checkpoint
     out = tmp_path / "run"
     assert cli.main(["train", "--model", name, "--width", "0.125", "--schedule", "ctmq",
                      "--start-bits", "2", "--cycles", "1", "--epochs-per-stage", "1",

@@ -237,5 +237,5 @@ def test_torch_compile_fullgraph_matches_eager():
     out = compiled(x)
     out.sum().backward()
     assert torch.equal(out, eager)
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(model.parameters(), grads, strict=True):
         assert torch.equal(p.grad, g)

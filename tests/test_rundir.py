@@ -11,10 +11,18 @@ import torch
 from torch import nn
 
 from ctmq import cli
-from ctmq._io import atomic_open
-from ctmq.engine import (CheckpointError, RunConfig, RunConfigError, Schedule, TrainConfig, fit,
-                         load_checkpoint, run)
+from ctmq.engine import (
+    CheckpointError,
+    RunConfig,
+    RunConfigError,
+    Schedule,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    run,
+)
 from ctmq.engine.rundir import RunLock
+from ctmq.files import atomic_open
 from ctmq.nn import QConv2d
 
 TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
@@ -91,6 +99,7 @@ def test_a_damaged_checkpoint_is_named_and_trained_again(tmp_path):
         load_checkpoint(ckpt)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """The same numbers, bit for bit, after an interruption at any stage: each
     stage seeds the shuffling, augmentation and initialization it draws."""

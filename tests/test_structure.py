@@ -52,3 +52,22 @@ def test_layers_import_downwards_only(part):
     bad = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in _imports(f)
            if any(name == x or name.startswith(x + ".") for x in FORBIDDEN[part])]
     assert not bad, bad
+
+
+def _public_modules():
+    """What a user imports: ctmq, its modules and its subpackages (a
+    subpackage's own files are its inside)."""
+    for path in sorted((ROOT / "ctmq").glob("*.py")) + sorted((ROOT / "ctmq").glob("*/__init__.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] != "__main__":
+            yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@pytest.mark.parametrize("name", list(_public_modules()))
+def test_every_public_module_says_what_it_exports(name):
+    import importlib
+    module = importlib.import_module(name)
+    assert isinstance(getattr(module, "__all__", None), (list, tuple)), f"{name} has no __all__"
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names what it lacks: {missing}"
+    assert len(set(module.__all__)) == len(module.__all__), f"{name}.__all__ repeats a name"

@@ -84,6 +84,7 @@ def test_final_epochs_and_cycle_teachers():
         Schedule.ctmq(final_epochs=0)
 
 
+@pytest.mark.slow
 def test_distillation_teaches_each_stage_with_its_cycles_fp_checkpoint(tmp_path, monkeypatch):
     cfg = RunConfig(out=str(tmp_path / "run"), distill=True, distill_temperature=2.0,
                     final_epochs=2, **TINY)
@@ -105,7 +106,7 @@ def test_distillation_teaches_each_stage_with_its_cycles_fp_checkpoint(tmp_path,
                       "ctmq c2 W1A1", "direct c1 W1A1"]
     assert [epochs for _, epochs, _, _ in seen] == [1, 1, 2, 1, 1, 2, 7]  # equal totals
     expected = [None, ctmq_fp[0], ctmq_fp[0], None, ctmq_fp[1], ctmq_fp[1], ctmq_fp[0]]
-    for (label, _, state, teacher), path in zip(seen, expected):
+    for (label, _, state, teacher), path in zip(seen, expected, strict=True):
         if path is None:
             assert state is None, label
             continue

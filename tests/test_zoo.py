@@ -126,7 +126,7 @@ def _torchvision_resnet34_shapes(num_classes=1000):
 
     bn("bn1", 64)
     cin = 64
-    for li, (c, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
+    for li, (c, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
         for b in range(n):
             p = f"layer{li}.{b}"
             shapes[f"{p}.conv1.weight"] = (c, cin if b == 0 else c, 3, 3)

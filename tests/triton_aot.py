@@ -103,7 +103,7 @@ def quantizer_launches():
             axis = 1
             nch = x.shape[axis]
             cs, ci, cz = meta((nch,)), meta((nch,)), meta((nch,), torch.int32)
-            yield f"fake_quant_affine per-channel {tag}", lambda x=x, s=cs, i=ci, z=cz, n=nch: (
+            yield f"fake_quant_affine per-channel {tag}", lambda x=x, s=cs, i=ci, z=cz, n=nch, axis=axis: (
                 kquant.fake_quant_affine(x, s, i, z, -8, 7, x.stride(axis), n, True))
         for shape in WEIGHTS:
             w = meta(shape, dtype)

@@ -25,9 +25,16 @@ import struct
 
 import torch
 
-from .._io import atomic_open
+from ..files import atomic_open
 from .errors import ArtifactError
-from .vocabulary import MAX_CHANNELS, MAX_SIDE, MAX_VALUE_ELEMENTS, OPS, infer_shapes, required_version
+from .vocabulary import (
+    MAX_CHANNELS,
+    MAX_SIDE,
+    MAX_VALUE_ELEMENTS,
+    OPS,
+    infer_shapes,
+    required_version,
+)
 
 FORMAT = "ctmq-binary"
 # 2: relu, prelu, rprelu, concat, flatten, adaptive_avg_pool2d; binary_conv input_bias;
@@ -177,7 +184,7 @@ def read_artifact(path):
         header = json.loads(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise TypeError("not an object")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # (RecursionError: a header nested deeper than Python's parser goes)
         raise ArtifactError(f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)") from None
     if header.get("format") != FORMAT:

@@ -3,6 +3,7 @@ with shared flags (--device, --json)."""
 import argparse
 
 from .common import CliError, add_device, positive_int, resolve_device
+from .deploy import add_engine
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,15 +36,18 @@ def _deploy(args):
 
     from .. import bench
     from .deploy import load_runtime
-    rt = load_runtime(args.model, resolve_device(args.device))
-    dev = rt.device
-    print(f"ctmq bench deploy {args.model}: {bench.device_name(dev)}, input "
+    rt = load_runtime(args.model, resolve_device(args.device), args.engine)
+    dev = torch.device(rt.device)
+    engine = rt.engine
+    print(f"ctmq bench deploy {args.model}: {bench.device_name(dev)}, engine {engine}, input "
           f"{rt.input_channels}x{rt.input_size}x{rt.input_size}")
     print(f"{'batch':>5s} {'ms/batch':>9s} {'images/s':>9s}")
-    rows = bench.JsonRows(args.json, model=args.model, device=bench.device_name(dev))
+    rows = bench.JsonRows(args.json, model=args.model, device=bench.device_name(dev), engine=engine)
     for b in args.batch:
         x = torch.randn(b, rt.input_channels, rt.input_size, rt.input_size, device=dev)
-        t = bench.timeit(lambda: rt(x), dev)
+        if engine == "native":
+            x = x.numpy()
+        t = bench.timeit(lambda x=x: rt(x), dev)
         print(f"{b:5d} {t * 1e3:9.3f} {b / t:9.1f}")
         rows.add({"batch": b, "ms": t * 1e3, "images_per_s": b / t})
 
@@ -71,6 +75,7 @@ def add_commands(sub):
     d = kinds.add_parser("deploy", help="latency and throughput of an exported model's runtime")
     d.add_argument("model", metavar="MODEL.ctmq")
     add_device(d)
+    add_engine(d)
     d.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8],
                    help="batch sizes (default 1 8)")
     d.add_argument("--json", help="also write the results to this JSON file")

@@ -175,7 +175,7 @@ def _load_image(path, runtime):
         raise _Unreadable(f"{path}: not a readable image ({e})") from e
     a = np.asarray(img, dtype=np.float32) / 255.0
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return runtime.preprocess(torch.from_numpy(np.ascontiguousarray(a))[None])
+    return torch.as_tensor(runtime.preprocess(torch.from_numpy(np.ascontiguousarray(a))[None]))
 
 
 def _input(path, runtime):
@@ -191,25 +191,38 @@ def _input(path, runtime):
                           f"({', '.join(TENSOR_EXTS)})")
     if x.dim() == 3:
         x = x[None]
+    if getattr(runtime, "engine", None) == "native":
+        x = x.float().numpy()  # the native runtime takes NumPy arrays
     try:
         runtime.check_images(x)
     except (TypeError, ValueError) as e:
         raise _Unreadable(f"{path}: {e}") from e
-    if not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(torch.as_tensor(x)).all()):
         raise _Unreadable(f"{path}: holds NaN or infinite values")
     return x
 
 
-def load_runtime(path, device):
+def load_runtime(path, device, engine="auto"):
     from ..deploy import ArtifactError, load
     try:
-        return load(path, device=device)
+        return load(path, device=device, engine=engine)
     except (ArtifactError, ValueError) as e:
         raise CliError(str(e)) from e
+    except OSError as e:  # the native library missing
+        raise CliError(f"--engine {engine}: {e}") from e
+
+
+def add_engine(parser):
+    from ..deploy import ENGINES
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="CPU runtime: executor (the compiled executor on torch: the trained "
+                        "model's logits bit for bit), native (the torch-free runtime, the "
+                        "fastest; logits equal to float rounding), python (node by node); "
+                        "default auto: executor")
 
 
 def _infer(args):
-    rt = load_runtime(args.model, resolve_device(args.device))
+    rt = load_runtime(args.model, resolve_device(args.device), args.engine)
     results, failed = [], []
     for item in _expand(args.inputs):
         try:
@@ -227,7 +240,7 @@ def _infer(args):
             results.append({"input": label, "top": top})
             print(f"{label}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
     if args.json:
-        from .._io import atomic_open
+        from ..files import atomic_open
         with atomic_open(args.json) as f:
             json.dump(results, f, indent=1)
     if failed and not results:
@@ -260,6 +273,7 @@ def add_commands(sub):
                    "files (.pt/.npy, normalized (N, C, H, W) or (C, H, W)), folders of them, "
                    "or glob patterns")
     add_device(i)
+    add_engine(i)
     i.add_argument("--topk", type=positive_int, default=5, help="classes shown per input "
                    "(default 5)")
     i.add_argument("--json", help="also write the predictions to this JSON file")

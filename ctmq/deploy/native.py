@@ -76,6 +76,7 @@ class NativeRuntime:
         self.std = np.ctypeslib.as_array(lib.ctmq_input_std(handle), (c,)).copy().reshape(1, c, 1, 1)
         self.cpu_path = lib.ctmq_cpu_path(handle).decode()
         self.device = "cpu"
+        self.engine = "native"
 
     def __del__(self):
         handle, self._handle = getattr(self, "_handle", None), None

@@ -18,10 +18,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .. import _backend
+from .. import backend
 from ..artifact import ArtifactError, check_artifact, read_artifact, read_attrs
 from ..artifact.vocabulary import OPS
 from .ops import LOWER
+
 
 @contextlib.contextmanager
 def _ieee_fp32():
@@ -84,15 +85,16 @@ class Runtime:
         self._graphs = {}
         self._dry_run()
         self.executor = self._make_executor(header, tensors, engine)
+        self.engine = "executor" if self.executor is not None else "python"  # the one that runs
 
     def _make_executor(self, header, tensors, engine):
         """The compiled executor (CPU), or None for the node-by-node path."""
         if self.device.type != "cpu" or engine == "python":
             return None
-        module = _backend.extension_or_none()
+        module = backend.extension_or_none()
         if module is None or not hasattr(module, "Executor"):
             if engine == "executor":
-                _backend.extension()  # the error that says what is missing
+                backend.extension()  # the error that says what is missing
                 raise RuntimeError("ctmq._C has no Executor: rebuild ctmq")
             return None
         try:
@@ -176,7 +178,7 @@ class Runtime:
     def _run_graph(self, images):
         # one CUDA graph per batch size and binary kernel (use_kernel): static
         # input, replayed for new inputs
-        key = (images.shape[0], _backend.cuda_binary_kernel())
+        key = (images.shape[0], backend.cuda_binary_kernel())
         if key not in self._graphs:
             static_in = images.to(self.device, torch.float32).clone()
             with torch.inference_mode():

@@ -10,7 +10,7 @@ import json
 import os
 import struct
 
-from .._io import atomic_open
+from ..files import atomic_open
 from ..nn import quantized_layers, set_bits
 
 METADATA_KEY = "ctmq"

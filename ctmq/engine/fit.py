@@ -37,11 +37,16 @@ from torch import nn
 from ..nn import quantized_layers, set_bits
 from . import report as report_mod
 from . import rundir
-from .checkpoint import (CheckpointError, checkpoint_meta, load_checkpoint, save_checkpoint,
-                         verify_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from .config import TrainConfig
 from .rundir import RunConfigError
 from .schedule import Schedule
-from .config import TrainConfig
 from .trainer import evaluate, init_distributed, train_stage
 
 __all__ = ["CheckpointError", "RunConfigError", "checkpoint_meta", "fit", "load_checkpoint",

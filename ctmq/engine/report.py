@@ -4,7 +4,7 @@ import io
 import json
 import os
 
-from .._io import atomic_open
+from ..files import atomic_open
 
 COLUMNS = ["schedule", "index", "key", "cycle", "label", "w_bits", "a_bits", "epochs",
            "top1", "top5", "train_loss", "seconds"]
@@ -59,7 +59,7 @@ def _plot(path, report):
             x.append(epochs)
         color, marker = styles.get(sched["name"], ("tab:gray", "^"))
         ax.plot(x, [r["top1"] for r in rows], marker=marker, color=color, label=sched["name"])
-        for xi, r in zip(x, rows):
+        for xi, r in zip(x, rows, strict=True):
             ax.annotate(r["label"], (xi, r["top1"]), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=color)
     cfg = report.get("config", {})

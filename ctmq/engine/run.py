@@ -13,6 +13,7 @@ from .fit import fit
 from .rundir import RunConfigError
 from .trainer import init_distributed, make_loaders
 
+
 def build_model(cfg, data):
     stem = cfg.stem if cfg.stem != "auto" else ("imagenet" if cfg.dataset == "imagenet" else "cifar")
     block = cfg.block if cfg.model.startswith("resnet") else None  # the others have one kind

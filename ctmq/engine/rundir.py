@@ -19,7 +19,7 @@ import shutil
 
 from torch import nn
 
-from .._io import atomic_open, stale_temp_files
+from ..files import atomic_open, stale_temp_files
 
 try:
     import fcntl
@@ -81,7 +81,7 @@ class RunLock:
             self.file.close()
             self.file = None
             raise RunConfigError(f"{os.path.dirname(self.path)} is in use by another ctmq process "
-                                 f"(pid {holder}); wait for it to finish, or use another --out")
+                                 f"(pid {holder}); wait for it to finish, or use another --out") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))

@@ -92,7 +92,7 @@ class Schedule:
             if fp:
                 stages.append(Stage(cycle, FULL_PRECISION, FULL_PRECISION, fp))
             stages += [Stage(cycle, b, b, e)
-                       for b, e in zip(range(start_bits, target_bits - 1, -1), per_step)]
+                       for b, e in zip(range(start_bits, target_bits - 1, -1), per_step, strict=True)]
         return cls("ctmq", stages)
 
     @classmethod
@@ -115,7 +115,7 @@ class Schedule:
         each = [low_epochs // steps] * steps
         each[-1] += low_epochs - sum(each)
         stages = [Stage(1, FULL_PRECISION, FULL_PRECISION, fp_epochs)] if fp_epochs else []
-        stages += [Stage(1, b, b, e) for b, e in zip(range(start_bits, target_bits - 1, -1), each)]
+        stages += [Stage(1, b, b, e) for b, e in zip(range(start_bits, target_bits - 1, -1), each, strict=True)]
         return cls(name, stages)
 
     @classmethod

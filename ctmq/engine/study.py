@@ -130,9 +130,9 @@ def summarize(runs, schedules, config):
             "curve": {s: [r["top1"] for r in rows[s]] for s in seeds},
         }
     base = arms[BASELINE]["top1"]
-    for name, arm in arms.items():
+    for arm in arms.values():
         diffs = [arm["top1"][s] - base[s] for s in seeds]
-        arm["vs_direct"] = dict(paired_interval(diffs), per_seed=dict(zip(seeds, diffs)),
+        arm["vs_direct"] = dict(paired_interval(diffs), per_seed=dict(zip(seeds, diffs, strict=True)),
                                 test="paired t, 95% two-sided")
     return {"config": config, "seeds": [int(s) for s in seeds], "baseline": BASELINE,
             "arms": arms}

@@ -44,7 +44,7 @@ def _pair(v):
 def _call_args(node, names, defaults):
     """A call's arguments by name (positional, then keyword), with defaults;
     for builtins whose signature Python cannot read."""
-    values = dict(zip(names, node.args))
+    values = dict(zip(names, node.args, strict=False))  # (defaults past the args)
     extra = set(node.kwargs) - set(names)
     if len(node.args) > len(names) or extra:
         return None

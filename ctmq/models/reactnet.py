@@ -28,7 +28,7 @@ from torch import nn
 
 from ..nn import QConv2d, RPReLU, RSign, conv_bn
 from ..quant import FULL_PRECISION
-from ._common import act_input, check_args, init_weights, scaled
+from .common import act_input, check_args, init_weights, scaled
 
 STEMS = ("imagenet", "cifar")
 CHANNELS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..nn import QConv2d, conv_bn
 from ..quant import FULL_PRECISION
-from ._common import act_input as _act_input
-from ._common import check_args, init_weights, scaled
+from .common import act_input as _act_input
+from .common import check_args, init_weights, scaled
 
 STEMS = ("imagenet", "cifar")
 BLOCKS = ("bireal", "basic")
@@ -96,7 +96,7 @@ class ResNet(nn.Module):
         block_cls = BiRealBlock if block == "bireal" else BasicBlock
         qkw = dict(w_bits=w_bits, a_bits=a_bits, act_ste=act_ste)
         cin = chans[0]
-        for i, (cout, n) in enumerate(zip(chans, DEPTHS[depth])):
+        for i, (cout, n) in enumerate(zip(chans, DEPTHS[depth], strict=True)):
             stride = 1 if i == 0 else 2
             blocks = [block_cls(cin, cout, stride, **qkw)]
             blocks += [block_cls(cout, cout, 1, **qkw) for _ in range(n - 1)]

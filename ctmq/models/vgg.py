@@ -27,7 +27,7 @@ from torch import nn
 
 from ..nn import QConv2d, conv_bn
 from ..quant import FULL_PRECISION
-from ._common import check_args, init_weights, scaled
+from .common import check_args, init_weights, scaled
 
 CHANNELS = (128, 128, 256, 256, 512, 512)
 POOL_AFTER = (1, 3, 5)  # the convs whose BN output is max-pooled

@@ -15,15 +15,39 @@ for the binary conv the kernel ctmq.binary.use_kernel chose; inside
 ctmq.force_triton(), CPU tensors run the Triton kernels under the interpreter.
 """
 from . import cpu, cuda, extension  # noqa: F401  (registers the device kernels and fakes)
-from ._layout import dense, is_dense, pack_mask, restride, unpack_mask
-from .reference import (approx_sign_grad_ref, binary_conv2d_ref, ctmq_levels,
-                        fake_quant_affine_ref, masked_grad_ref, pack_bits_ref, quantize_act_ref,
-                        quantize_weight_grad_ref, quantize_weight_ref, tap_popcounts)
-from .schemas import (approx_sign_grad, binary_conv2d, device_kernel, fake_quant_affine,
-                      pack_bits, quantize_act, quantize_weight, quantize_weight_grad,
-                      ste_masked_grad)
-from .selection import (BMMA_MIN_CAPABILITY, binary_backend, binary_cpu_path,
-                        binary_weight_layout, bmma_built, check_bmma, cuda_capability)
+from .layout import dense, is_dense, pack_mask, restride, unpack_mask
+from .reference import (
+                        approx_sign_grad_ref,
+                        binary_conv2d_ref,
+                        ctmq_levels,
+                        fake_quant_affine_ref,
+                        masked_grad_ref,
+                        pack_bits_ref,
+                        quantize_act_ref,
+                        quantize_weight_grad_ref,
+                        quantize_weight_ref,
+                        tap_popcounts,
+)
+from .schemas import (
+                        approx_sign_grad,
+                        binary_conv2d,
+                        device_kernel,
+                        fake_quant_affine,
+                        pack_bits,
+                        quantize_act,
+                        quantize_weight,
+                        quantize_weight_grad,
+                        ste_masked_grad,
+)
+from .selection import (
+                        BMMA_MIN_CAPABILITY,
+                        binary_backend,
+                        binary_cpu_path,
+                        binary_weight_layout,
+                        bmma_built,
+                        check_bmma,
+                        cuda_capability,
+)
 from .shapes import STE_MODES, VALID_BITS, check_ste, conv_output_size
 
 __all__ = [

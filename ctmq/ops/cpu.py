@@ -7,7 +7,7 @@ slow fallback). Inside ctmq.force_triton() (thread-local) the Triton kernels
 run instead, in the interpreter."""
 import torch
 
-from .. import _backend
+from .. import backend
 from . import reference, schemas, triton_kernels
 from .schemas import kernel
 from .selection import binary_backend, binary_weight_layout
@@ -16,11 +16,11 @@ from .triton_kernels import KERNEL_DTYPES
 
 
 def _triton(t) -> bool:
-    return t.dtype in KERNEL_DTYPES and _backend.triton_forced()
+    return t.dtype in KERNEL_DTYPES and backend.triton_forced()
 
 
 def _cpp(t) -> bool:
-    return t.dtype in KERNEL_DTYPES and _backend.has_extension()
+    return t.dtype in KERNEL_DTYPES and backend.has_extension()
 
 
 def check_qparams(x, scale, zero_point, qmin, qmax, axis):

@@ -3,14 +3,14 @@ registered when ctmq._C is built (`import ctmq` must not need it), so that
 FakeTensorMode and torch.compile can trace the kernels that call them."""
 import torch
 
-from .. import _backend
-from ._layout import mask_bytes
+from .. import backend
+from .layout import mask_bytes
 from .shapes import binary_conv2d_empty, pack_bits_output_shape
 
 
 def _fake(name):
     def register(fn):
-        if _backend.has_extension() and hasattr(torch.ops.ctmq, name):
+        if backend.has_extension() and hasattr(torch.ops.ctmq, name):
             torch.library.register_fake(f"ctmq::{name}")(fn)
         return fn
     return register

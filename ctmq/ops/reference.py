@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._layout import pack_mask, unpack_mask
+from .layout import pack_mask, unpack_mask
 
 
 def ctmq_levels(v: Tensor, bits: int) -> Tensor:

@@ -15,9 +15,15 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from ._layout import dense, mask_bytes, restride, rows_dense
-from .shapes import (binary_conv2d_empty, binary_conv2d_output_shape, check_binary_conv2d,
-                     check_bits, check_ste, pack_bits_output_shape)
+from .layout import dense, mask_bytes, restride, rows_dense
+from .shapes import (
+    binary_conv2d_empty,
+    binary_conv2d_output_shape,
+    check_binary_conv2d,
+    check_bits,
+    check_ste,
+    pack_bits_output_shape,
+)
 
 
 class _Spec(NamedTuple):

@@ -1,5 +1,5 @@
 """Which binary conv kernel runs for a tensor, from its device and the
-thread-local choices of ctmq._backend: ctmq.force_triton() (CPU tensors run
+thread-local choices of ctmq.backend: ctmq.force_triton() (CPU tensors run
 the Triton kernels under the interpreter) and ctmq.binary.use_kernel()
 (CUDA tensors run the Triton kernel or the binary tensor-core one)."""
 from typing import Optional
@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import backend
 from .reference import tap_popcounts
 
 BMMA_MIN_CAPABILITY = (8, 0)  # mma.sync with b1 operands and .and.popc: Ampere and later
@@ -20,7 +20,7 @@ def bmma_built() -> bool:
     with nvcc against a CUDA build of torch)."""
     global _bmma_built
     if _bmma_built is None:
-        _bmma_built = (_backend.has_extension() and hasattr(torch.ops.ctmq, "binary_conv2d_bmma")
+        _bmma_built = (backend.has_extension() and hasattr(torch.ops.ctmq, "binary_conv2d_bmma")
                        and torch._C._dispatch_has_kernel_for_dispatch_key(
                            "ctmq::binary_conv2d_bmma", "CUDA"))
     return _bmma_built
@@ -53,16 +53,16 @@ def binary_backend(t: Tensor) -> str:
     t's device. CUDA: the kernel chosen by ctmq.binary.use_kernel (default
     CTMQ_BINARY_KERNEL, else "triton"), checked to run on this device."""
     if t.device.type == "cuda":
-        kernel = _backend.cuda_binary_kernel()
+        kernel = backend.cuda_binary_kernel()
         if kernel == "bmma":
             check_bmma(t.device)
         return kernel
-    if t.device.type == "cpu" and _backend.triton_forced():
+    if t.device.type == "cpu" and backend.triton_forced():
         return "triton"
     if t.device.type != "cpu":
         raise NotImplementedError(f"ctmq's binary kernels run on CPU and CUDA tensors, "
                                   f"got a {t.device.type} tensor")
-    _backend.extension()  # a clear error when ctmq._C is not built
+    backend.extension()  # a clear error when ctmq._C is not built
     return "cpp"
 
 
@@ -84,5 +84,5 @@ def binary_cpu_path(request: str = "") -> str:
     "scalar" on x86-64, "neon" or "scalar" on aarch64. A request caps it
     ("avx2"/"scalar" on x86-64, "neon"/"scalar" on aarch64), "auto" restores
     run-time detection, "" only asks."""
-    _backend.extension()
+    backend.extension()
     return torch.ops.ctmq.set_cpu_path(request)

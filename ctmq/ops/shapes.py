@@ -6,7 +6,12 @@ import torch
 from torch import Tensor
 
 from ctmq_kernels.shapes import (  # noqa: F401  (re-exported)
-    binary_conv2d_empty, binary_conv2d_output_shape, conv_output_size, pack_bits_output_shape, words)
+    binary_conv2d_empty,
+    binary_conv2d_output_shape,
+    conv_output_size,
+    pack_bits_output_shape,
+    words,
+)
 
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 CPU_MAX_TAPS = 64  # the C++ binary conv keeps each output's valid taps in a 64-bit mask

@@ -3,18 +3,18 @@ CUDA tensors and, under ctmq.force_triton(), CPU tensors in the interpreter.
 Arguments arrive checked and dense (schemas.kernel)."""
 import torch
 
-from .. import _backend
+from .. import backend
 
 # the dtypes the Triton and C++ kernels take; float64 runs the references
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _quant():
-    return _backend.triton_kernels("quant")
+    return backend.triton_kernels("quant")
 
 
 def _binary():
-    return _backend.triton_kernels("binary")
+    return backend.triton_kernels("binary")
 
 
 def fake_quant_affine(x, scale, zero_point, qmin, qmax, axis):

@@ -9,6 +9,10 @@ import importlib
 import os
 import threading
 
+__all__ = ["extension", "extension_or_none", "has_extension", "triton_kernels", "force_triton",
+           "triton_forced", "use_binary_kernel", "cuda_binary_kernel", "CUDA_BINARY_KERNELS",
+           "BINARY_KERNEL_ENV"]
+
 _state = threading.local()
 _cache = {}
 

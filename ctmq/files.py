@@ -4,6 +4,8 @@ import glob
 import os
 import tempfile
 
+__all__ = ["atomic_open", "stale_temp_files", "TEMP_SUFFIX"]
+
 TEMP_SUFFIX = ".tmp"
 
 
