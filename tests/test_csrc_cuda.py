@@ -14,6 +14,8 @@ import pytest
 import torch
 from setup_flags import CXX_STD, NVCC_STD
 
+pytestmark = pytest.mark.slow  # runs nvcc and the host emulator
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/**/*.cu"))
 NVCC = shutil.which("nvcc")

@@ -17,6 +17,8 @@ import sysconfig
 import pytest
 from torch.utils.cpp_extension import include_paths
 
+pytestmark = pytest.mark.slow  # compiles the C++ sources several ways
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CPU_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/cpu/*.cpp"))
 # the sources that include binary_kernels.h, the only ones CTMQ_NO_SIMD changes

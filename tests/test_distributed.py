@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # starts two training processes
+
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 
 

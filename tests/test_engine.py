@@ -90,6 +90,7 @@ def test_weight_transfer_between_stages_is_exact_and_reports(tmp_path):
     assert len(meta["class_names"]) == 10
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_last_complete_stage(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "digits", "--width", "0.125", "--start-bits", "2", "--cycles", "2",

@@ -31,6 +31,7 @@ def _summary(out):
     return rows
 
 
+@pytest.mark.slow
 def test_deadline_skips_the_rest_and_summary_is_written(tmp_path):
     # 15 s of the deadline are kept for stopping a step and the summary: 8 s for steps
     proc = _suite(tmp_path, SUITE_DEADLINE_S="23", SUITE_DRY_RUN_SLEEP="1")
@@ -54,6 +55,7 @@ def test_each_stage_runs_alone(tmp_path):
     assert list(_summary(tmp_path)) == ["build", "tests_quant", "bench_fake_quant", "bench_qat_step"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_step_still_writes_the_summary(tmp_path):
     proc = _suite(tmp_path, SUITE_DRY_RUN_SLEEP="30")
     time.sleep(2)

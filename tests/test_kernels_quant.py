@@ -3,11 +3,10 @@ for bit except the 1-bit weight scale mean|w| (a few ulps: another summation
 order), on CUDA, or on CPU tensors under TRITON_INTERPRET=1."""
 import pytest
 import torch
+from conftest import requires_cuda
 
 import ctmq
 from ctmq import ops
-
-from conftest import requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # odd sizes: tails of the 8-element mask rows and of the 4096-element programs
@@ -46,7 +45,8 @@ def test_quantize_act_kernel(triton_device, dtype, shape, bits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 33, 3, 3), (5, 7), (3, 1), (2, 2500)])
+@pytest.mark.parametrize("shape", [pytest.param((64, 33, 3, 3), marks=pytest.mark.slow), (5, 7), (3, 1),
+                                   (2, 2500)])
 @pytest.mark.parametrize("bits", [1, 2, 3, 8])
 def test_quantize_weight_kernel(triton_device, dtype, shape, bits):
     w = torch.randn(shape).to(dtype)

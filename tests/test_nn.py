@@ -68,6 +68,7 @@ def test_bad_bits_and_empty_models():
         get_bits(mixed)
 
 
+@pytest.mark.slow
 def test_a_compiled_model_follows_set_bits():
     """torch.compile guards on the layers' bit depths: after set_bits the
     compiled model computes the new depths (it recompiles), as the trainer's

@@ -50,6 +50,7 @@ def test_arm_schedules():
         Schedule.custom("bad", [{"bits": 9, "epochs": 1}], 1)
 
 
+@pytest.mark.slow
 def test_study_on_the_digits_reports_what_its_runs_measured(tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["study", "--out", str(out), "--seeds", "0,1,2", "--arms", ",".join(ARMS)]

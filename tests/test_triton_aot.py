@@ -16,7 +16,8 @@ ARCHS = (90, 80)
 
 triton = pytest.importorskip("triton")
 CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton without its bundled cuobjdump")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton without its bundled cuobjdump")]
 
 
 @pytest.fixture(scope="module")
