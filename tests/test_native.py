@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from bad_artifacts import make_cases
 from torch import nn
 
 import ctmq
@@ -21,8 +22,6 @@ from ctmq import deploy
 from ctmq.export import export_binary
 from ctmq.models import MODELS
 from ctmq.nn import QConv2d, RPReLU, RSign, set_bits
-
-from bad_artifacts import make_cases
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CMAKE = shutil.which("cmake")
@@ -168,6 +167,27 @@ print("ok", rt.cpu_path)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
 
 
+def test_ctmq_infer_and_bench_with_the_native_engine(zoo, tmp_path, capsys):
+    from PIL import Image
+
+    from ctmq.cli import main
+    path, x = zoo[0]
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "a.png")
+    np.save(tmp_path / "x.npy", x)
+    out = {}
+    for engine in ("executor", "native"):
+        assert main(["infer", str(path), str(tmp_path / "a.png"), str(tmp_path / "x.npy"),
+                     "--topk", "1", "--engine", engine, "--json", str(tmp_path / f"{engine}.json")]) == 0
+        out[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+        capsys.readouterr()
+    # the same inputs and classes; probabilities to float rounding
+    assert [(r["input"], r["top"][0][0]) for r in out["native"]] == \
+        [(r["input"], r["top"][0][0]) for r in out["executor"]]
+    assert main(["bench", "deploy", str(path), "--engine", "native", "--batch", "1"]) in (0, None)
+    assert "engine native" in capsys.readouterr().out
+
+
 def test_native_binding_errors():
     with pytest.raises(deploy.ArtifactError, match="cannot read"):
         deploy.load("/nonexistent.ctmq", engine="native")
@@ -234,6 +254,30 @@ def test_command_line_errors_are_one_line(cmake_build, zoo, tmp_path):
         res = subprocess.run([str(a) for a in (exe, *args)], capture_output=True, text=True)
         assert res.returncode == status and words in res.stderr, res.stderr
     assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("ctmq-run ")
+
+
+@pytest.mark.slow
+def test_installed_library_and_the_c_example(cmake_build, zoo, tmp_path):
+    """cmake --install, then csrc/native/examples/classify.c (the README's C
+    example) built with the installed pkg-config file: it classifies as the
+    Python binding does."""
+    cc, pkg_config = shutil.which("cc"), shutil.which("pkg-config")
+    if cc is None or pkg_config is None:
+        pytest.skip("cc or pkg-config not found")
+    prefix = tmp_path / "prefix"
+    _run([CMAKE, "--install", cmake_build, "--prefix", prefix])
+    env = dict(os.environ, PKG_CONFIG_PATH=str(prefix / "lib" / "pkgconfig"))
+    flags = _run([pkg_config, "--cflags", "--libs", "ctmq_runtime"], env=env).stdout.split()
+    exe = tmp_path / "classify"
+    _run([cc, ROOT / "csrc" / "native" / "examples" / "classify.c", "-o", exe, *flags,
+          f"-Wl,-rpath,{prefix / 'lib'}"])
+    path, _ = zoo[0]
+    lines = _run([exe, path]).stdout.splitlines()
+    rt = deploy.load(path, engine="native")
+    gray = np.full((1, 3, rt.input_size, rt.input_size), 128 / 255, np.float32)
+    idx, prob = rt.predict(rt.preprocess(gray), topk=5)
+    assert [line.split()[0] for line in lines] == [rt.class_names[i] for i in idx[0]]
+    assert float(lines[0].split()[1].rstrip("%")) == pytest.approx(100 * prob[0, 0], abs=0.051)
 
 
 @pytest.mark.slow
