@@ -216,3 +216,9 @@ def test_writing_an_artifact_replaces_the_file_whole(tmp_path):
     assert link.read_bytes() == before and path.read_bytes() != before
     assert read_artifact(path)[0]["class_names"][0] == "c0"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_native_loaders_table_is_generated_from_this_one():
+    from ctmq.artifact.vocabulary import cpp_table
+    inc = (ROOT / "csrc" / "runtime" / "vocabulary.inc").read_text()
+    assert inc == cpp_table(), "regenerate: python -m ctmq.artifact.vocabulary > csrc/runtime/vocabulary.inc"
