@@ -18,6 +18,7 @@ events via triton's do_bench, median).
     python benchmarks/bench_binary_conv.py [--device cpu|cuda] [--batch 1 8] [--json out.json]
     taskset -c 1 python benchmarks/bench_binary_conv.py --threads 1 --paths auto avx2 --1x1
 """
+
 import argparse
 import statistics
 import sys
@@ -29,8 +30,15 @@ import torch.nn.functional as F
 from ctmq import bench, binary, ops
 
 # (in, out, spatial size, stride): the 3x3 convs of ResNet-18 at 224x224
-SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
-          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+SHAPES = [
+    (64, 64, 56, 1),
+    (64, 128, 56, 2),
+    (128, 128, 28, 1),
+    (128, 256, 28, 2),
+    (256, 256, 14, 1),
+    (256, 512, 14, 2),
+    (512, 512, 7, 1),
+]
 # its 1x1 downsampling convs (stride 2, no padding)
 SHAPES_1X1 = [(64, 128, 56, 2), (128, 256, 28, 2), (256, 512, 14, 2)]
 
@@ -82,20 +90,36 @@ def run_cpu(batch, min_time=0.6, on_row=None, shapes=None, hz=None, peak=None, t
         scale, bias = torch.rand(cout) + 0.5, torch.randn(cout)
         pad = k // 2
         geometry = ([k, k], [stride, stride], [pad, pad], [1, 1])
-        t = _time_turns({  # in turns: this CPU's speed drifts within seconds
-            "ctmq": lambda: binary.binary_conv2d(x, wb, stride=stride, padding=pad),
-            "torch": lambda: F.conv2d(x, w, stride=stride, padding=pad),
-            "float": lambda: conv(xb, cin, gemm, tap_popc, cout, *geometry, None, None, None, False),
-            "packed": lambda: conv(xb, cin, gemm, tap_popc, cout, *geometry, scale, bias, None, True),
-        }, min_time)
+        t = _time_turns(
+            {  # in turns: this CPU's speed drifts within seconds
+                "ctmq": lambda: binary.binary_conv2d(x, wb, stride=stride, padding=pad),
+                "torch": lambda: F.conv2d(x, w, stride=stride, padding=pad),
+                "float": lambda: conv(
+                    xb, cin, gemm, tap_popc, cout, *geometry, None, None, None, False
+                ),
+                "packed": lambda: conv(
+                    xb, cin, gemm, tap_popc, cout, *geometry, scale, bias, None, True
+                ),
+            },
+            min_time,
+        )
         t_bin, t_f32 = statistics.median(t["ctmq"]), statistics.median(t["torch"])
         out = (size + 2 * pad - k) // stride + 1
         macs = batch * cout * out * out * cin * k * k
         words = batch * out * out * cout * k * k * ((cin + 63) // 64)
-        row = {"shape": ("1x1 " if k == 1 else "") + f"{cin}x{cout}@{size}" + ("/s2" if stride == 2 else ""),
-               "batch": batch, "threads": threads or torch.get_num_threads(),
-               "path": ops.binary_cpu_path(""), "ctmq_ms": t_bin * 1e3, "torch_f32_ms": t_f32 * 1e3,
-               "speedup": t_f32 / t_bin, "binary_gops": 2 * macs / t_bin / 1e9, "words": words}
+        row = {
+            "shape": ("1x1 " if k == 1 else "")
+            + f"{cin}x{cout}@{size}"
+            + ("/s2" if stride == 2 else ""),
+            "batch": batch,
+            "threads": threads or torch.get_num_threads(),
+            "path": ops.binary_cpu_path(""),
+            "ctmq_ms": t_bin * 1e3,
+            "torch_f32_ms": t_f32 * 1e3,
+            "speedup": t_f32 / t_bin,
+            "binary_gops": 2 * macs / t_bin / 1e9,
+            "words": words,
+        }
         for kind in ("float", "packed"):
             best = min(t[kind])
             row[f"kernel_{kind}_ms"] = best * 1e3
@@ -136,14 +160,33 @@ def run_cuda(batch, on_row=None):
             try:
                 with binary.use_kernel(kernel):
                     wb, xb = binary.pack_weight(w), binary.pack_activation(x)
-                    row[f"{kernel}_float_ms"] = bench.timeit(
-                        lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev) * 1e3
-                    row[f"{kernel}_packed_ms"] = bench.timeit(
-                        lambda: binary.binary_conv2d(xb, wb, stride=stride, padding=1, scale=scale,
-                                                     bias=bias, out="packed"), dev) * 1e3
+                    row[f"{kernel}_float_ms"] = (
+                        bench.timeit(
+                            lambda: binary.binary_conv2d(x, wb, stride=stride, padding=1), dev
+                        )
+                        * 1e3
+                    )
+                    row[f"{kernel}_packed_ms"] = (
+                        bench.timeit(
+                            lambda: binary.binary_conv2d(
+                                xb,
+                                wb,
+                                stride=stride,
+                                padding=1,
+                                scale=scale,
+                                bias=bias,
+                                out="packed",
+                            ),
+                            dev,
+                        )
+                        * 1e3
+                    )
             except Exception as e:  # keep the other kernels' and cuDNN's figures
                 row[f"{kernel}_error"] = f"{type(e).__name__}: {e}"[:500]
-                print(f"{row['shape']} b{batch}: {kernel} failed: {row[f'{kernel}_error']}", flush=True)
+                print(
+                    f"{row['shape']} b{batch}: {kernel} failed: {row[f'{kernel}_error']}",
+                    flush=True,
+                )
         packed = [row[k] for k in row if k.endswith("_packed_ms")]
         if packed:
             row["speedup"] = row["cudnn_bf16_ms"] / min(packed)
@@ -154,27 +197,43 @@ def run_cuda(batch, on_row=None):
     return rows
 
 
-CUDA_COLUMNS = [("triton_float_ms", "triton f"), ("triton_packed_ms", "triton p"),
-                ("bmma_float_ms", "bmma f"), ("bmma_packed_ms", "bmma p"),
-                ("cudnn_bf16_ms", "cudnn bf16"), ("cudnn_f16_ms", "cudnn f16")]
+CUDA_COLUMNS = [
+    ("triton_float_ms", "triton f"),
+    ("triton_packed_ms", "triton p"),
+    ("bmma_float_ms", "bmma f"),
+    ("bmma_packed_ms", "bmma p"),
+    ("cudnn_bf16_ms", "cudnn bf16"),
+    ("cudnn_f16_ms", "cudnn f16"),
+]
 
 
 def format_cuda_rows(rows, title):
     """ms per kernel; f = float in/out, p = packed in/out; the ratio is cuDNN bf16
     over the faster packed ctmq kernel."""
+
     def cell(r, key):
         return f"{r[key]:10.3f}" if key in r else f"{'-':>10s}"
-    lines = [title, f"{'shape':16s} {'batch':>5s} " + " ".join(f"{h:>10s}" for _, h in CUDA_COLUMNS)
-             + f" {'vs bf16':>8s} {'bin TOPS':>9s}"]
+
+    lines = [
+        title,
+        f"{'shape':16s} {'batch':>5s} "
+        + " ".join(f"{h:>10s}" for _, h in CUDA_COLUMNS)
+        + f" {'vs bf16':>8s} {'bin TOPS':>9s}",
+    ]
     for r in rows:
         ratio = f" {r['speedup']:7.2f}x {r['binary_tops']:9.1f}" if "speedup" in r else ""
-        lines.append(f"{r['shape']:16s} {r['batch']:5d} " + " ".join(cell(r, k) for k, _ in CUDA_COLUMNS)
-                     + ratio)
+        lines.append(
+            f"{r['shape']:16s} {r['batch']:5d} "
+            + " ".join(cell(r, k) for k, _ in CUDA_COLUMNS)
+            + ratio
+        )
     for b in sorted({r["batch"] for r in rows}):
         total = cuda_totals(rows, b)
         packed = [v for k, v in total.items() if k.endswith("_packed_ms")]
         ratio = f" {total['cudnn_bf16_ms'] / min(packed):7.2f}x" if packed else ""
-        lines.append(f"{'total':16s} {b:5d} " + " ".join(cell(total, k) for k, _ in CUDA_COLUMNS) + ratio)
+        lines.append(
+            f"{'total':16s} {b:5d} " + " ".join(cell(total, k) for k, _ in CUDA_COLUMNS) + ratio
+        )
     return "\n".join(lines)
 
 
@@ -188,60 +247,96 @@ def format_rows(rows, title):
     """ctmq (packing included) against torch float32; the kernel alone, float
     and packed out: fastest ms, words per TSC cycle, % of the path's peak;
     one section per path, totals over the 3x3 shapes per batch and threads."""
+
     def kern(r, kind):
         if f"kernel_{kind}_ms" not in r:
             return f"{'-':>8s} {'-':>6s} {'-':>5s}"
         wpc = r.get(f"kernel_{kind}_wpc")
         pct = r.get(f"kernel_{kind}_pct_peak")
-        return (f"{r[f'kernel_{kind}_ms']:8.3f} " + (f"{wpc:6.2f}" if wpc else f"{'-':>6s}") + " "
-                + (f"{pct:4.0f}%" if pct else f"{'-':>5s}"))
+        return (
+            f"{r[f'kernel_{kind}_ms']:8.3f} "
+            + (f"{wpc:6.2f}" if wpc else f"{'-':>6s}")
+            + " "
+            + (f"{pct:4.0f}%" if pct else f"{'-':>5s}")
+        )
+
     lines = [title]
     for path in dict.fromkeys(r.get("path", "") for r in rows):
         mine = [r for r in rows if r.get("path", "") == path]
         peak = mine[0].get("peak_wpc")
-        lines += ["", f"path {path}" + (f", peak {peak:.2f} words per cycle" if peak else ""),
-                  f"{'shape':20s} {'batch':>5s} {'thr':>3s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
-                  f"{'speedup':>8s} {'bin GOPS':>9s} | {'float ms':>8s} {'w/cyc':>6s} {'peak':>5s} | "
-                  f"{'pack ms':>8s} {'w/cyc':>6s} {'peak':>5s}"]
+        lines += [
+            "",
+            f"path {path}" + (f", peak {peak:.2f} words per cycle" if peak else ""),
+            f"{'shape':20s} {'batch':>5s} {'thr':>3s} {'ctmq ms':>9s} {'torch f32 ms':>12s} "
+            f"{'speedup':>8s} {'bin GOPS':>9s} | {'float ms':>8s} {'w/cyc':>6s} {'peak':>5s} | "
+            f"{'pack ms':>8s} {'w/cyc':>6s} {'peak':>5s}",
+        ]
         for r in mine:
-            lines.append(f"{r['shape']:20s} {r['batch']:5d} {r.get('threads', 0):3d} {r['ctmq_ms']:9.3f} "
-                         f"{r['torch_f32_ms']:12.3f} {r['speedup']:7.2f}x {r['binary_gops']:9.0f} | "
-                         f"{kern(r, 'float')} | {kern(r, 'packed')}")
+            lines.append(
+                f"{r['shape']:20s} {r['batch']:5d} {r.get('threads', 0):3d} {r['ctmq_ms']:9.3f} "
+                f"{r['torch_f32_ms']:12.3f} {r['speedup']:7.2f}x {r['binary_gops']:9.0f} | "
+                f"{kern(r, 'float')} | {kern(r, 'packed')}"
+            )
         for key in sorted({(r["batch"], r.get("threads", 0)) for r in mine}):
-            group = [r for r in mine if (r["batch"], r.get("threads", 0)) == key
-                     and not r["shape"].startswith("1x1")]
+            group = [
+                r
+                for r in mine
+                if (r["batch"], r.get("threads", 0)) == key and not r["shape"].startswith("1x1")
+            ]
             tb, tf = sum(r["ctmq_ms"] for r in group), sum(r["torch_f32_ms"] for r in group)
             kf = sum(r.get("kernel_float_ms", 0) for r in group)
             kp = sum(r.get("kernel_packed_ms", 0) for r in group)
-            lines.append(f"{'total 3x3':20s} {key[0]:5d} {key[1]:3d} {tb:9.3f} {tf:12.3f} {tf / tb:7.2f}x "
-                         f"{'':9s} | {kf:8.3f} {'':12s} | {kp:8.3f}")
+            lines.append(
+                f"{'total 3x3':20s} {key[0]:5d} {key[1]:3d} {tb:9.3f} {tf:12.3f} {tf / tb:7.2f}x "
+                f"{'':9s} | {kf:8.3f} {'':12s} | {kp:8.3f}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="default: 1 8 on cpu, 256 1 on cuda")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="default: 1 8 on cpu, 256 1 on cuda"
+    )
     p.add_argument("--min-time", type=float, default=0.6, help="seconds per shape (cpu)")
-    p.add_argument("--threads", type=int, nargs="+", default=None,
-                   help="cpu: torch thread counts to run (default: torch's)")
-    p.add_argument("--paths", nargs="+", default=["auto"],
-                   help="cpu: code paths to run, as ctmq.ops.binary_cpu_path requests them")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="cpu: torch thread counts to run (default: torch's)",
+    )
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["auto"],
+        help="cpu: code paths to run, as ctmq.ops.binary_cpu_path requests them",
+    )
     p.add_argument("--1x1", dest="with_1x1", action="store_true", help="cpu: also the 1x1 convs")
-    p.add_argument("--tsc-ghz", type=float, default=None,
-                   help="cpu: the TSC frequency (default: /proc/cpuinfo's cpu MHz)")
+    p.add_argument(
+        "--tsc-ghz",
+        type=float,
+        default=None,
+        help="cpu: the TSC frequency (default: /proc/cpuinfo's cpu MHz)",
+    )
     p.add_argument("--json")
     a = p.parse_args(argv)
     name = bench.device_name(a.device)
     info = binary.backend_info()
-    log = bench.JsonRows(a.json, device=name, path=info[a.device],
-                         cuda_kernels=list(info["cuda_kernels"]))
+    log = bench.JsonRows(
+        a.json, device=name, path=info[a.device], cuda_kernels=list(info["cuda_kernels"])
+    )
     if a.device == "cuda":
         rows = [r for b in (a.batch or [256, 1]) for r in run_cuda(b, on_row=log.add)]
-        print(format_cuda_rows(rows, f"binary conv 3x3, {name}; ctmq CUDA kernels: "
-                                     f"{', '.join(info['cuda_kernels']) or 'none'}; "
-                                     f"cuDNN (torch {torch.__version__}) in the same run"))
+        print(
+            format_cuda_rows(
+                rows,
+                f"binary conv 3x3, {name}; ctmq CUDA kernels: "
+                f"{', '.join(info['cuda_kernels']) or 'none'}; "
+                f"cuDNN (torch {torch.__version__}) in the same run",
+            )
+        )
         return
     hz = tsc_hz(a.tsc_ghz)
     shapes = [(*s, 3) for s in SHAPES] + ([(*s, 1) for s in SHAPES_1X1] if a.with_1x1 else [])
@@ -258,8 +353,11 @@ def main(argv=None):
             # the peak once more after the rows: the best of both rates them (this
             # machine's clock drifts; a low reading would flatter the kernel)
             best = max(peak, torch.ops.ctmq.binary_cpu_peak(0.5))
-            print(f"path {path}: peak {best / 1e9:.2f} G words/s" +
-                  (f" = {best / hz:.2f} words per TSC cycle" if hz else ""), flush=True)
+            print(
+                f"path {path}: peak {best / 1e9:.2f} G words/s"
+                + (f" = {best / hz:.2f} words per TSC cycle" if hz else ""),
+                flush=True,
+            )
             for r in mine:
                 r["peak_words_per_s"] = best
                 if hz:
@@ -272,8 +370,13 @@ def main(argv=None):
     finally:
         ops.binary_cpu_path("auto")
     clock = f"TSC {hz / 1e9:.3f} GHz" if hz else "no TSC frequency: no words per cycle"
-    print(format_rows(rows, f"binary conv, {name}; ctmq CPU paths: {', '.join(a.paths)}; {clock}; "
-                            f"torch {torch.__version__} float32 F.conv2d in the same run"))
+    print(
+        format_rows(
+            rows,
+            f"binary conv, {name}; ctmq CPU paths: {', '.join(a.paths)}; {clock}; "
+            f"torch {torch.__version__} float32 F.conv2d in the same run",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ float16 channels_last torch, batch 256 and 1.
         [--isa native|avx2] [--ctmq-run build/ctmq-run] [--json out.json]
     python benchmarks/bench_deploy.py --device cuda [--models resnet18]
 """
+
 import argparse
 import math
 import os
@@ -47,8 +48,14 @@ import sys
 import tempfile
 import time
 
-ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "CTMQ_BENCH_ISA": "avx2"}}
+ISA_CAPS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "CTMQ_BENCH_ISA": "avx2",
+    }
+}
 
 
 def _cap_isa(argv):
@@ -80,20 +87,38 @@ from ctmq.models import MODELS  # noqa: E402
 from ctmq.nn import set_bits  # noqa: E402
 
 # name -> (constructor arguments, input side)
-SETTINGS = {"resnet18": (dict(num_classes=1000, stem="imagenet"), 224),
-            "resnet34": (dict(num_classes=1000, stem="imagenet"), 224),
-            "reactnet_a": (dict(num_classes=1000, stem="imagenet"), 224),
-            "vgg_small": (dict(num_classes=10, stem="cifar"), 32)}
+SETTINGS = {
+    "resnet18": (dict(num_classes=1000, stem="imagenet"), 224),
+    "resnet34": (dict(num_classes=1000, stem="imagenet"), 224),
+    "reactnet_a": (dict(num_classes=1000, stem="imagenet"), 224),
+    "vgg_small": (dict(num_classes=10, stem="cifar"), 32),
+}
 DEFAULT_MODELS = "resnet18,reactnet_a,vgg_small"
 ENGINES = ("native", "executor")
 PEERS = ("torch", "compile", "ort")
 # the per-layer split: op -> part of the network
-PARTS = {"binary_conv": "binary convs", "max_pool2d": "pooling", "avg_pool2d": "pooling",
-         "global_avg_pool": "pooling", "adaptive_avg_pool2d": "pooling", "pack": "layout+pack",
-         "to_nhwc": "layout+pack", "to_nchw": "layout+pack", "conv2d": "float convs",
-         "batch_norm": "float convs", "linear": "classifier"}
-PART_ORDER = ("binary convs", "float convs", "pooling", "layout+pack", "classifier", "other ops",
-              "overhead")
+PARTS = {
+    "binary_conv": "binary convs",
+    "max_pool2d": "pooling",
+    "avg_pool2d": "pooling",
+    "global_avg_pool": "pooling",
+    "adaptive_avg_pool2d": "pooling",
+    "pack": "layout+pack",
+    "to_nhwc": "layout+pack",
+    "to_nchw": "layout+pack",
+    "conv2d": "float convs",
+    "batch_norm": "float convs",
+    "linear": "classifier",
+}
+PART_ORDER = (
+    "binary convs",
+    "float convs",
+    "pooling",
+    "layout+pack",
+    "classifier",
+    "other ops",
+    "overhead",
+)
 
 
 def _names(allowed, what):
@@ -101,9 +126,11 @@ def _names(allowed, what):
         names = [n.strip() for n in text.split(",") if n.strip()]
         bad = [n for n in names if n not in allowed]
         if not names or bad:
-            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of "
-                                             f"{sorted(allowed)}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a comma-separated list of {sorted(allowed)}, got {text!r}"
+            )
         return names
+
     return parse
 
 
@@ -118,7 +145,9 @@ class _Block(nn.Module):  # torchvision's BasicBlock
         self.relu = nn.ReLU(inplace=True)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
@@ -133,8 +162,12 @@ class TorchvisionResNet(nn.Module):
     def __init__(self, blocks, width=1.0, num_classes=1000):
         super().__init__()
         w = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
-        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w[0], 7, 2, 3, bias=False),
+            nn.BatchNorm2d(w[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
         layers, cin = [], w[0]
         for i, (n, c) in enumerate(zip(blocks, w, strict=True)):
             for j in range(n):
@@ -167,11 +200,19 @@ def onnx_session(model, size, threads):
     except ImportError:
         return "onnxruntime is not installed (pip install 'ctmq[peers]')"
     import io
+
     buf = io.BytesIO()
     x = torch.randn(1, 3, size, size)
     try:
-        torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+        torch.onnx.export(
+            model,
+            (x,),
+            buf,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            dynamo=False,
+        )
     except Exception as e:  # noqa: BLE001 - a peer that does not export is reported, not fatal
         return f"torch.onnx.export failed: {type(e).__name__}: {e}"[:300]
     so = ort.SessionOptions()
@@ -194,6 +235,7 @@ def prepare_cpu(name, width, tmp):
     ref = float_reference(name, model, width)
     ckpt = os.path.join(tmp, f"{name}.safetensors")
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, ckpt)
     return art, ref, size, (os.path.getsize(ckpt), os.path.getsize(art))
 
@@ -219,6 +261,7 @@ def cpu_callables(art, ref, size, batch, threads, engines, peers, path, sessions
     def eager():
         with torch.inference_mode():
             return ref(x)
+
     if "torch" in peers:
         fns["torch"] = eager
     if "compile" in peers:
@@ -227,6 +270,7 @@ def cpu_callables(art, ref, size, batch, threads, engines, peers, path, sessions
         def run_compiled():
             with torch.inference_mode():
                 return compiled(x)
+
         try:
             run_compiled()
             fns["compile"] = run_compiled
@@ -248,8 +292,16 @@ def measure_cpu(name, art, ref, size, batches, thread_counts, engines, peers, pa
         for b in batches:
             fns, missing = cpu_callables(art, ref, size, b, threads, engines, peers, path, sessions)
             t = bench.timeit_interleaved(fns, min_time=min_time, settle=0.03)
-            rows.append({"model": name, "size": size, "batch": b, "threads": threads,
-                         "ms": {k: v * 1e3 for k, v in t.items()}, "missing": missing})
+            rows.append(
+                {
+                    "model": name,
+                    "size": size,
+                    "batch": b,
+                    "threads": threads,
+                    "ms": {k: v * 1e3 for k, v in t.items()},
+                    "missing": missing,
+                }
+            )
     return rows
 
 
@@ -261,6 +313,7 @@ def split(art, size, batch, threads, path, reps=10):
     import json
 
     from ctmq import _C
+
     header, tensors = read_artifact(art)
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, size, size)
@@ -272,7 +325,11 @@ def split(art, size, batch, threads, path, reps=10):
             t0 = time.perf_counter()
             _, _, steps = ex.profile(x)
             wall = min(wall, time.perf_counter() - t0)
-            best = steps if best is None else [(n, o, min(s, b[2])) for (n, o, s), b in zip(steps, best, strict=True)]
+            best = (
+                steps
+                if best is None
+                else [(n, o, min(s, b[2])) for (n, o, s), b in zip(steps, best, strict=True)]
+            )
         parts = dict.fromkeys(PART_ORDER, 0.0)
         for _, op, s in best:
             parts[PARTS.get(op, "other ops")] += s * 1e3
@@ -285,6 +342,7 @@ def binary_floor(art, steps, size, batch, threads, peak):
     """Per binary conv shape: words per image, ms, words/s against the
     path's peak on `threads` cores."""
     from ctmq.deploy import runtime as _rt
+
     rt = _rt.Runtime(*read_artifact(art), engine="python")
     _, env = rt.run(torch.zeros(1, 3, size, size), trace=True)
     ms = {n: s for n, op, s in steps if op == "binary_conv"}
@@ -297,14 +355,19 @@ def binary_floor(art, steps, size, batch, threads, peak):
         cin = node["in_channels"]
         hin, hout = env[node["in"][0]].shape[-2], env[node["out"]].shape[-2]  # (packed too)
         words = hout * hout * o * kh * kw * math.ceil(cin / 64)
-        key = f"{cin}x{o}@{hin}" + (f"/s{node['stride'][0]}" if node["stride"][0] > 1 else "") + \
-            (f" {kh}x{kw}" if (kh, kw) != (3, 3) else "")
+        key = (
+            f"{cin}x{o}@{hin}"
+            + (f"/s{node['stride'][0]}" if node["stride"][0] > 1 else "")
+            + (f" {kh}x{kw}" if (kh, kw) != (3, 3) else "")
+        )
         r = shapes.setdefault(key, {"shape": key, "layers": 0, "words": 0, "ms": 0.0})
         r["layers"] += 1
         r["words"] += words
         r["ms"] += ms.get(node["out"], 0.0)
     for r in shapes.values():
-        r["pct_peak"] = 100 * r["words"] * batch / (r["ms"] / 1e3) / (peak * threads) if r["ms"] else 0
+        r["pct_peak"] = (
+            100 * r["words"] * batch / (r["ms"] / 1e3) / (peak * threads) if r["ms"] else 0
+        )
     return list(shapes.values())
 
 
@@ -320,29 +383,49 @@ def native_process(ctmq_run, art, size, runs=7):
             subprocess.run([ctmq_run, art, x, "--threads", "1"], check=True, capture_output=True)
             times.append(time.perf_counter() - t0)
     times.sort()
-    return {"bytes": os.path.getsize(ctmq_run), "best_ms": times[0] * 1e3,
-            "median_ms": times[len(times) // 2] * 1e3}
+    return {
+        "bytes": os.path.getsize(ctmq_run),
+        "best_ms": times[0] * 1e3,
+        "median_ms": times[len(times) // 2] * 1e3,
+    }
 
 
 def run_cpu(a):
     isa = os.environ.get("CTMQ_BENCH_ISA", "native")
     path = "avx2" if isa == "avx2" else "auto"
     ops.binary_cpu_path(path)
-    cpu = bench.cpu_name() + (" (AVX2 emulated: every engine capped at AVX2 but ONNX Runtime)"
-                              if isa == "avx2" else "")
+    cpu = bench.cpu_name() + (
+        " (AVX2 emulated: every engine capped at AVX2 but ONNX Runtime)" if isa == "avx2" else ""
+    )
     kernels = ops.binary_cpu_path("")
-    print(f"binarized zoo deploy, CPU {cpu}; ctmq path {kernels}; torch {torch.__version__}"
-          + _ort_version(a.peers), flush=True)
-    log = bench.JsonRows(a.json, cpu=cpu, path=kernels, isa=isa, torch=torch.__version__,
-                         width=a.width, artifacts={}, splits=[], floors=[])
+    print(
+        f"binarized zoo deploy, CPU {cpu}; ctmq path {kernels}; torch {torch.__version__}"
+        + _ort_version(a.peers),
+        flush=True,
+    )
+    log = bench.JsonRows(
+        a.json,
+        cpu=cpu,
+        path=kernels,
+        isa=isa,
+        torch=torch.__version__,
+        width=a.width,
+        artifacts={},
+        splits=[],
+        floors=[],
+    )
     peak = torch.ops.ctmq.binary_cpu_peak(0.5)  # words per second, one core
     log.meta["peak_words_per_s"] = peak
     for model_name in a.models:
         with tempfile.TemporaryDirectory() as tmp:
             art, ref, size, sizes = prepare_cpu(model_name, a.width, tmp)
-            log.meta["artifacts"][model_name] = {"checkpoint_bytes": sizes[0], "artifact_bytes": sizes[1]}
-            rows = measure_cpu(model_name, art, ref, size, a.batch, a.threads, a.engines, a.peers,
-                               path, a.min_time)
+            log.meta["artifacts"][model_name] = {
+                "checkpoint_bytes": sizes[0],
+                "artifact_bytes": sizes[1],
+            }
+            rows = measure_cpu(
+                model_name, art, ref, size, a.batch, a.threads, a.engines, a.peers, path, a.min_time
+            )
             for r in rows:
                 log.add(r)
             print(format_speed(model_name, size, rows, a.engines, a.peers))
@@ -351,10 +434,17 @@ def run_cpu(a):
                 parts = split(art, size, b, threads, path)
                 native_steps = parts["native kernels"][2]
                 floor = binary_floor(art, native_steps, size, b, threads, peak)
-                log.meta["splits"].append({"model": model_name, "batch": b, "threads": threads,
-                                           **{k: {"parts": v[0], "wall_ms": v[1]} for k, v in parts.items()}})
-                log.meta["floors"].append({"model": model_name, "batch": b, "threads": threads,
-                                           "shapes": floor})
+                log.meta["splits"].append(
+                    {
+                        "model": model_name,
+                        "batch": b,
+                        "threads": threads,
+                        **{k: {"parts": v[0], "wall_ms": v[1]} for k, v in parts.items()},
+                    }
+                )
+                log.meta["floors"].append(
+                    {"model": model_name, "batch": b, "threads": threads, "shapes": floor}
+                )
                 log.write()
                 print(format_split(model_name, b, threads, parts))
                 print(format_floor(floor, b, threads, peak))
@@ -362,11 +452,16 @@ def run_cpu(a):
                 proc = native_process(a.ctmq_run, art, size)
                 log.meta.setdefault("ctmq_run", {})[model_name] = proc
                 log.write()
-                print(f"ctmq-run ({proc['bytes'] / 1e6:.2f} MB): process start to first "
-                      f"{model_name} prediction and exit, best {proc['best_ms']:.1f} ms, median "
-                      f"{proc['median_ms']:.1f} ms")
-            print(f"{model_name}: artifact {sizes[1] / 1e6:.2f} MB vs float32 checkpoint "
-                  f"{sizes[0] / 1e6:.2f} MB ({sizes[0] / sizes[1]:.1f}x smaller)\n", flush=True)
+                print(
+                    f"ctmq-run ({proc['bytes'] / 1e6:.2f} MB): process start to first "
+                    f"{model_name} prediction and exit, best {proc['best_ms']:.1f} ms, median "
+                    f"{proc['median_ms']:.1f} ms"
+                )
+            print(
+                f"{model_name}: artifact {sizes[1] / 1e6:.2f} MB vs float32 checkpoint "
+                f"{sizes[0] / 1e6:.2f} MB ({sizes[0] / sizes[1]:.1f}x smaller)\n",
+                flush=True,
+            )
     ops.binary_cpu_path("auto")
 
 
@@ -375,6 +470,7 @@ def _ort_version(peers):
         return ""
     try:
         import onnxruntime
+
         return f"; onnxruntime {onnxruntime.__version__}"
     except ImportError:
         return ""
@@ -382,27 +478,38 @@ def _ort_version(peers):
 
 def format_speed(model, size, rows, engines, peers):
     cols = [e for e in ENGINES if e in engines] + [p for p in PEERS if p in peers]
-    lines = [f"{model} {size}x{size}: median ms per batch (all timed in turns, one process)",
-             f"{'batch':>5s} {'thr':>3s} " + " ".join(f"{c:>9s}" for c in cols)
-             + "  ctmq (fastest engine) vs each float engine"]
+    lines = [
+        f"{model} {size}x{size}: median ms per batch (all timed in turns, one process)",
+        f"{'batch':>5s} {'thr':>3s} "
+        + " ".join(f"{c:>9s}" for c in cols)
+        + "  ctmq (fastest engine) vs each float engine",
+    ]
     for r in rows:
         ms = r["ms"]
-        mine = min((ms[e], e) for e in engines if e in ms) if any(e in ms for e in engines) else None
+        mine = (
+            min((ms[e], e) for e in engines if e in ms) if any(e in ms for e in engines) else None
+        )
         ratios = ", ".join(f"{ms[p] / mine[0]:.2f}x {p}" for p in PEERS if p in ms and mine)
-        lines.append(f"{r['batch']:5d} {r['threads']:3d} "
-                     + " ".join(f"{ms[c]:9.2f}" if c in ms else f"{'-':>9s}" for c in cols)
-                     + (f"  {mine[1]}: {ratios}" if mine else ""))
+        lines.append(
+            f"{r['batch']:5d} {r['threads']:3d} "
+            + " ".join(f"{ms[c]:9.2f}" if c in ms else f"{'-':>9s}" for c in cols)
+            + (f"  {mine[1]}: {ratios}" if mine else "")
+        )
         for k, why in r["missing"].items():
             lines.append(f"      {k}: not measured: {why}")
     return "\n".join(lines)
 
 
 def format_split(model, batch, threads, parts):
-    lines = [f"{model} batch {batch}, {threads} threads: where the time goes (ms, best of 10 "
-             f"profiled runs per step)", f"{'':27s} " + " ".join(f"{p:>12s}" for p in PART_ORDER)
-             + f" {'wall':>7s}"]
+    lines = [
+        f"{model} batch {batch}, {threads} threads: where the time goes (ms, best of 10 "
+        f"profiled runs per step)",
+        f"{'':27s} " + " ".join(f"{p:>12s}" for p in PART_ORDER) + f" {'wall':>7s}",
+    ]
     for label, (p, wall, _) in parts.items():
-        lines.append(f"{label:27s} " + " ".join(f"{p[k]:12.3f}" for k in PART_ORDER) + f" {wall:7.3f}")
+        lines.append(
+            f"{label:27s} " + " ".join(f"{p[k]:12.3f}" for k in PART_ORDER) + f" {wall:7.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -410,13 +517,17 @@ def format_floor(shapes, batch, threads, peak):
     words = sum(r["words"] for r in shapes)
     ms = sum(r["ms"] for r in shapes)
     floor_ms = words * batch / (peak * threads) * 1e3
-    lines = [f"binary convs against the floor: {words / 1e6:.1f} M words per image; path peak "
-             f"{peak / 1e9:.2f} G words/s per core x {threads}; all: {ms:.3f} ms, floor "
-             f"{floor_ms:.3f} ms ({100 * floor_ms / ms if ms else 0:.0f}% of peak)",
-             f"{'shape':>16s} {'layers':>6s} {'Mwords':>7s} {'ms':>7s} {'% peak':>7s}"]
+    lines = [
+        f"binary convs against the floor: {words / 1e6:.1f} M words per image; path peak "
+        f"{peak / 1e9:.2f} G words/s per core x {threads}; all: {ms:.3f} ms, floor "
+        f"{floor_ms:.3f} ms ({100 * floor_ms / ms if ms else 0:.0f}% of peak)",
+        f"{'shape':>16s} {'layers':>6s} {'Mwords':>7s} {'ms':>7s} {'% peak':>7s}",
+    ]
     for r in shapes:
-        lines.append(f"{r['shape']:>16s} {r['layers']:6d} {r['words'] / 1e6:7.2f} {r['ms']:7.3f} "
-                     f"{r['pct_peak']:6.0f}%")
+        lines.append(
+            f"{r['shape']:>16s} {r['layers']:6d} {r['words'] / 1e6:7.2f} {r['ms']:7.3f} "
+            f"{r['pct_peak']:6.0f}%"
+        )
     return "\n".join(lines)
 
 
@@ -428,6 +539,7 @@ def prepare_cuda(name, width, device, tmp):
     model = MODELS[name](width=width, **kwargs)
     ckpt, art = os.path.join(tmp, f"{name}.safetensors"), os.path.join(tmp, f"{name}.ctmq")
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
     set_bits(model, 1, 1)
     model.eval()
@@ -450,31 +562,50 @@ def measure_cuda(name, model, runtimes, size, batches, device):
         def ref_fn():
             with torch.inference_mode():
                 return model(xr)
+
         t_ref = bench.timeit(ref_fn, device)
         for kernel, rt in runtimes.items():
             try:
                 with binary.use_kernel(kernel):
-                    rows.append(_row(name, size, b, kernel, bench.timeit(lambda: rt(x), device), t_ref))
+                    rows.append(
+                        _row(name, size, b, kernel, bench.timeit(lambda: rt(x), device), t_ref)
+                    )
             except Exception as e:  # noqa: BLE001 - keep the other kernel's figures
-                rows.append({"model": name, "size": size, "batch": b, "kernel": kernel,
-                             "torch_ms": t_ref * 1e3, "error": f"{type(e).__name__}: {e}"[:500]})
+                rows.append(
+                    {
+                        "model": name,
+                        "size": size,
+                        "batch": b,
+                        "kernel": kernel,
+                        "torch_ms": t_ref * 1e3,
+                        "error": f"{type(e).__name__}: {e}"[:500],
+                    }
+                )
     return rows
 
 
 def run_cuda(a):
     dev = torch.device("cuda")
     name = bench.device_name(dev)
-    log = bench.JsonRows(a.json, device=name, reference="float16 channels_last", width=a.width,
-                         artifacts={})
+    log = bench.JsonRows(
+        a.json, device=name, reference="float16 channels_last", width=a.width, artifacts={}
+    )
     batches = a.batch or [256, 1]
-    print(f"binarized zoo deploy, {name}; torch float16 channels_last eval of the same "
-          f"architecture in the same run")
-    print(f"{'model':>10s} {'input':>7s} {'batch':>5s} {'kernel':>7s} {'ctmq ms':>9s} "
-          f"{'torch ms':>9s} {'speedup':>8s} {'ctmq img/s':>11s} {'torch img/s':>12s}")
+    print(
+        f"binarized zoo deploy, {name}; torch float16 channels_last eval of the same "
+        f"architecture in the same run"
+    )
+    print(
+        f"{'model':>10s} {'input':>7s} {'batch':>5s} {'kernel':>7s} {'ctmq ms':>9s} "
+        f"{'torch ms':>9s} {'speedup':>8s} {'ctmq img/s':>11s} {'torch img/s':>12s}"
+    )
     for model_name in a.models:
         with tempfile.TemporaryDirectory() as tmp:
             model, runtimes, size, sizes = prepare_cuda(model_name, a.width, dev, tmp)
-        log.meta["artifacts"][model_name] = {"checkpoint_bytes": sizes[0], "artifact_bytes": sizes[1]}
+        log.meta["artifacts"][model_name] = {
+            "checkpoint_bytes": sizes[0],
+            "artifact_bytes": sizes[1],
+        }
         for r in measure_cuda(model_name, model, runtimes, size, batches, dev):
             log.add(r)
             _print_cuda(r)
@@ -486,33 +617,70 @@ def _print_cuda(r):
     if "error" in r:
         print(f"{head} failed: {r['error']}")
         return
-    print(f"{head} {r['ctmq_ms']:9.2f} {r['torch_ms']:9.2f} {r['speedup']:7.2f}x "
-          f"{r['ctmq_img_s']:11.1f} {r['torch_img_s']:12.1f}")
+    print(
+        f"{head} {r['ctmq_ms']:9.2f} {r['torch_ms']:9.2f} {r['speedup']:7.2f}x "
+        f"{r['ctmq_img_s']:11.1f} {r['torch_img_s']:12.1f}"
+    )
 
 
 def _row(model, size, batch, kernel, t_ctmq, t_ref):
-    return {"model": model, "size": size, "batch": batch, "kernel": kernel,
-            "ctmq_ms": t_ctmq * 1e3, "torch_ms": t_ref * 1e3, "speedup": t_ref / t_ctmq,
-            "ctmq_img_s": batch / t_ctmq, "torch_img_s": batch / t_ref}
+    return {
+        "model": model,
+        "size": size,
+        "batch": batch,
+        "kernel": kernel,
+        "ctmq_ms": t_ctmq * 1e3,
+        "torch_ms": t_ref * 1e3,
+        "speedup": t_ref / t_ctmq,
+        "ctmq_img_s": batch / t_ctmq,
+        "torch_img_s": batch / t_ref,
+    }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=_names(SETTINGS, "--models"), default=DEFAULT_MODELS.split(","),
-                   help=f"comma-separated, of {sorted(SETTINGS)} (default {DEFAULT_MODELS})")
+    p.add_argument(
+        "--models",
+        type=_names(SETTINGS, "--models"),
+        default=DEFAULT_MODELS.split(","),
+        help=f"comma-separated, of {sorted(SETTINGS)} (default {DEFAULT_MODELS})",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="batch sizes (default: 1 8 on cpu, 256 1 on cuda)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts (default 1 2)")
-    p.add_argument("--engines", type=_names(ENGINES, "--engines"), default=list(ENGINES),
-                   help="ctmq engines (default native,executor)")
-    p.add_argument("--peers", type=_names(PEERS, "--peers"), default=["torch", "ort"],
-                   help="float engines (default torch,ort; compile adds torch.compile)")
-    p.add_argument("--isa", choices=["native", *ISA_CAPS], default="native",
-                   help="avx2: every engine capped at AVX2 (an AVX2 machine emulated)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 1 8 on cpu, 256 1 on cuda)",
+    )
+    p.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts (default 1 2)"
+    )
+    p.add_argument(
+        "--engines",
+        type=_names(ENGINES, "--engines"),
+        default=list(ENGINES),
+        help="ctmq engines (default native,executor)",
+    )
+    p.add_argument(
+        "--peers",
+        type=_names(PEERS, "--peers"),
+        default=["torch", "ort"],
+        help="float engines (default torch,ort; compile adds torch.compile)",
+    )
+    p.add_argument(
+        "--isa",
+        choices=["native", *ISA_CAPS],
+        default="native",
+        help="avx2: every engine capped at AVX2 (an AVX2 machine emulated)",
+    )
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    p.add_argument("--min-time", type=float, default=3.0,
-                   help="seconds of timing per model, batch size and thread count (cpu)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=3.0,
+        help="seconds of timing per model, batch size and thread count (cpu)",
+    )
     p.add_argument("--ctmq-run", help="a built ctmq-run: time its whole process too")
     p.add_argument("--json")
     a = p.parse_args(argv)

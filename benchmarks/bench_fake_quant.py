@@ -5,6 +5,7 @@ measured in the same run.
     python benchmarks/bench_fake_quant.py [--device cuda] [--numel N] [--json out.json]
     pytest benchmarks/bench_fake_quant.py --benchmark-enable      # CPU, pytest-benchmark
 """
+
 import argparse
 import sys
 

@@ -35,6 +35,7 @@ training process's own CPU work comes on top).
     python benchmarks/bench_loader.py [--workers 0,1,2] [--batch 256] [--batches 12]
         [--root DIR] [--pipeline auto|ctmq|standin] [--gpu-images-per-s R] [--json out.json] [--quick]
 """
+
 import argparse
 import dataclasses
 import gc
@@ -73,15 +74,20 @@ def synthetic_image(rng, size=(500, 375)):
     w, h = size
     img = None
     for (lw, lh), amp in zip(_LEVELS, _AMPS, strict=True):
-        base = (np.full((lh, lw, 3), 128, np.int16) if img is None
-                else np.asarray(img.resize((lw, lh), Image.BICUBIC), np.int16))
+        base = (
+            np.full((lh, lw, 3), 128, np.int16)
+            if img is None
+            else np.asarray(img.resize((lw, lh), Image.BICUBIC), np.int16)
+        )
         base += rng.integers(-amp, amp + 1, (lh, lw, 1), dtype=np.int16)
         base += rng.integers(-(amp // 3), amp // 3 + 1, base.shape, dtype=np.int16)
         img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     arr = np.asarray(img.resize((w, h), Image.BICUBIC), np.int16)
     g = rng.uniform(-1, 1, 3)
-    arr += (np.linspace(-40, 40, w)[None, :, None] * g
-            + np.linspace(-30, 30, h)[:, None, None] * g[::-1]).astype(np.int16)
+    arr += (
+        np.linspace(-40, 40, w)[None, :, None] * g
+        + np.linspace(-30, 30, h)[:, None, None] * g[::-1]
+    ).astype(np.int16)
     arr += rng.integers(-_FINE, _FINE + 1, (h, w, 1), dtype=np.int16)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
@@ -192,7 +198,9 @@ class RandomHorizontalFlip:
 class ToTensor:
     def __call__(self, pic):
         img = torch.from_numpy(np.array(pic, np.uint8, copy=True))
-        img = img.view(pic.size[1], pic.size[0], len(pic.getbands())).permute((2, 0, 1)).contiguous()
+        img = (
+            img.view(pic.size[1], pic.size[0], len(pic.getbands())).permute((2, 0, 1)).contiguous()
+        )
         return img.to(dtype=torch.get_default_dtype()).div(255)
 
 
@@ -212,11 +220,23 @@ def load_standin(root, image_size=IMAGE_SIZE):
     load_imagenet_data's train set; test is the same set (never iterated here)."""
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
-        raise data_mod.DataError(f"{train_dir} not found; expected layout: {root}/train/<class>/<image>")
-    train = ImageFolder(train_dir, Compose([RandomResizedCrop(image_size), RandomHorizontalFlip(),
-                                            ToTensor(), Normalize(MEAN, STD)]))
-    return data_mod.Data("imagenet", train, train, len(train.classes), 3, image_size, MEAN, STD,
-                         list(train.classes))
+        raise data_mod.DataError(
+            f"{train_dir} not found; expected layout: {root}/train/<class>/<image>"
+        )
+    train = ImageFolder(
+        train_dir,
+        Compose(
+            [
+                RandomResizedCrop(image_size),
+                RandomHorizontalFlip(),
+                ToTensor(),
+                Normalize(MEAN, STD),
+            ]
+        ),
+    )
+    return data_mod.Data(
+        "imagenet", train, train, len(train.classes), 3, image_size, MEAN, STD, list(train.classes)
+    )
 
 
 def load_pipeline(root, which="auto"):
@@ -226,13 +246,19 @@ def load_pipeline(root, which="auto"):
         try:
             d = data_mod.load("imagenet", root)
             import torchvision
-            return d, f"ctmq.data.load('imagenet') (torchvision {torchvision.__version__} ImageFolder + transforms)"
+
+            return (
+                d,
+                f"ctmq.data.load('imagenet') (torchvision {torchvision.__version__} ImageFolder + transforms)",
+            )
         except data_mod.DataError as e:
             if which == "ctmq" or not isinstance(e.__cause__, ImportError):
                 raise
-    return load_standin(root), ("stand-in for ctmq.data.load('imagenet'): PIL + torch, the same "
-                                "ImageFolder + RandomResizedCrop/flip/ToTensor/Normalize calls "
-                                "(torchvision is not installed)")
+    return load_standin(root), (
+        "stand-in for ctmq.data.load('imagenet'): PIL + torch, the same "
+        "ImageFolder + RandomResizedCrop/flip/ToTensor/Normalize calls "
+        "(torchvision is not installed)"
+    )
 
 
 # ------------------------------------------------------------------ measuring
@@ -244,7 +270,9 @@ class Resampled(torch.utils.data.Dataset):
     def __init__(self, base, n, seed=0):
         g = torch.Generator().manual_seed(seed)
         reps = -(-n // len(base))
-        self.index = torch.cat([torch.randperm(len(base), generator=g) for _ in range(reps)])[:n].tolist()
+        self.index = torch.cat([torch.randperm(len(base), generator=g) for _ in range(reps)])[
+            :n
+        ].tolist()
         self.base = base
 
     def __len__(self):
@@ -257,7 +285,9 @@ class Resampled(torch.utils.data.Dataset):
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -324,12 +354,18 @@ def measure(data, workers, batch, batches, seed=0, pin_memory=False):
     cores = min(max(workers, 1), core_count())
     per_image = 1e3 / ((1 + n) * batch)
     cpu_ms = None if worker_cpu is None else (main_cpu + worker_cpu) * per_image
-    return {"workers": workers, "batches": n, "images_per_s": rate,
-            "ms_per_batch": 1e3 * (t2 - t1) / n, "core_ms_per_image": 1e3 * cores / rate,
-            "cpu_ms_per_image": cpu_ms, "main_cpu_ms_per_image": main_cpu * per_image,
-            "worker_cpu_ms_per_image": None if worker_cpu is None else worker_cpu * per_image,
-            "images_per_s_per_core": 1e3 / (cpu_ms if cpu_ms else 1e3 * cores / rate),
-            "first_batch_s": t1 - t0}
+    return {
+        "workers": workers,
+        "batches": n,
+        "images_per_s": rate,
+        "ms_per_batch": 1e3 * (t2 - t1) / n,
+        "core_ms_per_image": 1e3 * cores / rate,
+        "cpu_ms_per_image": cpu_ms,
+        "main_cpu_ms_per_image": main_cpu * per_image,
+        "worker_cpu_ms_per_image": None if worker_cpu is None else worker_cpu * per_image,
+        "images_per_s_per_core": 1e3 / (cpu_ms if cpu_ms else 1e3 * cores / rate),
+        "first_batch_s": t1 - t0,
+    }
 
 
 def breakdown(dataset, count=64, seed=0):
@@ -363,16 +399,22 @@ def _breakdown(base, count):
 
 
 def format_table(rows, gpu_rate=None):
-    head = (f"{'workers':>7s} {'batches':>7s} {'images/s':>9s} {'ms/batch':>9s} {'core-ms/img':>11s} "
-            f"{'cpu-ms/img':>10s} {'img/s/core':>10s} {'1st batch s':>11s}")
+    head = (
+        f"{'workers':>7s} {'batches':>7s} {'images/s':>9s} {'ms/batch':>9s} {'core-ms/img':>11s} "
+        f"{'cpu-ms/img':>10s} {'img/s/core':>10s} {'1st batch s':>11s}"
+    )
     if gpu_rate:
         head += f" {f'cores@{gpu_rate:g}':>11s}"
     lines = [head]
     for r in rows:
-        cpu = f"{r['cpu_ms_per_image']:10.2f}" if r["cpu_ms_per_image"] is not None else f"{'-':>10s}"
-        line = (f"{r['workers']:7d} {r['batches']:7d} {r['images_per_s']:9.1f} {r['ms_per_batch']:9.1f} "
-                f"{r['core_ms_per_image']:11.2f} {cpu} {r['images_per_s_per_core']:10.1f} "
-                f"{r['first_batch_s']:11.2f}")
+        cpu = (
+            f"{r['cpu_ms_per_image']:10.2f}" if r["cpu_ms_per_image"] is not None else f"{'-':>10s}"
+        )
+        line = (
+            f"{r['workers']:7d} {r['batches']:7d} {r['images_per_s']:9.1f} {r['ms_per_batch']:9.1f} "
+            f"{r['core_ms_per_image']:11.2f} {cpu} {r['images_per_s_per_core']:10.1f} "
+            f"{r['first_batch_s']:11.2f}"
+        )
         if gpu_rate:
             line += f" {r['cores_for_gpu']:11.1f}"
         lines.append(line)
@@ -383,7 +425,9 @@ def parse_workers(text):
     try:
         ws = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--workers wants comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--workers wants comma-separated integers, got {text!r}"
+        ) from None
     if not ws or any(w < 0 for w in ws):
         raise argparse.ArgumentTypeError(f"--workers wants integers >= 0, got {text!r}")
     return ws
@@ -391,24 +435,46 @@ def parse_workers(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=parse_workers, default=None, help="comma-separated, default 0,1,2")
+    p.add_argument(
+        "--workers", type=parse_workers, default=None, help="comma-separated, default 0,1,2"
+    )
     p.add_argument("--batch", type=int, default=None, help="default 256 (--quick: 8)")
-    p.add_argument("--batches", type=int, default=None,
-                   help="timed batches per worker count, after the first; default 12 (--quick: 2)")
-    p.add_argument("--root", help="a real tree (ROOT/train/<class>/<image>) instead of the synthetic one")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="timed batches per worker count, after the first; default 12 (--quick: 2)",
+    )
+    p.add_argument(
+        "--root", help="a real tree (ROOT/train/<class>/<image>) instead of the synthetic one"
+    )
     p.add_argument("--classes", type=int, default=2, help="synthetic tree: classes (default 2)")
-    p.add_argument("--per-class", type=int, default=None, help="synthetic tree: images per class (default 200)")
-    p.add_argument("--pipeline", choices=["auto", "ctmq", "standin"], default="auto",
-                   help="ctmq: ctmq.data.load('imagenet') (needs torchvision); standin: the PIL "
-                        "re-implementation here; auto: ctmq where torchvision imports")
-    p.add_argument("--gpu-images-per-s", type=float, default=None,
-                   help="a GPU's training rate to feed: prints the loader cores it needs")
+    p.add_argument(
+        "--per-class", type=int, default=None, help="synthetic tree: images per class (default 200)"
+    )
+    p.add_argument(
+        "--pipeline",
+        choices=["auto", "ctmq", "standin"],
+        default="auto",
+        help="ctmq: ctmq.data.load('imagenet') (needs torchvision); standin: the PIL "
+        "re-implementation here; auto: ctmq where torchvision imports",
+    )
+    p.add_argument(
+        "--gpu-images-per-s",
+        type=float,
+        default=None,
+        help="a GPU's training rate to feed: prints the loader cores it needs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
-    p.add_argument("--quick", action="store_true", help="a smoke run: tiny tree, batch 8, 2 batches")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: tiny tree, batch 8, 2 batches"
+    )
     a = p.parse_args(argv)
+
     def default(value, quick, full):
         return value if value is not None else (quick if a.quick else full)
+
     workers = default(a.workers, [0, 1, 2], [0, 1, 2])
     batch = default(a.batch, 8, 256)
     batches = default(a.batches, 2, 12)
@@ -422,14 +488,19 @@ def main(argv=None):
     tmp = None
     try:
         if a.root:
-            root, tree = a.root, f"{a.root} (its first read may come from disk, later ones from the page cache)"
+            root, tree = (
+                a.root,
+                f"{a.root} (its first read may come from disk, later ones from the page cache)",
+            )
         else:
             tmp = root = tempfile.mkdtemp(prefix="ctmq-bench-loader-")
             t0 = time.perf_counter()
             sizes = make_tree(root, a.classes, per_class, seed=a.seed)
-            tree = (f"synthetic, {a.classes} classes x {per_class} JPEGs 500x375 quality 90, mean "
-                    f"{np.mean(sizes) / 1e3:.0f} KB (min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f}); "
-                    f"written in {time.perf_counter() - t0:.1f} s, read from the page cache")
+            tree = (
+                f"synthetic, {a.classes} classes x {per_class} JPEGs 500x375 quality 90, mean "
+                f"{np.mean(sizes) / 1e3:.0f} KB (min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f}); "
+                f"written in {time.perf_counter() - t0:.1f} s, read from the page cache"
+            )
         try:
             data, pipeline = load_pipeline(root, a.pipeline)
         except data_mod.DataError as e:
@@ -439,27 +510,47 @@ def main(argv=None):
         ncores = core_count()
         from PIL import __version__ as pil_version
         from PIL import features
+
         jpeg = features.version("jpg") or "?"
         turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
-        log = bench.JsonRows(a.json, cpu=cpu_model(), cores=ncores, load_average=load_average(),
-                             pipeline=pipeline, tree=tree, train_images=len(data.train), batch=batch,
-                             pin_memory=pin, image_size=data.image_size, torch=torch.__version__,
-                             pillow=pil_version, jpeg=f"{turbo} {jpeg}",
-                             gpu_images_per_s=a.gpu_images_per_s)
-        print(f"ImageNet training input pipeline, {cpu_model()}, {ncores} cores "
-              f"(os.cpu_count {os.cpu_count()}); load average {load_average()}")
+        log = bench.JsonRows(
+            a.json,
+            cpu=cpu_model(),
+            cores=ncores,
+            load_average=load_average(),
+            pipeline=pipeline,
+            tree=tree,
+            train_images=len(data.train),
+            batch=batch,
+            pin_memory=pin,
+            image_size=data.image_size,
+            torch=torch.__version__,
+            pillow=pil_version,
+            jpeg=f"{turbo} {jpeg}",
+            gpu_images_per_s=a.gpu_images_per_s,
+        )
+        print(
+            f"ImageNet training input pipeline, {cpu_model()}, {ncores} cores "
+            f"(os.cpu_count {os.cpu_count()}); load average {load_average()}"
+        )
         print(f"pipeline: {pipeline}")
-        print(f"  Pillow {pil_version} ({turbo} {jpeg}), torch {torch.__version__}, "
-              f"{data.image_size}x{data.image_size} out, {len(data.train)} train images")
+        print(
+            f"  Pillow {pil_version} ({turbo} {jpeg}), torch {torch.__version__}, "
+            f"{data.image_size}x{data.image_size} out, {len(data.train)} train images"
+        )
         print(f"data: {tree}")
-        print(f"loader: ctmq.engine.trainer.make_loaders, batch {batch}, shuffle, drop_last, "
-              f"persistent_workers, pin_memory {'on' if pin else 'off'}")
+        print(
+            f"loader: ctmq.engine.trainer.make_loaders, batch {batch}, shuffle, drop_last, "
+            f"persistent_workers, pin_memory {'on' if pin else 'off'}"
+        )
         steps = breakdown(data.train, count=8 if a.quick else 64, seed=a.seed)
         total = sum(ms for _, ms in steps)
         log.meta["breakdown_ms"] = dict(steps)
-        print("one image on one core, main process, no DataLoader: "
-              + ", ".join(f"{name} {ms:.2f}" for name, ms in steps)
-              + f" = {total:.2f} ms ({1e3 / total:.0f} img/s)")
+        print(
+            "one image on one core, main process, no DataLoader: "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in steps)
+            + f" = {total:.2f} ms ({1e3 / total:.0f} img/s)"
+        )
         rows = []
         for w in workers:
             row = measure(data, w, batch, batches, a.seed, pin)
@@ -471,10 +562,12 @@ def main(argv=None):
         if a.gpu_images_per_s:
             ref = max(rows, key=lambda r: r["workers"])
             need = a.gpu_images_per_s / ref["images_per_s_per_core"]
-            print(f"to feed {a.gpu_images_per_s:g} images/s: {need:.1f} loader cores at the "
-                  f"{ref['workers']}-worker row's {ref['images_per_s_per_core']:.0f} img/s per core "
-                  f"(this machine: {ncores}, which give {ncores * ref['images_per_s_per_core']:.0f} img/s); "
-                  f"a floor: the training process's own CPU work comes on top")
+            print(
+                f"to feed {a.gpu_images_per_s:g} images/s: {need:.1f} loader cores at the "
+                f"{ref['workers']}-worker row's {ref['images_per_s_per_core']:.0f} img/s per core "
+                f"(this machine: {ncores}, which give {ncores * ref['images_per_s_per_core']:.0f} img/s); "
+                f"a floor: the training process's own CPU work comes on top"
+            )
         print(f"total {time.perf_counter() - t_start:.1f} s")
         return 0
     finally:

@@ -6,6 +6,7 @@ torch.compile'd. Every ratio is to the FP step of the same mode in the same run.
     python benchmarks/bench_qat_step.py --compile-bits 32 4   # also torch.compile'd
     python benchmarks/bench_qat_step.py --device cpu --batch 4 --image-size 64 --width 0.25
 """
+
 import argparse
 import sys
 import time
@@ -28,15 +29,26 @@ def use_quantizers(model, kind):
             m.__dict__.pop("quantized_weight", None)
         else:
             m.quantized_input = types.MethodType(
-                lambda self, x: x if self.a_bits == 32 else bench.eager_act(x, self.a_bits), m)
+                lambda self, x: x if self.a_bits == 32 else bench.eager_act(x, self.a_bits), m
+            )
             m.quantized_weight = types.MethodType(
-                lambda self: self.weight if self.w_bits == 32 else bench.eager_weight(self.weight, self.w_bits), m)
+                lambda self: (
+                    self.weight
+                    if self.w_bits == 32
+                    else bench.eager_weight(self.weight, self.w_bits)
+                ),
+                m,
+            )
 
 
 def step_time(model, x, y, device, steps, compiled):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     fwd = torch.compile(model) if compiled else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         with amp:
@@ -67,11 +79,19 @@ def main(argv=None):
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
     p.add_argument("--bits", type=int, nargs="+", default=[32, 4, 1])
-    p.add_argument("--compile-bits", type=int, nargs="*", default=[],
-                   help="bit depths also timed under torch.compile, e.g. 32 4 (each compiles "
-                        "ResNet-18 once: about a minute on a GPU); default none: the target is eager")
-    p.add_argument("--compile-torch-quantizers", action="store_true",
-                   help="also compile the eager-torch-quantizer model (one more compilation per depth)")
+    p.add_argument(
+        "--compile-bits",
+        type=int,
+        nargs="*",
+        default=[],
+        help="bit depths also timed under torch.compile, e.g. 32 4 (each compiles "
+        "ResNet-18 once: about a minute on a GPU); default none: the target is eager",
+    )
+    p.add_argument(
+        "--compile-torch-quantizers",
+        action="store_true",
+        help="also compile the eager-torch-quantizer model (one more compilation per depth)",
+    )
     p.add_argument("--json")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -86,9 +106,14 @@ def main(argv=None):
     y = torch.randint(0, 1000, (batch,), device=device)
     name = bench.device_name(device)
     log = bench.JsonRows(a.json, device=name, batch=batch, image_size=a.image_size, width=a.width)
-    print(f"ResNet-18 train step, {name}, batch {batch}, {a.image_size}x{a.image_size}, "
-          f"width {a.width}{', bf16 autocast, channels_last' if device.type == 'cuda' else ', fp32'}")
-    print(f"{'mode':9s} {'stage':6s} {'quantizers':10s} {'ms':>9s} {'img/s':>9s} {'vs FP':>7s}", flush=True)
+    print(
+        f"ResNet-18 train step, {name}, batch {batch}, {a.image_size}x{a.image_size}, "
+        f"width {a.width}{', bf16 autocast, channels_last' if device.type == 'cuda' else ', fp32'}"
+    )
+    print(
+        f"{'mode':9s} {'stage':6s} {'quantizers':10s} {'ms':>9s} {'img/s':>9s} {'vs FP':>7s}",
+        flush=True,
+    )
     fp = {}
     for compiled in (False, True):
         for bits in a.bits:
@@ -105,13 +130,21 @@ def main(argv=None):
                 mode = "compiled" if compiled else "eager"
                 if bits == 32:
                     fp[mode] = t * 1e3
-                r = {"mode": mode, "bits": bits, "quantizers": kind if bits != 32 else "-",
-                     "ms": t * 1e3, "img_s": batch / t,
-                     "vs_fp": fp[mode] / (t * 1e3) if mode in fp else float("nan")}
+                r = {
+                    "mode": mode,
+                    "bits": bits,
+                    "quantizers": kind if bits != 32 else "-",
+                    "ms": t * 1e3,
+                    "img_s": batch / t,
+                    "vs_fp": fp[mode] / (t * 1e3) if mode in fp else float("nan"),
+                }
                 log.add(r)  # written as measured: a run stopped later keeps it
                 stage = "FP" if bits == 32 else f"W{bits}A{bits}"
-                print(f"{r['mode']:9s} {stage:6s} {r['quantizers']:10s} {r['ms']:9.2f} "
-                      f"{r['img_s']:9.0f} {r['vs_fp']:6.3f}x", flush=True)
+                print(
+                    f"{r['mode']:9s} {stage:6s} {r['quantizers']:10s} {r['ms']:9.2f} "
+                    f"{r['img_s']:9.0f} {r['vs_fp']:6.3f}x",
+                    flush=True,
+                )
     use_quantizers(model, "ctmq")
 
 

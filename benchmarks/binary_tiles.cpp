@@ -7,7 +7,8 @@
 //
 //   g++ -O3 -std=c++17 -ffp-contract=off -Icsrc/cpu benchmarks/binary_tiles.cpp \
 //       csrc/cpu/binary_conv.cpp csrc/cpu/binary_conv2d.cpp csrc/cpu/binary_scalar.cpp \
-//       csrc/cpu/binary_avx2.cpp csrc/cpu/binary_avx512.cpp csrc/cpu/binary_neon.cpp csrc/cpu/binary_patches.cpp -o tiles
+//       csrc/cpu/binary_avx2.cpp csrc/cpu/binary_avx512.cpp csrc/cpu/binary_neon.cpp
+//       csrc/cpu/binary_patches.cpp -o tiles
 //   taskset -c 1 ./tiles [path] [batch] [packed|float|nhwc]
 #include <chrono>
 #include <cstdio>
@@ -32,13 +33,19 @@ struct Shape {
   int64_t C, O, size, stride, k;
 };
 const Shape kShapes[] = {
-    {"64x64@56", 64, 64, 56, 1, 3},          {"64x128@56/s2", 64, 128, 56, 2, 3},
-    {"128x128@28", 128, 128, 28, 1, 3},      {"128x256@28/s2", 128, 256, 28, 2, 3},
-    {"256x256@14", 256, 256, 14, 1, 3},      {"256x512@14/s2", 256, 512, 14, 2, 3},
-    {"512x512@7", 512, 512, 7, 1, 3},        {"1x1 64x128@56/s2", 64, 128, 56, 2, 1},
-    {"1x1 128x256@28/s2", 128, 256, 28, 2, 1}, {"1x1 256x512@14/s2", 256, 512, 14, 2, 1},
+    {"64x64@56", 64, 64, 56, 1, 3},
+    {"64x128@56/s2", 64, 128, 56, 2, 3},
+    {"128x128@28", 128, 128, 28, 1, 3},
+    {"128x256@28/s2", 128, 256, 28, 2, 3},
+    {"256x256@14", 256, 256, 14, 1, 3},
+    {"256x512@14/s2", 256, 512, 14, 2, 3},
+    {"512x512@7", 512, 512, 7, 1, 3},
+    {"1x1 64x128@56/s2", 64, 128, 56, 2, 1},
+    {"1x1 128x256@28/s2", 128, 256, 28, 2, 1},
+    {"1x1 256x512@14/s2", 256, 512, 14, 2, 1},
     // few output channels (not ResNet-18's): where narrow tiles pay
-    {"32x32@32", 32, 32, 32, 1, 3},          {"32x16@32", 32, 16, 32, 1, 3},
+    {"32x32@32", 32, 32, 32, 1, 3},
+    {"32x16@32", 32, 16, 32, 1, 3},
     {"64x8@28", 64, 8, 28, 1, 3},
 };
 
@@ -69,7 +76,8 @@ Data make(const Shape& s, int64_t batch, const std::string& mode) {
   d.x.resize(batch * s.size * s.size * Cw);
   d.w.resize(s.O * s.k * s.k * Cw);
   uint64_t state = 12345;
-  for (auto& v : d.x) v = static_cast<uint32_t>(state = state * 6364136223846793005ull + 1442695040888963407ull) >> 0;
+  for (auto& v : d.x)
+    v = static_cast<uint32_t>(state = state * 6364136223846793005ull + 1442695040888963407ull) >> 0;
   for (auto& v : d.w) v = static_cast<uint32_t>((state = state * 6364136223846793005ull + 1) >> 32);
   d.pw = prepare_weight(d.w.data(), s.O, s.k, s.k, s.C);
   d.scale.assign(s.O, 0.5f);
@@ -78,8 +86,10 @@ Data make(const Shape& s, int64_t batch, const std::string& mode) {
   d.out.resize(batch * s.O * OH * OH);
   d.packed.resize(batch * OH * OH * ((s.O + 31) / 32));
   d.p.x = d.x.data();
-  d.p.N = batch; d.p.H = d.p.W = s.size;
-  d.p.sh = d.p.sw = s.stride; d.p.ph = d.p.pw = pad;
+  d.p.N = batch;
+  d.p.H = d.p.W = s.size;
+  d.p.sh = d.p.sw = s.stride;
+  d.p.ph = d.p.pw = pad;
   d.p.scale = d.scale.data();
   d.p.bias = d.bias.data();
   if (mode == "packed") {
@@ -114,7 +124,8 @@ int main(int argc, char** argv) {
   for (Path path : {Path::kAvx512, Path::kAvx2, Path::kNeon, Path::kScalar}) {
     if (!path_runs(path) || (!only.empty() && only != path_name(path))) continue;
     const double peak = peak_words_per_second(path, 0.3) / hz;
-    std::printf("\npath %s: peak %.2f words/cycle\n%-20s %5s %5s", path_name(path), peak, "shape", "K", "auto");
+    std::printf("\npath %s: peak %.2f words/cycle\n%-20s %5s %5s", path_name(path), peak, "shape", "K",
+                "auto");
     for (int t = 0; t < tile_count(path); ++t) {
       const Tile tile = tile_at(path, t);
       std::printf("   %2dx%d", tile.mr, tile.nv);
@@ -140,8 +151,8 @@ int main(int argc, char** argv) {
         }
       }
       for (int t = 0; t < tiles; ++t) std::printf(" %7.2f", words / (best[t] * hz));
-      std::printf("   auto %.3f ms %.2f w/c (%.0f%% of peak)\n", best[tiles] * 1e3, words / (best[tiles] * hz),
-                  100 * words / (best[tiles] * hz) / peak);
+      std::printf("   auto %.3f ms %.2f w/c (%.0f%% of peak)\n", best[tiles] * 1e3,
+                  words / (best[tiles] * hz), 100 * words / (best[tiles] * hz) / peak);
     }
   }
   return 0;

@@ -12,12 +12,14 @@ TORCH_LIBRARY(ctmq, m) {
   m.def("masked_grad_fused(Tensor grad, Tensor mask) -> Tensor");
   m.def("pack_bits_cpu(Tensor x) -> Tensor");
   m.def("binary_weight_gemm(Tensor bits) -> (Tensor, Tensor)");
-  m.def("binary_conv2d_cpu(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
-        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
-        "Tensor? bias, Tensor? residual, bool packed_out) -> Tensor");
-  m.def("binary_conv2d_bmma(Tensor x, int in_channels, Tensor bits, Tensor tap_popc, int[2] stride, "
-        "int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, Tensor? residual, "
-        "bool packed_out) -> Tensor");  // CUDA only: csrc/cuda/binary_conv_bind.cpp
+  m.def(
+      "binary_conv2d_cpu(Tensor x, int in_channels, Tensor weight, Tensor tap_popc, int out_channels, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, "
+      "Tensor? bias, Tensor? residual, bool packed_out) -> Tensor");
+  m.def(
+      "binary_conv2d_bmma(Tensor x, int in_channels, Tensor bits, Tensor tap_popc, int[2] stride, "
+      "int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, Tensor? residual, "
+      "bool packed_out) -> Tensor");  // CUDA only: csrc/cuda/binary_conv_bind.cpp
   m.def("set_cpu_path(str path) -> str", &ctmq::binary_cpu_path);
   m.def("binary_cpu_peak(float seconds) -> float", &ctmq::binary_cpu_peak);
 }

@@ -5,6 +5,7 @@ kernels.
 The submodules load on first use: `import ctmq` itself needs nothing but
 Python, so that ctmq.deploy.load(path, engine="native") runs where torch is
 not installed."""
+
 import importlib
 
 __version__ = "0.1.0"
@@ -19,8 +20,16 @@ _LAZY = {  # public name -> (module, attribute or None for the module itself)
     "quantize_weight": ("ctmq.quant", "quantize_weight"),
 }
 
-__all__ = ["ops", "quant", "force_triton", "has_extension", "fake_quant_affine",
-           "quantize_act", "quantize_weight", "__version__"]
+__all__ = [
+    "ops",
+    "quant",
+    "force_triton",
+    "has_extension",
+    "fake_quant_affine",
+    "quantize_act",
+    "quantize_weight",
+    "__version__",
+]
 
 
 def __getattr__(name):

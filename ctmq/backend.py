@@ -4,14 +4,24 @@
 of them asks here and gets a RuntimeError that says what is missing and how
 to get it.
 """
+
 import contextlib
 import importlib
 import os
 import threading
 
-__all__ = ["extension", "extension_or_none", "has_extension", "triton_kernels", "force_triton",
-           "triton_forced", "use_binary_kernel", "cuda_binary_kernel", "CUDA_BINARY_KERNELS",
-           "BINARY_KERNEL_ENV"]
+__all__ = [
+    "extension",
+    "extension_or_none",
+    "has_extension",
+    "triton_kernels",
+    "force_triton",
+    "triton_forced",
+    "use_binary_kernel",
+    "cuda_binary_kernel",
+    "CUDA_BINARY_KERNELS",
+    "BINARY_KERNEL_ENV",
+]
 
 _state = threading.local()
 _cache = {}
@@ -38,16 +48,20 @@ def _load(name, hint):
 
 def triton_kernels(module):
     """ctmq_kernels.<module>, importing triton on first use."""
-    return _load(f"ctmq_kernels.{module}",
-                 "Install triton (`pip install triton`); on CPU tensors it runs only "
-                 "under TRITON_INTERPRET=1, set before triton is first imported.")
+    return _load(
+        f"ctmq_kernels.{module}",
+        "Install triton (`pip install triton`); on CPU tensors it runs only "
+        "under TRITON_INTERPRET=1, set before triton is first imported.",
+    )
 
 
 def extension():
     """The compiled C++/CUDA extension ctmq._C."""
-    return _load("ctmq._C",
-                 "Build it with `pip install -e .` (needs a C++ compiler and ninja; "
-                 "CUDA kernels also need nvcc and a CUDA build of torch).")
+    return _load(
+        "ctmq._C",
+        "Build it with `pip install -e .` (needs a C++ compiler and ninja; "
+        "CUDA kernels also need nvcc and a CUDA build of torch).",
+    )
 
 
 def extension_or_none():
@@ -82,8 +96,10 @@ def force_triton(enabled=True):
     is scoped to the `with` block and the current thread.
     """
     if enabled and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("force_triton(): Triton runs on CPU tensors only under the "
-                           "interpreter; set TRITON_INTERPRET=1 before triton is imported")
+        raise RuntimeError(
+            "force_triton(): Triton runs on CPU tensors only under the "
+            "interpreter; set TRITON_INTERPRET=1 before triton is imported"
+        )
     with _thread_setting("force_triton", enabled):
         yield
 
@@ -104,7 +120,9 @@ def cuda_binary_kernel():
     CTMQ_BINARY_KERNEL's value at import, else "triton"."""
     kernel = getattr(_state, "binary_kernel", None) or _ENV_BINARY_KERNEL
     if kernel not in CUDA_BINARY_KERNELS:
-        raise ValueError(f"{BINARY_KERNEL_ENV} must be one of {CUDA_BINARY_KERNELS}, got {kernel!r}")
+        raise ValueError(
+            f"{BINARY_KERNEL_ENV} must be one of {CUDA_BINARY_KERNELS}, got {kernel!r}"
+        )
     return kernel
 
 

@@ -7,6 +7,7 @@ torch.compile of (a). Bandwidth counts the minimum bytes of fwd+bwd (read x,
 write y, read dy, write dx) and is shown as a fraction of a plain device copy
 measured in the same run. Every ratio is between numbers of one run.
 """
+
 import dataclasses
 import json
 import statistics
@@ -17,8 +18,19 @@ import torch
 from . import quant
 from .files import atomic_open
 
-__all__ = ["Row", "JsonRows", "timeit", "timeit_interleaved", "cases", "run", "format_table",
-           "device_name", "cpu_name", "write_json", "json_row_writer"]
+__all__ = [
+    "Row",
+    "JsonRows",
+    "timeit",
+    "timeit_interleaved",
+    "cases",
+    "run",
+    "format_table",
+    "device_name",
+    "cpu_name",
+    "write_json",
+    "json_row_writer",
+]
 
 
 @dataclasses.dataclass
@@ -36,6 +48,7 @@ def timeit(fn, device, min_time=0.5, max_reps=1000):
     perf_counter on CPU; warm-up calls are not timed."""
     if device.type == "cuda":
         from triton.testing import do_bench
+
         return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     for _ in range(2):
         fn()
@@ -127,39 +140,68 @@ def torch_op_weight(w, bits):
     a = w.detach().abs().flatten(1)
     alpha = (a.mean(1) if bits == 1 else a.amax(1)).float()
     zeros = torch.zeros_like(alpha, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, alpha * 2 / n, zeros, 0,
-                                                  -(n + 1) // 2, (n - 1) // 2)
+    return torch.fake_quantize_per_channel_affine(
+        w, alpha * 2 / n, zeros, 0, -(n + 1) // 2, (n - 1) // 2
+    )
 
 
 def cases(numel):
     """(name, make_input(shape source), {impl: fn}) for each quantizer."""
     wshape = (max(1, numel // 4608), 512, 3, 3)
     return [
-        ("act W4A4 clipped", (numel,), {
-            "ctmq": lambda x: quant.quantize_act(x, 4),
-            "eager": lambda x: eager_act(x, 4),
-            "torch.fake_quantize": lambda x: torch_op_act(x, 4)}),
-        ("act 1-bit approx_sign", (numel,), {
-            "ctmq": lambda x: quant.quantize_act(x, 1, ste="approx_sign"),
-            "eager": lambda x: eager_act(x, 1),
-            "torch.fake_quantize": lambda x: torch_op_act(x, 1)}),
-        ("weight 4-bit per-channel", wshape, {
-            "ctmq": lambda w: quant.quantize_weight(w, 4),
-            "eager": lambda w: eager_weight(w, 4),
-            "torch.fake_quantize": lambda w: torch_op_weight(w, 4)}),
-        ("weight 1-bit per-channel", wshape, {
-            "ctmq": lambda w: quant.quantize_weight(w, 1),
-            "eager": lambda w: eager_weight(w, 1),
-            "torch.fake_quantize": lambda w: torch_op_weight(w, 1)}),
-        ("affine per-tensor int8", (numel,), {
-            "ctmq": lambda x: quant.fake_quant_affine(x, 0.02, 3, -128, 127),
-            "eager": lambda x: eager_affine(x, 0.02, 3, -128, 127),
-            "torch.fake_quantize": lambda x: torch.fake_quantize_per_tensor_affine(
-                x, 0.02, 3, -128, 127)}),
+        (
+            "act W4A4 clipped",
+            (numel,),
+            {
+                "ctmq": lambda x: quant.quantize_act(x, 4),
+                "eager": lambda x: eager_act(x, 4),
+                "torch.fake_quantize": lambda x: torch_op_act(x, 4),
+            },
+        ),
+        (
+            "act 1-bit approx_sign",
+            (numel,),
+            {
+                "ctmq": lambda x: quant.quantize_act(x, 1, ste="approx_sign"),
+                "eager": lambda x: eager_act(x, 1),
+                "torch.fake_quantize": lambda x: torch_op_act(x, 1),
+            },
+        ),
+        (
+            "weight 4-bit per-channel",
+            wshape,
+            {
+                "ctmq": lambda w: quant.quantize_weight(w, 4),
+                "eager": lambda w: eager_weight(w, 4),
+                "torch.fake_quantize": lambda w: torch_op_weight(w, 4),
+            },
+        ),
+        (
+            "weight 1-bit per-channel",
+            wshape,
+            {
+                "ctmq": lambda w: quant.quantize_weight(w, 1),
+                "eager": lambda w: eager_weight(w, 1),
+                "torch.fake_quantize": lambda w: torch_op_weight(w, 1),
+            },
+        ),
+        (
+            "affine per-tensor int8",
+            (numel,),
+            {
+                "ctmq": lambda x: quant.fake_quant_affine(x, 0.02, 3, -128, 127),
+                "eager": lambda x: eager_affine(x, 0.02, 3, -128, 127),
+                "torch.fake_quantize": lambda x: torch.fake_quantize_per_tensor_affine(
+                    x, 0.02, 3, -128, 127
+                ),
+            },
+        ),
     ]
 
 
-def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, only=None, on_row=None):
+def run(
+    device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, only=None, on_row=None
+):
     """Benchmark every case; returns (copy GB/s, [Row]); on_row(copy GB/s, row)
     is called as each row is measured."""
     device = torch.device(device)
@@ -179,8 +221,10 @@ def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, onl
             fns["torch.compile(eager)"] = torch.compile(impls["eager"])
         times = {}
         for impl, fn in fns.items():
+
             def step(fn=fn, x=x, g=g):
                 return torch.autograd.grad(fn(x), x, g)
+
             times[impl] = timeit(step, device)
         for impl, t in times.items():
             gbps = nbytes / t / 1e9
@@ -191,12 +235,16 @@ def run(device="cuda", dtype=torch.bfloat16, numel=64 * 2**20, compile=True, onl
 
 
 def format_table(copy_gbps, rows, device_name):
-    lines = [f"fake-quant fwd+bwd on {device_name}; copy {copy_gbps:.0f} GB/s "
-             "(bytes read + written) in this run",
-             f"{'case':26s} {'impl':22s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs eager':>9s}"]
+    lines = [
+        f"fake-quant fwd+bwd on {device_name}; copy {copy_gbps:.0f} GB/s "
+        "(bytes read + written) in this run",
+        f"{'case':26s} {'impl':22s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs eager':>9s}",
+    ]
     for r in rows:
-        lines.append(f"{r.case:26s} {r.impl:22s} {r.ms:9.3f} {r.gbps:8.0f} "
-                     f"{r.of_copy:7.0%} {r.vs_eager:8.2f}x")
+        lines.append(
+            f"{r.case:26s} {r.impl:22s} {r.ms:9.3f} {r.gbps:8.0f} "
+            f"{r.of_copy:7.0%} {r.vs_eager:8.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -215,6 +263,7 @@ def cpu_name():
     from /proc/cpuinfo where there is one (a VM often shows only the brand)."""
     import os
     import platform
+
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -225,10 +274,20 @@ def cpu_name():
         pass
     name = info.get("model name") or platform.processor() or platform.machine()
     flags = set(info.get("flags", "").split()) | set(info.get("Features", "").split())
-    isa = ("AVX-512 VPOPCNTDQ" if "avx512_vpopcntdq" in flags else "AVX2" if "avx2" in flags
-           else "NEON" if "asimd" in flags else platform.machine())
-    family = (f"family {info['cpu family']} model {info['model']}, "
-              if "cpu family" in info and "model" in info else "")
+    isa = (
+        "AVX-512 VPOPCNTDQ"
+        if "avx512_vpopcntdq" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else "NEON"
+        if "asimd" in flags
+        else platform.machine()
+    )
+    family = (
+        f"family {info['cpu family']} model {info['model']}, "
+        if "cpu family" in info and "model" in info
+        else ""
+    )
     return f"{name} ({family}{isa}), {os.cpu_count()} cores"
 
 
@@ -241,4 +300,7 @@ def write_json(path, copy_gbps, rows, device_name, **meta):
 def json_row_writer(path, device_name, **meta):
     """on_row callback for run(): the JSON file of write_json, rewritten per row."""
     log = JsonRows(path, device=device_name, **meta)
-    return lambda copy_gbps, row: (log.meta.update(copy_gbps=copy_gbps), log.add(dataclasses.asdict(row)))
+    return lambda copy_gbps, row: (
+        log.meta.update(copy_gbps=copy_gbps),
+        log.add(dataclasses.asdict(row)),
+    )

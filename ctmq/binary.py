@@ -14,6 +14,7 @@ when given, are applied as `y * scale[c] + bias[c]` in float32. out="packed"
 returns the next layer's input: bit = (that float value >= 0), so a chain of
 binary layers never materializes floats.
 """
+
 import dataclasses
 import numbers
 
@@ -22,14 +23,25 @@ from torch import Tensor
 
 from . import backend, ops
 
-__all__ = ["PackedActivation", "PackedWeight", "pack_bits", "unpack_bits", "pack_activation",
-           "pack_weight",
-           "binary_conv2d", "binary_linear", "use_kernel", "cuda_kernels", "backend_info"]
+__all__ = [
+    "PackedActivation",
+    "PackedWeight",
+    "pack_bits",
+    "unpack_bits",
+    "pack_activation",
+    "pack_weight",
+    "binary_conv2d",
+    "binary_linear",
+    "use_kernel",
+    "cuda_kernels",
+    "backend_info",
+]
 
 
 @dataclasses.dataclass
 class PackedActivation:
     """Sign bits of an (N, C, H, W) tensor: `bits` is int32 (N, H, W, ceil(C/32))."""
+
     bits: Tensor
     channels: int
 
@@ -49,6 +61,7 @@ class PackedWeight:
     `layouts` for the weight's lifetime, so a CUDA graph captured with either
     kernel keeps reading live buffers; `gemm` and `tap_popc` are the last one
     asked for."""
+
     bits: Tensor
     in_channels: int
     gemm: Tensor = None
@@ -87,7 +100,9 @@ def pack_bits(x: Tensor, dim: int = 1) -> Tensor:
     last: the result has x's shape without `dim`, plus ceil(C/32) words."""
     _check_float("x", x)
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {dim}")
+        raise ValueError(
+            f"dim must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {dim}"
+        )
     dim %= x.dim()
     if x.dim() == 4 and dim == 1:
         return ops.pack_bits(x)
@@ -101,14 +116,18 @@ def pack_bits(x: Tensor, dim: int = 1) -> Tensor:
 def unpack_bits(bits: Tensor, channels: int, dim: int = 1, dtype=torch.float32) -> Tensor:
     """Inverse of pack_bits on +-1 data: float +-1 with the channels put back at `dim`."""
     if not isinstance(bits, Tensor) or bits.dtype != torch.int32:
-        raise TypeError(f"bits must be an int32 tensor from pack_bits, got "
-                        f"{getattr(bits, 'dtype', type(bits).__name__)}")
+        raise TypeError(
+            f"bits must be an int32 tensor from pack_bits, got "
+            f"{getattr(bits, 'dtype', type(bits).__name__)}"
+        )
     if not (isinstance(channels, numbers.Integral) and 1 <= channels <= 32 * bits.shape[-1]):
-        raise ValueError(f"channels must be in 1..{32 * bits.shape[-1]} for "
-                         f"{bits.shape[-1]} words, got {channels}")
+        raise ValueError(
+            f"channels must be in 1..{32 * bits.shape[-1]} for "
+            f"{bits.shape[-1]} words, got {channels}"
+        )
     shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
     b = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :channels]
-    out = (b.to(dtype) * 2 - 1)
+    out = b.to(dtype) * 2 - 1
     return out.movedim(-1, dim)
 
 
@@ -125,7 +144,9 @@ def pack_weight(w: Tensor) -> PackedWeight:
     if w.dim() == 2:
         w = w[:, :, None, None]
     elif w.dim() != 4:
-        raise ValueError(f"weight must be 4-D (O, C, KH, KW) or 2-D (O, K), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"weight must be 4-D (O, C, KH, KW) or 2-D (O, K), got shape {tuple(w.shape)}"
+        )
     bits = pack_bits(w, dim=1).contiguous()
     packed = PackedWeight(bits, w.shape[1])
     packed.layout_for(bits, ops.binary_backend(bits))
@@ -139,8 +160,11 @@ def _pair(name, v, low):
         pair = [v[0], v[1]]
     elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
         pair = [int(v), int(v)]
-    elif (isinstance(v, (tuple, list)) and len(v) == 2
-          and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)):
+    elif (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)
+    ):
         pair = [int(v[0]), int(v[1])]
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
@@ -158,8 +182,9 @@ def _float32_on(name, v, like):
     return v.detach().to(like.device, torch.float32)
 
 
-def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float",
-                  residual=None):
+def binary_conv2d(
+    x, weight, stride=1, padding=0, dilation=1, scale=None, bias=None, out="float", residual=None
+):
     """XNOR-popcount convolution of sign(x) with sign(weight); see the module doc.
 
     x: float (N, C, H, W) tensor (any strides) or a PackedActivation;
@@ -172,8 +197,10 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
     if isinstance(x, PackedActivation):
         xb, channels = x.bits.contiguous(), x.channels
     elif isinstance(x, Tensor) and x.dtype == torch.int32:
-        raise TypeError("x is int32: pass packed activations as a PackedActivation "
-                        "(ctmq.binary.pack_activation), which keeps the channel count")
+        raise TypeError(
+            "x is int32: pass packed activations as a PackedActivation "
+            "(ctmq.binary.pack_activation), which keeps the channel count"
+        )
     else:
         _check_float("x", x, 4)
         xb, channels = ops.pack_bits(x), x.shape[1]
@@ -181,13 +208,27 @@ def binary_conv2d(x, weight, stride=1, padding=0, dilation=1, scale=None, bias=N
         weight = pack_weight(weight)
     if weight.in_channels != channels:
         raise ValueError(f"weight expects {weight.in_channels} input channels, x has {channels}")
-    stride, padding, dilation = (_pair("stride", stride, 1), _pair("padding", padding, 0),
-                                 _pair("dilation", dilation, 1))
+    stride, padding, dilation = (
+        _pair("stride", stride, 1),
+        _pair("padding", padding, 0),
+        _pair("dilation", dilation, 1),
+    )
     bits = weight.bits.to(xb.device)
     gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
-    y = ops.binary_conv2d(xb, channels, bits, gemm, tap_popc, stride, padding, dilation,
-                          _float32_on("scale", scale, xb), _float32_on("bias", bias, xb),
-                          _float32_on("residual", residual, xb), out == "packed")
+    y = ops.binary_conv2d(
+        xb,
+        channels,
+        bits,
+        gemm,
+        tap_popc,
+        stride,
+        padding,
+        dilation,
+        _float32_on("scale", scale, xb),
+        _float32_on("bias", bias, xb),
+        _float32_on("residual", residual, xb),
+        out == "packed",
+    )
     return PackedActivation(y, weight.out_channels) if out == "packed" else y
 
 
@@ -200,15 +241,19 @@ def binary_linear(x, weight, scale=None, bias=None, out="float"):
     (N, O), or a PackedActivation of shape (N, O, 1, 1)."""
     if isinstance(x, PackedActivation):
         if tuple(x.bits.shape[1:3]) != (1, 1):
-            raise ValueError(f"x: a PackedActivation of a (N, K) matrix (1x1 images) expected, got "
-                             f"shape {x.shape}")
+            raise ValueError(
+                f"x: a PackedActivation of a (N, K) matrix (1x1 images) expected, got "
+                f"shape {x.shape}"
+            )
     else:
         _check_float("x", x, 2)
         x = x[:, :, None, None]
     if isinstance(weight, PackedWeight):
         if weight.kernel_size != (1, 1):
-            raise ValueError(f"weight: a PackedWeight of an (O, K) matrix (kernel 1x1) expected, got "
-                             f"kernel {weight.kernel_size}")
+            raise ValueError(
+                f"weight: a PackedWeight of an (O, K) matrix (kernel 1x1) expected, got "
+                f"kernel {weight.kernel_size}"
+            )
     else:
         _check_float("weight", weight, 2)
         weight = pack_weight(weight)
@@ -240,7 +285,10 @@ def cuda_kernels(device=None):
         found.append("triton")
     except RuntimeError:
         pass
-    if ops.selection.bmma_built() and ops.selection.cuda_capability(device) >= ops.BMMA_MIN_CAPABILITY:
+    if (
+        ops.selection.bmma_built()
+        and ops.selection.cuda_capability(device) >= ops.BMMA_MIN_CAPABILITY
+    ):
         found.append("bmma")
     return tuple(found)
 

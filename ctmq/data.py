@@ -7,6 +7,7 @@
   read with an unpickler that admits only plain containers and numpy arrays.
 * imagenet: an ImageFolder tree (train/, val/) in --data-root, via torchvision.
 """
+
 import dataclasses
 import gzip
 import io
@@ -17,8 +18,18 @@ import struct
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataError", "Data", "load", "load_digits_data", "load_idx_data",
-           "load_cifar_data", "load_imagenet_data", "read_idx", "augment_batch"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Data",
+    "load",
+    "load_digits_data",
+    "load_idx_data",
+    "load_cifar_data",
+    "load_imagenet_data",
+    "read_idx",
+    "augment_batch",
+]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet")
 
@@ -30,6 +41,7 @@ class DataError(ValueError):
 @dataclasses.dataclass
 class Data:
     """Train/test sets, as tensors in memory or as torch Datasets."""
+
     name: str
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
@@ -50,10 +62,18 @@ def _tensor_data(name, xtr, ytr, xte, yte, num_classes, class_names, augment=Fal
     std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6)
     norm = lambda x: (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # noqa: E731
     ds = torch.utils.data.TensorDataset
-    return Data(name, ds(norm(xtr), torch.as_tensor(np.array(ytr), dtype=torch.long)),
-                ds(norm(xte), torch.as_tensor(np.array(yte), dtype=torch.long)), num_classes,
-                xtr.shape[1], xtr.shape[-1], tuple(mean.tolist()), tuple(std.tolist()),
-                class_names, augment)
+    return Data(
+        name,
+        ds(norm(xtr), torch.as_tensor(np.array(ytr), dtype=torch.long)),
+        ds(norm(xte), torch.as_tensor(np.array(yte), dtype=torch.long)),
+        num_classes,
+        xtr.shape[1],
+        xtr.shape[-1],
+        tuple(mean.tolist()),
+        tuple(std.tolist()),
+        class_names,
+        augment,
+    )
 
 
 def load_digits_data(seed=0):
@@ -70,14 +90,33 @@ def load_digits_data(seed=0):
 
 
 # ---------------------------------------------------------------- MNIST (IDX)
-_IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-              "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
-_FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-            "Sneaker", "Bag", "Ankle boot"]
+_IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+_FASHION = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _find(root, stem, layout):
-    for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for cand in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         for folder in (root, os.path.join(root, "raw")):
             path = os.path.join(folder, cand)
             if os.path.isfile(path):
@@ -86,8 +125,14 @@ def _find(root, stem, layout):
 
 
 # the IDX data-type byte (third byte of the magic); only unsigned bytes are read
-_IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-              0x0E: "float64"}
+_IDX_TYPES = {
+    0x08: "uint8",
+    0x09: "int8",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 
 
 def read_idx(path, ndim=None):
@@ -102,40 +147,59 @@ def read_idx(path, ndim=None):
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
     if raw[2] != 0x08:
-        raise DataError(f"{path}: IDX data type 0x{raw[2]:02X} ({_IDX_TYPES.get(raw[2], 'unknown')}); "
-                        "only 0x08 (unsigned byte) is supported")
+        raise DataError(
+            f"{path}: IDX data type 0x{raw[2]:02X} ({_IDX_TYPES.get(raw[2], 'unknown')}); "
+            "only 0x08 (unsigned byte) is supported"
+        )
     declared = raw[3]
     if ndim is not None and declared != ndim:
         raise DataError(f"{path}: IDX file declares {declared} dimensions, expected {ndim}")
     if len(raw) < 4 + 4 * declared:
         raise DataError(f"{path}: header of {declared} dimensions is truncated")
-    dims = struct.unpack(f">{declared}I", raw[4:4 + 4 * declared])
+    dims = struct.unpack(f">{declared}I", raw[4 : 4 + 4 * declared])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * declared)
     if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} ({int(np.prod(dims))} bytes), "
-                        f"file holds {data.size}: truncated or corrupt")
+        raise DataError(
+            f"{path}: header says {dims} ({int(np.prod(dims))} bytes), "
+            f"file holds {data.size}: truncated or corrupt"
+        )
     return data.reshape(dims)
 
 
 def load_idx_data(name, root):
     layout = ", ".join(f"{v}[.gz]" for v in _IDX_FILES.values()) + f" in {root}"
-    arrays = {k: read_idx(_find(root, v, layout), ndim=3 if k.endswith("_x") else 1)
-              for k, v in _IDX_FILES.items()}
+    arrays = {
+        k: read_idx(_find(root, v, layout), ndim=3 if k.endswith("_x") else 1)
+        for k, v in _IDX_FILES.items()
+    }
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{root}: {split} images {x.shape} and labels {y.shape} do not match")
     classes = _FASHION if name == "fashion-mnist" else [str(i) for i in range(10)]
-    return _tensor_data(name, arrays["train_x"][:, None] / 255.0, arrays["train_y"],
-                        arrays["test_x"][:, None] / 255.0, arrays["test_y"], 10, classes)
+    return _tensor_data(
+        name,
+        arrays["train_x"][:, None] / 255.0,
+        arrays["train_y"],
+        arrays["test_x"][:, None] / 255.0,
+        arrays["test_y"],
+        10,
+        classes,
+    )
 
 
 # ------------------------------------------------------------- CIFAR (pickle)
 class _SafeUnpickler(pickle.Unpickler):
     """Admits the globals a CIFAR batch needs (numpy array reconstruction) and
     nothing else: no code runs from the file."""
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
@@ -163,10 +227,21 @@ def _load_batch(path):
 
 def load_cifar_data(name, root):
     if name == "cifar10":
-        folder, train, test, meta, key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], \
-            ["test_batch"], "batches.meta", "label_names"
+        folder, train, test, meta, key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "batches.meta",
+            "label_names",
+        )
     else:
-        folder, train, test, meta, key = "cifar-100-python", ["train"], ["test"], "meta", "fine_label_names"
+        folder, train, test, meta, key = (
+            "cifar-100-python",
+            ["train"],
+            ["test"],
+            "meta",
+            "fine_label_names",
+        )
     base = os.path.join(root, folder) if os.path.isdir(os.path.join(root, folder)) else root
     layout = f"{root}/{folder}/{{{','.join(train + test)}}} (the python version)"
     parts = {}
@@ -189,8 +264,16 @@ def load_cifar_data(name, root):
         raw = m.get(key.encode(), m.get(key))
         if raw is not None and len(raw) == n:
             names = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
-    return _tensor_data(name, parts["train"][0] / 255.0, parts["train"][1],
-                        parts["test"][0] / 255.0, parts["test"][1], n, names, augment=True)
+    return _tensor_data(
+        name,
+        parts["train"][0] / 255.0,
+        parts["train"][1],
+        parts["test"][0] / 255.0,
+        parts["test"][1],
+        n,
+        names,
+        augment=True,
+    )
 
 
 # ----------------------------------------------------------- ImageNet folder
@@ -205,14 +288,31 @@ def load_imagenet_data(root, image_size=224):
             raise DataError(f"{d} not found; expected layout: {root}/{{train,val}}/<class>/<image>")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     norm = transforms.Normalize(mean, std)
-    train = datasets.ImageFolder(train_dir, transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), norm]))
-    test = datasets.ImageFolder(val_dir, transforms.Compose([
-        transforms.Resize(int(image_size * 8 / 7)), transforms.CenterCrop(image_size),
-        transforms.ToTensor(), norm]))
-    return Data("imagenet", train, test, len(train.classes), 3, image_size, mean, std,
-                list(train.classes))
+    train = datasets.ImageFolder(
+        train_dir,
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                norm,
+            ]
+        ),
+    )
+    test = datasets.ImageFolder(
+        val_dir,
+        transforms.Compose(
+            [
+                transforms.Resize(int(image_size * 8 / 7)),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                norm,
+            ]
+        ),
+    )
+    return Data(
+        "imagenet", train, test, len(train.classes), 3, image_size, mean, std, list(train.classes)
+    )
 
 
 def load(name, root=None):
@@ -241,8 +341,12 @@ def augment_batch(x, pad=4):
     j = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     rows = (i[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (j[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                 torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     flip = torch.rand(n, device=x.device) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

@@ -1,4 +1,5 @@
 """File writing that never leaves a half-written file: temp file + rename."""
+
 import contextlib
 import glob
 import os

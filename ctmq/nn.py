@@ -5,6 +5,7 @@ weight with quantize_weight (per output channel) at the bit depths it holds;
 32 means full precision for either. CTMQ changes the depths in place between
 stages with set_bits(model, w_bits, a_bits).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,15 +13,30 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .quant import FULL_PRECISION, check_bits, quantize_act, quantize_weight, weight_scale
 
-__all__ = ["QConv2d", "QLinear", "set_bits", "get_bits", "convert", "quantized_layers",
-           "RSign", "RPReLU"]
+__all__ = [
+    "QConv2d",
+    "QLinear",
+    "set_bits",
+    "get_bits",
+    "convert",
+    "quantized_layers",
+    "RSign",
+    "RPReLU",
+]
 
 
 class _QMixin:
     # first base of QConv2d / QLinear: takes the quantization arguments, passes
     # the rest to the torch layer
-    def __init__(self, *args, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
-                 act_ste="approx_sign", weight_ste="clipped", **kwargs):
+    def __init__(
+        self,
+        *args,
+        w_bits=FULL_PRECISION,
+        a_bits=FULL_PRECISION,
+        act_ste="approx_sign",
+        weight_ste="clipped",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.set_bits(w_bits, a_bits)
         self.act_ste = act_ste
@@ -52,8 +68,12 @@ class QConv2d(_QMixin, nn.Conv2d):
     """
 
     def forward(self, x):
-        if not self.training and self.w_bits == 1 and self.a_bits == 1 \
-                and self.padding_mode == "zeros":
+        if (
+            not self.training
+            and self.w_bits == 1
+            and self.a_bits == 1
+            and self.padding_mode == "zeros"
+        ):
             # eval at W1A1: the deploy runtime's arithmetic, the exact integer
             # conv of the signs times the weight scale (a float conv of +-alpha
             # would round exact zeros to +-1e-8, and the next sign would flip)
@@ -93,13 +113,29 @@ def get_bits(model):
 
 def _swap(module, w_bits, a_bits, **kw):
     if isinstance(module, nn.Conv2d):
-        q = QConv2d(module.in_channels, module.out_channels, module.kernel_size,
-                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                    groups=module.groups, bias=module.bias is not None,
-                    padding_mode=module.padding_mode, w_bits=w_bits, a_bits=a_bits, **kw)
+        q = QConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            **kw,
+        )
     else:
-        q = QLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                    w_bits=w_bits, a_bits=a_bits, **kw)
+        q = QLinear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            **kw,
+        )
     q = q.to(device=module.weight.device, dtype=module.weight.dtype)
     with torch.no_grad():
         q.weight.copy_(module.weight)
@@ -108,16 +144,16 @@ def _swap(module, w_bits, a_bits, **kw):
     return q
 
 
-def convert(model, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, keep_first=True,
-            keep_last=True, **kwargs):
+def convert(
+    model, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, keep_first=True, keep_last=True, **kwargs
+):
     """Swap model's nn.Conv2d/nn.Linear (not already quantized) for QConv2d/QLinear
     in place, copying their parameters. The first conv and the last linear stay
     full precision unless keep_first/keep_last is False (standard for binarized
     nets). kwargs go to the quantized layers (act_ste, weight_ste)."""
     check_bits("w_bits", w_bits)
     check_bits("a_bits", a_bits)
-    names = [n for n, m in model.named_modules()
-             if type(m) in (nn.Conv2d, nn.Linear)]
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if not names:
         raise ValueError("convert: model has no nn.Conv2d or nn.Linear to quantize")
     convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]

@@ -9,6 +9,7 @@ bits = 32 is the identity (full precision). Each function is one torch.library
 op (ctmq.ops), so torch.compile(fullgraph=True) traces it without a break.
 The *_ref functions are float64 references of the formulas in docs/design.md.
 """
+
 import math
 import numbers
 
@@ -17,8 +18,17 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["quantize_act", "quantize_weight", "weight_scale", "fake_quant_affine", "check_bits",
-           "ctmq_quantize_ref", "quantize_weight_ref", "FULL_PRECISION", "ACCEPTED_BITS"]
+__all__ = [
+    "quantize_act",
+    "quantize_weight",
+    "weight_scale",
+    "fake_quant_affine",
+    "check_bits",
+    "ctmq_quantize_ref",
+    "quantize_weight_ref",
+    "FULL_PRECISION",
+    "ACCEPTED_BITS",
+]
 
 FULL_PRECISION = 32
 ACCEPTED_BITS = ops.VALID_BITS + (FULL_PRECISION,)
@@ -29,8 +39,10 @@ def _check_tensor(name, t):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or "
-                        f"float64), got {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or "
+            f"float64), got {t.dtype}"
+        )
 
 
 def check_bits(name, bits):
@@ -90,15 +102,20 @@ def _qparam_tensor(name, value, x, per_channel, dtype):
             kind = "an integer" if dtype is torch.int32 else "a floating"
             raise TypeError(f"{name} must be {kind} tensor or number, got {value.dtype}")
         if per_channel and value.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D tensor for per-channel quantization "
-                             f"(axis given), got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D tensor for per-channel quantization "
+                f"(axis given), got shape {tuple(value.shape)}"
+            )
         if not per_channel and value.numel() != 1:
-            raise ValueError(f"{name} must hold one value for per-tensor quantization "
-                             f"(axis=None), got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must hold one value for per-tensor quantization "
+                f"(axis=None), got shape {tuple(value.shape)}"
+            )
         return value.to(device=x.device, dtype=dtype).reshape(-1)
     if per_channel:
-        raise TypeError(f"{name} must be a 1-D tensor when axis is given, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a 1-D tensor when axis is given, got {type(value).__name__}"
+        )
     if dtype is torch.int32:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {value!r}")
@@ -132,22 +149,31 @@ def fake_quant_affine(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis=N
             raise TypeError(f"axis must be None or an int, got {axis!r}")
         axis = int(axis)
         if not -x.dim() <= axis < x.dim():
-            raise ValueError(f"axis must be in [{-x.dim()}, {x.dim() - 1}] for a "
-                             f"{x.dim()}-D x, got {axis}")
+            raise ValueError(
+                f"axis must be in [{-x.dim()}, {x.dim() - 1}] for a {x.dim()}-D x, got {axis}"
+            )
         axis = axis % x.dim()
     if not per_channel and isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if not (math.isfinite(float(scale)) and float(scale) > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
-    if (not per_channel and isinstance(zero_point, numbers.Integral)
-            and not isinstance(zero_point, bool) and not qmin <= int(zero_point) <= qmax):
-        raise ValueError(f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got {zero_point}")
+    if (
+        not per_channel
+        and isinstance(zero_point, numbers.Integral)
+        and not isinstance(zero_point, bool)
+        and not qmin <= int(zero_point) <= qmax
+    ):
+        raise ValueError(
+            f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got {zero_point}"
+        )
     scale_t = _qparam_tensor("scale", scale, x, per_channel, torch.float32)
     zp_t = _qparam_tensor("zero_point", zero_point, x, per_channel, torch.int32)
     if per_channel:
         for name, t in (("scale", scale_t), ("zero_point", zp_t)):
             if t.numel() != x.shape[axis]:
-                raise ValueError(f"{name} must have x.shape[axis] = {x.shape[axis]} elements "
-                                 f"(axis={axis}), got {t.numel()}")
+                raise ValueError(
+                    f"{name} must have x.shape[axis] = {x.shape[axis]} elements "
+                    f"(axis={axis}), got {t.numel()}"
+                )
     return torch.ops.ctmq.fake_quant_affine(x, scale_t, zp_t, int(qmin), int(qmax), axis)[0]
 
 

@@ -7,6 +7,7 @@ summed over its valid taps. Popcount is libdevice's popc on the GPU and a
 SWAR bit trick in the interpreter (where libdevice calls fail); the same
 kernel runs on both, chosen by a constexpr.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -14,10 +15,10 @@ from triton.language.extra.cuda import libdevice
 
 from .shapes import binary_conv2d_empty, pack_bits_output_shape
 
-PACK_BLOCK_P = 64   # pixels per program when packing
-CONV_BLOCK_M = 32   # output pixels per program
-CONV_BLOCK_N = 32   # output channels per program: one packed output word
-CONV_STAGES = 1     # nothing to pipeline: one word per step
+PACK_BLOCK_P = 64  # pixels per program when packing
+CONV_BLOCK_M = 32  # output pixels per program
+CONV_BLOCK_N = 32  # output channels per program: one packed output word
+CONV_STAGES = 1  # nothing to pipeline: one word per step
 CONV_WARPS = 8
 # An explicit register budget: left to itself, ptxas (triton 3.6's and 3.9's)
 # caps some specializations at 64 registers and spills; 128 keeps every
@@ -37,8 +38,7 @@ def _popc(v, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _pack_bits_kernel(x_ptr, out_ptr, C, H, W, Cw, sN, sC, sH, sW, P,
-                      BLOCK_P: tl.constexpr):
+def _pack_bits_kernel(x_ptr, out_ptr, C, H, W, Cw, sN, sC, sH, sW, P, BLOCK_P: tl.constexpr):
     # program (pixel block, word): word w of BLOCK_P pixels, from 32 channels
     pid = tl.program_id(0)
     word = tl.program_id(1)
@@ -49,19 +49,46 @@ def _pack_bits_kernel(x_ptr, out_ptr, C, H, W, Cw, sN, sC, sH, sW, P,
     w = hw % W
     c = word * 32 + tl.arange(0, 32)
     ok = (p[:, None] < P) & (c[None, :] < C)
-    ptrs = x_ptr + n[:, None].to(tl.int64) * sN + c[None, :] * sC + h[:, None] * sH + w[:, None] * sW
+    ptrs = (
+        x_ptr + n[:, None].to(tl.int64) * sN + c[None, :] * sC + h[:, None] * sH + w[:, None] * sW
+    )
     v = tl.load(ptrs, mask=ok, other=-1.0)
     bits = ((v >= 0) & ok).to(tl.int64) << tl.arange(0, 32)[None, :].to(tl.int64)
     tl.store(out_ptr + p.to(tl.int64) * Cw + word, tl.sum(bits, axis=1).to(tl.int32), mask=p < P)
 
 
 @triton.jit
-def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        N, C, H, W, Cw, O, OH, OW, KH, KW,
-                        sh, sw, ph, pw, dh, dw,
-                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                        PACKED: tl.constexpr,
-                        HW_POPC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _binary_conv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    C,
+    H,
+    W,
+    Cw,
+    O,
+    OH,
+    OW,
+    KH,
+    KW,
+    sh,
+    sw,
+    ph,
+    pw,
+    dh,
+    dw,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    PACKED: tl.constexpr,
+    HW_POPC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel (n, oh, ow)
@@ -103,7 +130,9 @@ def _binary_conv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
     if PACKED:
         # BLOCK_N == 32: this program's channels are exactly one output word
         Ow = (O + 31) // 32
-        bit = ((y >= 0) & oc_ok[None, :]).to(tl.int64) << tl.arange(0, BLOCK_N)[None, :].to(tl.int64)
+        bit = ((y >= 0) & oc_ok[None, :]).to(tl.int64) << tl.arange(0, BLOCK_N)[None, :].to(
+            tl.int64
+        )
         word = tl.sum(bit, axis=1).to(tl.int32)
         tl.store(out_ptr + m.to(tl.int64) * Ow + pid_n, word, mask=m_ok)
     else:
@@ -128,8 +157,9 @@ def pack_bits(x):
     return out
 
 
-def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias, residual,
-                  packed_out):
+def binary_conv2d(
+    x, in_channels, wbits, stride, padding, dilation, scale, bias, residual, packed_out
+):
     """x: int32 (N, H, W, Cw); wbits: int32 (O, KH, KW, Cw) (the packed format);
     arguments checked by ctmq::binary_conv2d (ctmq/ops/shapes.py)."""
     N, H, W, Cw = x.shape
@@ -140,16 +170,45 @@ def binary_conv2d(x, in_channels, wbits, stride, padding, dilation, scale, bias,
     if M == 0 or O == 0:
         return out
     if max(x.numel(), wbits.numel(), M + CONV_BLOCK_M) >= 2**31:  # the kernel's int32 offsets
-        raise ValueError(f"binary_conv2d (Triton): x ({x.numel()} words), the weight "
-                         f"({wbits.numel()} words) and the output ({M} pixels) must each stay "
-                         f"under 2^31: split the batch")
+        raise ValueError(
+            f"binary_conv2d (Triton): x ({x.numel()} words), the weight "
+            f"({wbits.numel()} words) and the output ({M} pixels) must each stay "
+            f"under 2^31: split the batch"
+        )
     grid = (triton.cdiv(M, CONV_BLOCK_M), triton.cdiv(O, CONV_BLOCK_N))
     _binary_conv_kernel[grid](
-        x, wbits, scale if scale is not None else out, bias if bias is not None else out,
-        residual if residual is not None else out, out,
-        N, in_channels, H, W, Cw, O, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, PACKED=packed_out, HW_POPC=_hw_popc(x), BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N,
-        num_stages=CONV_STAGES, num_warps=CONV_WARPS, maxnreg=CONV_MAXNREG,
-        enable_fp_fusion=False)
+        x,
+        wbits,
+        scale if scale is not None else out,
+        bias if bias is not None else out,
+        residual if residual is not None else out,
+        out,
+        N,
+        in_channels,
+        H,
+        W,
+        Cw,
+        O,
+        OH,
+        OW,
+        KH,
+        KW,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        PACKED=packed_out,
+        HW_POPC=_hw_popc(x),
+        BLOCK_M=CONV_BLOCK_M,
+        BLOCK_N=CONV_BLOCK_N,
+        num_stages=CONV_STAGES,
+        num_warps=CONV_WARPS,
+        maxnreg=CONV_MAXNREG,
+        enable_fp_fusion=False,
+    )
     return out

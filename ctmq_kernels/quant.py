@@ -12,6 +12,7 @@ Semantics are those of ctmq/ops/reference.py, which the tests compare against
 bit for bit (the 1-bit weight scale mean|w| within a few ulps: its summation
 order differs); see docs/design.md, "Quantizer semantics".
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -77,10 +78,22 @@ def _ctmq_levels(v, n, BINARY: tl.constexpr):
 
 # --------------------------------------------------------------------- affine
 @triton.jit
-def _fake_quant_affine_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, inv_scale_ptr, zp_ptr,
-                              numel, ch_stride, nch, qmin, qmax,
-                              PER_CHANNEL: tl.constexpr, SOFT_BF16: tl.constexpr,
-                              R: tl.constexpr):
+def _fake_quant_affine_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    scale_ptr,
+    inv_scale_ptr,
+    zp_ptr,
+    numel,
+    ch_stride,
+    nch,
+    qmin,
+    qmax,
+    PER_CHANNEL: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    R: tl.constexpr,
+):
     rows, offs, inb = _tile(numel, R)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if PER_CHANNEL:
@@ -115,8 +128,7 @@ def _fake_quant_affine_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr, inv_scale_ptr
 
 
 @triton.jit
-def _masked_grad_kernel(g_ptr, mask_ptr, out_ptr, numel, SOFT_BF16: tl.constexpr,
-                        R: tl.constexpr):
+def _masked_grad_kernel(g_ptr, mask_ptr, out_ptr, numel, SOFT_BF16: tl.constexpr, R: tl.constexpr):
     rows, offs, inb = _tile(numel, R)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     _store_cast(out_ptr + offs, g * _load_bits(mask_ptr, rows, numel), inb, SOFT_BF16)
@@ -124,8 +136,16 @@ def _masked_grad_kernel(g_ptr, mask_ptr, out_ptr, numel, SOFT_BF16: tl.constexpr
 
 # ----------------------------------------------------------------- activations
 @triton.jit
-def _quantize_act_kernel(x_ptr, out_ptr, mask_ptr, numel, n,
-                         BINARY: tl.constexpr, SOFT_BF16: tl.constexpr, R: tl.constexpr):
+def _quantize_act_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    numel,
+    n,
+    BINARY: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    R: tl.constexpr,
+):
     rows, offs, inb = _tile(numel, R)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     _store_cast(out_ptr + offs, _ctmq_levels(x, n, BINARY), inb, SOFT_BF16)
@@ -133,8 +153,9 @@ def _quantize_act_kernel(x_ptr, out_ptr, mask_ptr, numel, n,
 
 
 @triton.jit
-def _approx_sign_grad_kernel(g_ptr, x_ptr, out_ptr, numel, SOFT_BF16: tl.constexpr,
-                             R: tl.constexpr):
+def _approx_sign_grad_kernel(
+    g_ptr, x_ptr, out_ptr, numel, SOFT_BF16: tl.constexpr, R: tl.constexpr
+):
     rows, offs, inb = _tile(numel, R)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -144,9 +165,17 @@ def _approx_sign_grad_kernel(g_ptr, x_ptr, out_ptr, numel, SOFT_BF16: tl.constex
 
 # --------------------------------------------------------------------- weights
 @triton.jit
-def _quantize_weight_kernel(w_ptr, out_ptr, alpha_ptr, K, K_float, n,
-                            BINARY: tl.constexpr, SOFT_BF16: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def _quantize_weight_kernel(
+    w_ptr,
+    out_ptr,
+    alpha_ptr,
+    K,
+    K_float,
+    n,
+    BINARY: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One program per output channel: pass 1 reduces alpha (mean|w| at 1 bit,
     # max|w| above), pass 2 quantizes the row, which is still in L1/L2.
     base = tl.program_id(0).to(tl.int64) * K
@@ -176,9 +205,17 @@ def _quantize_weight_kernel(w_ptr, out_ptr, alpha_ptr, K, K_float, n,
 
 
 @triton.jit
-def _quantize_weight_grad_kernel(g_ptr, w_ptr, alpha_ptr, out_ptr, numel, K,
-                                 APPROX_SIGN: tl.constexpr, SOFT_BF16: tl.constexpr,
-                                 R: tl.constexpr):
+def _quantize_weight_grad_kernel(
+    g_ptr,
+    w_ptr,
+    alpha_ptr,
+    out_ptr,
+    numel,
+    K,
+    APPROX_SIGN: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    R: tl.constexpr,
+):
     rows, offs, inb = _tile(numel, R)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -216,16 +253,30 @@ def _mask_like(x):
 
 def _launch_elementwise(kernel, like, *args, **constexprs):
     """One program per ROWS x 8 elements of `like`, with the shared launch options."""
-    kernel[_grid(like.numel())](*args, SOFT_BF16=_soft_bf16(like), R=ROWS, num_warps=NUM_WARPS,
-                                **constexprs, **_EXACT)
+    kernel[_grid(like.numel())](
+        *args, SOFT_BF16=_soft_bf16(like), R=ROWS, num_warps=NUM_WARPS, **constexprs, **_EXACT
+    )
 
 
-def fake_quant_affine(x, scale, inv_scale, zero_point, qmin, qmax, ch_stride, nch,
-                      per_channel):
+def fake_quant_affine(x, scale, inv_scale, zero_point, qmin, qmax, ch_stride, nch, per_channel):
     """(out, packed STE mask) of torch.fake_quantize_per_{tensor,channel}_affine."""
     out, mask = torch.empty_like(x), _mask_like(x)
-    _launch_elementwise(_fake_quant_affine_kernel, x, x, out, mask, scale, inv_scale, zero_point,
-                        x.numel(), ch_stride, nch, float(qmin), float(qmax), PER_CHANNEL=per_channel)
+    _launch_elementwise(
+        _fake_quant_affine_kernel,
+        x,
+        x,
+        out,
+        mask,
+        scale,
+        inv_scale,
+        zero_point,
+        x.numel(),
+        ch_stride,
+        nch,
+        float(qmin),
+        float(qmax),
+        PER_CHANNEL=per_channel,
+    )
     return out, mask
 
 
@@ -237,8 +288,9 @@ def masked_grad(grad, mask):
 
 def quantize_act(x, bits):
     out, mask = torch.empty_like(x), _mask_like(x)
-    _launch_elementwise(_quantize_act_kernel, x, x, out, mask, x.numel(), float(2**bits - 1),
-                        BINARY=bits == 1)
+    _launch_elementwise(
+        _quantize_act_kernel, x, x, out, mask, x.numel(), float(2**bits - 1), BINARY=bits == 1
+    )
     return out, mask
 
 
@@ -254,14 +306,33 @@ def quantize_weight(w, bits):
     alpha = w.new_empty(w.shape[0], dtype=torch.float32)
     K = w.numel() // w.shape[0]
     block = min(WEIGHT_BLOCK, triton.next_power_of_2(K))
-    _quantize_weight_kernel[(w.shape[0],)](w, out, alpha, K, float(K), float(2**bits - 1),
-                                           BINARY=bits == 1, SOFT_BF16=_soft_bf16(w),
-                                           BLOCK=block, num_warps=4, **_EXACT)
+    _quantize_weight_kernel[(w.shape[0],)](
+        w,
+        out,
+        alpha,
+        K,
+        float(K),
+        float(2**bits - 1),
+        BINARY=bits == 1,
+        SOFT_BF16=_soft_bf16(w),
+        BLOCK=block,
+        num_warps=4,
+        **_EXACT,
+    )
     return out, alpha
 
 
 def quantize_weight_grad(grad, w, alpha, approx_sign):
     out = torch.empty_like(grad)
-    _launch_elementwise(_quantize_weight_grad_kernel, grad, grad, w, alpha, out, grad.numel(),
-                        grad.numel() // grad.shape[0], APPROX_SIGN=approx_sign)
+    _launch_elementwise(
+        _quantize_weight_grad_kernel,
+        grad,
+        grad,
+        w,
+        alpha,
+        out,
+        grad.numel(),
+        grad.numel() // grad.shape[0],
+        APPROX_SIGN=approx_sign,
+    )
     return out

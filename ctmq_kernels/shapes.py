@@ -1,6 +1,7 @@
 """Output shapes of the binary kernels, shared by the Triton launchers here and
 by ctmq.ops (fakes, CPU and CUDA kernels): one formula per op. Needs torch
 only, not triton."""
+
 import torch
 from torch import Tensor
 
@@ -20,8 +21,9 @@ def pack_bits_output_shape(shape) -> tuple:
     return (n, h, w, words(c))
 
 
-def binary_conv2d_output_shape(x_shape, bits_shape, stride, padding, dilation,
-                               packed_out: bool) -> tuple:
+def binary_conv2d_output_shape(
+    x_shape, bits_shape, stride, padding, dilation, packed_out: bool
+) -> tuple:
     """(N, O, OH, OW), or (N, OH, OW, ceil(O/32)) packed, of a binary conv of
     packed x (N, H, W, words) with packed weight bits (O, KH, KW, words)."""
     n, h, w, _ = x_shape
@@ -31,8 +33,9 @@ def binary_conv2d_output_shape(x_shape, bits_shape, stride, padding, dilation,
     return (n, oh, ow, words(o)) if packed_out else (n, o, oh, ow)
 
 
-def binary_conv2d_empty(x: Tensor, bits_shape, stride, padding, dilation,
-                        packed_out: bool) -> Tensor:
+def binary_conv2d_empty(
+    x: Tensor, bits_shape, stride, padding, dilation, packed_out: bool
+) -> Tensor:
     """An uninitialized binary conv output on x's device: float32 (N, O, OH,
     OW), or packed int32 (N, OH, OW, ceil(O/32))."""
     shape = binary_conv2d_output_shape(x.shape, bits_shape, stride, padding, dilation, packed_out)

@@ -1,5 +1,6 @@
 """Test setup: without a GPU, Triton kernels run on CPU tensors in the
 interpreter, which must be switched on before triton is first imported."""
+
 import os
 
 import pytest

@@ -1,6 +1,7 @@
 """benchmarks/bench_loader.py: the input-pipeline benchmark runs end to end on a
 tiny tree and reports sane numbers; its synthetic JPEGs are photo-sized; its
 torchvision stand-in computes what ctmq's imagenet path computes."""
+
 import importlib.util
 import json
 import math
@@ -28,14 +29,22 @@ def _positive(v):
 def test_quick_run_reports_each_worker_count(tmp_path, capsys):
     mod = _module()
     out = tmp_path / "loader.json"
-    assert mod.main(["--quick", "--workers", "0,2", "--gpu-images-per-s", "1000",
-                     "--json", str(out)]) == 0
+    assert (
+        mod.main(["--quick", "--workers", "0,2", "--gpu-images-per-s", "1000", "--json", str(out)])
+        == 0
+    )
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert [r["workers"] for r in rows] == [0, 2]
     for r in rows:
-        for key in ("images_per_s", "ms_per_batch", "core_ms_per_image", "images_per_s_per_core",
-                    "first_batch_s", "cores_for_gpu"):
+        for key in (
+            "images_per_s",
+            "ms_per_batch",
+            "core_ms_per_image",
+            "images_per_s_per_core",
+            "first_batch_s",
+            "cores_for_gpu",
+        ):
             assert _positive(r[key]), (key, r)
         assert r["cpu_ms_per_image"] is None or _positive(r["cpu_ms_per_image"])
         assert r["batches"] >= 2 and r["batches"] % max(r["workers"], 1) == 0
@@ -44,13 +53,18 @@ def test_quick_run_reports_each_worker_count(tmp_path, capsys):
         assert r["cores_for_gpu"] == pytest.approx(1000 / r["images_per_s_per_core"])
     assert data["batch"] == 8 and data["train_images"] >= 3 * 8 and data["cores"] >= 1
     assert all(_positive(ms) for ms in data["breakdown_ms"].values())
-    assert set(data["breakdown_ms"]) >= {"read+decode", "RandomResizedCrop", "ToTensor", "Normalize"}
+    assert set(data["breakdown_ms"]) >= {
+        "read+decode",
+        "RandomResizedCrop",
+        "ToTensor",
+        "Normalize",
+    }
 
     text = capsys.readouterr().out
     assert f"{data['cores']} cores" in text and "load average" in text
     lines = text.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["workers", "batches"])
-    table = [line.split() for line in lines[head + 1:head + 1 + len(rows)]]
+    table = [line.split() for line in lines[head + 1 : head + 1 + len(rows)]]
     assert [int(t[0]) for t in table] == [0, 2]
     for t in table:
         assert all(_positive(float(v)) for v in t[1:] if v != "-"), t
@@ -78,7 +92,9 @@ def test_standin_normalizes_like_ctmq(tmp_path):
     folder = tmp_path / "train" / "a"
     folder.mkdir(parents=True)
     Image.new("RGB", (300, 200), (255, 128, 0)).save(folder / "x.png")
-    Image.new("RGB", (50, 400), (10, 20, 30)).save(folder / "y.PNG")  # extreme aspect: fallback crop
+    Image.new("RGB", (50, 400), (10, 20, 30)).save(
+        folder / "y.PNG"
+    )  # extreme aspect: fallback crop
     data = mod.load_standin(str(tmp_path))
     assert data.mean == (0.485, 0.456, 0.406) and data.std == (0.229, 0.224, 0.225)
     for i, rgb in enumerate([(255, 128, 0), (10, 20, 30)]):
@@ -112,7 +128,12 @@ def test_standin_matches_ctmq_imagenet_path(tmp_path):
 
 def test_rejects_bad_arguments():
     mod = _module()
-    for argv in (["--workers", "a"], ["--workers", "-1"], ["--batch", "0"], ["--gpu-images-per-s", "0"]):
+    for argv in (
+        ["--workers", "a"],
+        ["--workers", "-1"],
+        ["--batch", "0"],
+        ["--gpu-images-per-s", "0"],
+    ):
         with pytest.raises(SystemExit) as e:
             mod.main(argv)
         assert e.value.code == 2

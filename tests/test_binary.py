@@ -1,6 +1,7 @@
 """ctmq.binary on the CPU: packing and XNOR-popcount conv against the float
 reference F.conv2d(sign(x), sign(w)), exactly, on every CPU code path the
 machine has (auto-detected, avx2 or neon, scalar)."""
+
 import itertools
 import platform
 
@@ -20,8 +21,9 @@ def sign(t):
 
 # What set_cpu_path accepts in this architecture's build (csrc/cpu/binary_gemm.h):
 # "auto", the SIMD path's cap where there is one, "scalar".
-_SIMD_REQUEST = {"x86_64": "avx2", "amd64": "avx2", "aarch64": "neon",
-                 "arm64": "neon"}.get(platform.machine().lower())
+_SIMD_REQUEST = {"x86_64": "avx2", "amd64": "avx2", "aarch64": "neon", "arm64": "neon"}.get(
+    platform.machine().lower()
+)
 _REQUESTS = ["auto", *([_SIMD_REQUEST] if _SIMD_REQUEST else []), "scalar"]
 
 
@@ -33,8 +35,9 @@ def cpu_path(request):
 
 
 def _grid():
-    for c, hw, k, s, p, b in itertools.product([1, 3, 31, 32, 33, 64, 65, 130], [(7, 7), (8, 5)],
-                                               [1, 3], [1, 2], [0, 1], [1, 3]):
+    for c, hw, k, s, p, b in itertools.product(
+        [1, 3, 31, 32, 33, 64, 65, 130], [(7, 7), (8, 5)], [1, 3], [1, 2], [0, 1], [1, 3]
+    ):
         if k == 1 and p == 1 and c not in (1, 33):
             continue  # keep the grid small; the border logic is the same
         yield c, hw, k, s, p, b
@@ -54,8 +57,15 @@ def test_binary_conv_matches_float_reference(cpu_path, c, hw, k, stride, pad, ba
     ref_sb = ref * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     y_sb = binary.binary_conv2d(x, w, stride=stride, padding=pad, scale=scale, bias=bias)
     assert torch.equal(y_sb, ref_sb)
-    packed = binary.binary_conv2d(binary.pack_activation(x), w, stride=stride, padding=pad, scale=scale,
-                                  bias=bias, out="packed")
+    packed = binary.binary_conv2d(
+        binary.pack_activation(x),
+        w,
+        stride=stride,
+        padding=pad,
+        scale=scale,
+        bias=bias,
+        out="packed",
+    )
     assert isinstance(packed, binary.PackedActivation) and packed.channels == o
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref_sb))
 
@@ -92,14 +102,17 @@ def each_cpu_path(request):
 # bytes and flush them into wider lanes every 31 words, so K > 31 and K > 64
 # cover one flush and several; x = +1 against w = -1 makes every bit a mismatch
 # (8 per byte per word), the most a byte counter ever holds.
-@pytest.mark.parametrize("c,k,hw,stride,pad", [
-    (512, 3, (5, 7), 1, 1),     # K = 9 * 8 = 72
-    (512, 3, (7, 6), 2, 1),     # K = 72, stride 2
-    (2080, 1, (3, 5), 1, 0),    # K = 33
-    (2080, 1, (5, 5), 2, 1),    # K = 33, stride 2, zero-padded border pixels
-    (4160, 1, (3, 3), 1, 0),    # K = 65
-    (1000, 3, (3, 5), 1, 1),    # K = 9 * 16 = 144, C not a multiple of 32
-])
+@pytest.mark.parametrize(
+    "c,k,hw,stride,pad",
+    [
+        (512, 3, (5, 7), 1, 1),  # K = 9 * 8 = 72
+        (512, 3, (7, 6), 2, 1),  # K = 72, stride 2
+        (2080, 1, (3, 5), 1, 0),  # K = 33
+        (2080, 1, (5, 5), 2, 1),  # K = 33, stride 2, zero-padded border pixels
+        (4160, 1, (3, 3), 1, 0),  # K = 65
+        (1000, 3, (3, 5), 1, 1),  # K = 9 * 16 = 144, C not a multiple of 32
+    ],
+)
 def test_binary_conv_long_k_on_every_cpu_path(each_cpu_path, c, k, hw, stride, pad):
     """Reductions of more than 31 and 64 words per output are exact on every CPU path."""
     o = 13
@@ -111,8 +124,9 @@ def test_binary_conv_long_k_on_every_cpu_path(each_cpu_path, c, k, hw, stride, p
     y = binary.binary_conv2d(x, binary.pack_weight(w), stride=stride, padding=pad)
     assert torch.equal(y, ref)
     assert ref[1, :4].min().item() == -c * k * k  # every bit of a full window mismatched
-    packed = binary.binary_conv2d(x, w, stride=stride, padding=pad, bias=torch.full((o,), 0.5),
-                                  out="packed")
+    packed = binary.binary_conv2d(
+        x, w, stride=stride, padding=pad, bias=torch.full((o,), 0.5), out="packed"
+    )
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref + 0.5))
 
 
@@ -122,10 +136,14 @@ def test_residual_is_added_last_in_the_epilogue(cpu_path, o):
     w = torch.randn(o, 40, 3, 3)
     scale, bias = torch.randn(o), torch.randn(o)
     res = torch.randn(2, o, 9, 9) * 5
-    ref = (F.conv2d(sign(x), sign(w), padding=1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)) + res
+    ref = (
+        F.conv2d(sign(x), sign(w), padding=1) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    ) + res
     y = binary.binary_conv2d(x, w, padding=1, scale=scale, bias=bias, residual=res)
     assert torch.equal(y, ref)
-    packed = binary.binary_conv2d(x, w, padding=1, scale=scale, bias=bias, residual=res, out="packed")
+    packed = binary.binary_conv2d(
+        x, w, padding=1, scale=scale, bias=bias, residual=res, out="packed"
+    )
     assert torch.equal(binary.unpack_bits(packed.bits, o), sign(ref))
     with pytest.raises(ValueError, match="residual must be a float32 tensor of shape"):
         binary.binary_conv2d(x, w, padding=1, residual=res[:, :, 1:])
@@ -139,7 +157,9 @@ def test_border_pixels_and_dilation(cpu_path):
         y = binary.binary_conv2d(x, w, padding=pad, dilation=dil)
         assert torch.equal(y, ref)
         # corners and edges specifically (zero padding contributes nothing)
-        assert torch.equal(y[..., 0, 0], ref[..., 0, 0]) and torch.equal(y[..., -1, :], ref[..., -1, :])
+        assert torch.equal(y[..., 0, 0], ref[..., 0, 0]) and torch.equal(
+            y[..., -1, :], ref[..., -1, :]
+        )
 
 
 def test_chain_of_binary_layers_stays_packed(cpu_path):
@@ -148,7 +168,9 @@ def test_chain_of_binary_layers_stays_packed(cpu_path):
     s1, b1 = torch.rand(64) + 0.1, torch.randn(64)
     h = binary.binary_conv2d(x, w1, padding=1, scale=s1, bias=b1, out="packed")
     y = binary.binary_conv2d(h, w2, padding=1)
-    h_ref = sign(F.conv2d(sign(x), sign(w1), padding=1) * s1.view(1, -1, 1, 1) + b1.view(1, -1, 1, 1))
+    h_ref = sign(
+        F.conv2d(sign(x), sign(w1), padding=1) * s1.view(1, -1, 1, 1) + b1.view(1, -1, 1, 1)
+    )
     assert torch.equal(y, F.conv2d(h_ref, sign(w2), padding=1))
 
 
@@ -180,33 +202,58 @@ def test_non_contiguous_and_channels_last_conv_input(cpu_path):
     x = torch.randn(2, 33, 7, 7)
     w = torch.randn(6, 33, 3, 3)
     ref = F.conv2d(sign(x), sign(w), padding=1)
-    assert torch.equal(binary.binary_conv2d(x.contiguous(memory_format=torch.channels_last), w,
-                                            padding=1), ref)
-    assert torch.equal(binary.binary_conv2d(x.transpose(2, 3), w, padding=1),
-                       F.conv2d(sign(x.transpose(2, 3)), sign(w), padding=1))
+    assert torch.equal(
+        binary.binary_conv2d(x.contiguous(memory_format=torch.channels_last), w, padding=1), ref
+    )
+    assert torch.equal(
+        binary.binary_conv2d(x.transpose(2, 3), w, padding=1),
+        F.conv2d(sign(x.transpose(2, 3)), sign(w), padding=1),
+    )
 
 
-@pytest.mark.parametrize("call,exc,words", [
-    (lambda x, w: binary.binary_conv2d(x.long(), w), TypeError, "x must be a floating"),
-    (lambda x, w: binary.binary_conv2d(binary.pack_bits(x), w), TypeError, "PackedActivation"),
-    (lambda x, w: binary.binary_conv2d(x[0], w), ValueError, "x must be 4-D"),
-    (lambda x, w: binary.binary_conv2d(x[:, :5], w), ValueError, "expects 8 input channels"),
-    (lambda x, w: binary.binary_conv2d(x, binary.pack_weight(torch.randn(4, 40, 3, 3))),
-     ValueError, "expects 40 input channels"),
-    (lambda x, w: binary.binary_conv2d(x, w, padding=-1), ValueError, "padding must be >= 0"),
-    (lambda x, w: binary.binary_conv2d(x, w, stride=0), ValueError, "stride must be >= 1"),
-    (lambda x, w: binary.binary_conv2d(x, w, stride=(1, 2, 3)), TypeError, "stride"),
-    (lambda x, w: binary.binary_conv2d(x, w, dilation=9), ValueError, "does not fit"),
-    (lambda x, w: binary.binary_conv2d(x, w, scale=torch.ones(3)), ValueError, "scale must be"),
-    (lambda x, w: binary.binary_conv2d(x, w, out="int8"), ValueError, "out must be"),
-    (lambda x, w: binary.pack_weight(w[0]), ValueError, "weight must be 4-D"),
-    (lambda x, w: binary.unpack_bits(torch.zeros(2, 1, dtype=torch.int32), 33), ValueError, "channels"),
-    (lambda x, w: binary.binary_linear(x, w), ValueError, "x must be 2-D"),
-    (lambda x, w: binary.binary_linear(x[:, :, 0, 0], w), ValueError, "weight must be 2-D"),
-    (lambda x, w: binary.binary_linear(x[:, :, 0, 0], binary.pack_weight(w)), ValueError, "kernel 1x1"),
-    (lambda x, w: binary.binary_linear(binary.pack_activation(x), w[:, :, 0, 0]), ValueError, "1x1 images"),
-    (lambda x, w: binary.binary_linear(x[:, :5, 0, 0], w[:, :, 0, 0]), ValueError, "expects 8 input"),
-])
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda x, w: binary.binary_conv2d(x.long(), w), TypeError, "x must be a floating"),
+        (lambda x, w: binary.binary_conv2d(binary.pack_bits(x), w), TypeError, "PackedActivation"),
+        (lambda x, w: binary.binary_conv2d(x[0], w), ValueError, "x must be 4-D"),
+        (lambda x, w: binary.binary_conv2d(x[:, :5], w), ValueError, "expects 8 input channels"),
+        (
+            lambda x, w: binary.binary_conv2d(x, binary.pack_weight(torch.randn(4, 40, 3, 3))),
+            ValueError,
+            "expects 40 input channels",
+        ),
+        (lambda x, w: binary.binary_conv2d(x, w, padding=-1), ValueError, "padding must be >= 0"),
+        (lambda x, w: binary.binary_conv2d(x, w, stride=0), ValueError, "stride must be >= 1"),
+        (lambda x, w: binary.binary_conv2d(x, w, stride=(1, 2, 3)), TypeError, "stride"),
+        (lambda x, w: binary.binary_conv2d(x, w, dilation=9), ValueError, "does not fit"),
+        (lambda x, w: binary.binary_conv2d(x, w, scale=torch.ones(3)), ValueError, "scale must be"),
+        (lambda x, w: binary.binary_conv2d(x, w, out="int8"), ValueError, "out must be"),
+        (lambda x, w: binary.pack_weight(w[0]), ValueError, "weight must be 4-D"),
+        (
+            lambda x, w: binary.unpack_bits(torch.zeros(2, 1, dtype=torch.int32), 33),
+            ValueError,
+            "channels",
+        ),
+        (lambda x, w: binary.binary_linear(x, w), ValueError, "x must be 2-D"),
+        (lambda x, w: binary.binary_linear(x[:, :, 0, 0], w), ValueError, "weight must be 2-D"),
+        (
+            lambda x, w: binary.binary_linear(x[:, :, 0, 0], binary.pack_weight(w)),
+            ValueError,
+            "kernel 1x1",
+        ),
+        (
+            lambda x, w: binary.binary_linear(binary.pack_activation(x), w[:, :, 0, 0]),
+            ValueError,
+            "1x1 images",
+        ),
+        (
+            lambda x, w: binary.binary_linear(x[:, :5, 0, 0], w[:, :, 0, 0]),
+            ValueError,
+            "expects 8 input",
+        ),
+    ],
+)
 def test_bad_input_is_named(call, exc, words):
     with pytest.raises(exc, match=words):
         call(torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3))
@@ -237,33 +284,66 @@ def test_op_checks_name_the_argument():
     args = [x, 40, bits, None, None, [1, 1], [0, 0], [1, 1], None, None, None, False]
 
     def call(**changes):
-        names = ["x", "in_channels", "bits", "gemm", "tap_popc", "stride", "padding", "dilation",
-                 "scale", "bias", "residual", "packed_out"]
+        names = [
+            "x",
+            "in_channels",
+            "bits",
+            "gemm",
+            "tap_popc",
+            "stride",
+            "padding",
+            "dilation",
+            "scale",
+            "bias",
+            "residual",
+            "packed_out",
+        ]
         return conv(*[changes.get(n, a) for n, a in zip(names, args, strict=True)])
+
     assert call().shape == (1, 3, 3, 3)
     for changes, message in [
-            ({"in_channels": 70}, "in_channels \\(70\\) does not fit x's 2 words"),
-            ({"x": x.float()}, "x must be an int32 4-D tensor"),
-            ({"bits": binary.pack_weight(torch.randn(3, 70, 3, 3)).bits}, "weight bits are packed for 3"),
-            ({"stride": [0, 1]}, "stride must be 2 values in \\[1, 2\\^31\\)"),
-            ({"stride": [1, 2**31]}, "stride must be 2 values in \\[1, 2\\^31\\)"),
-            ({"padding": [-1, 0]}, "padding must be 2 values in \\[0, 2\\^31\\)"),
-            ({"bits": torch.zeros(3, 0, 3, 2, dtype=torch.int32)}, "kernel of at least 1x1"),
-            ({"bits": torch.zeros(3, 9, 9, 2, dtype=torch.int32), "padding": [4, 4]},
-             "the CPU binary conv takes kernels of at most 64 taps, got 9x9"),
-            ({"dilation": [3, 3]}, "does not fit the padded input"),
-            ({"scale": torch.ones(4)}, "scale must be a float32 tensor of shape \\(3,\\)"),
-            ({"bias": torch.ones(3, dtype=torch.float64)}, "bias must be a float32"),
-            ({"residual": torch.zeros(1, 3, 5, 5)}, "residual must be a float32 tensor of shape "
-                                                    "\\(1, 3, 3, 3\\)")]:
+        ({"in_channels": 70}, "in_channels \\(70\\) does not fit x's 2 words"),
+        ({"x": x.float()}, "x must be an int32 4-D tensor"),
+        (
+            {"bits": binary.pack_weight(torch.randn(3, 70, 3, 3)).bits},
+            "weight bits are packed for 3",
+        ),
+        ({"stride": [0, 1]}, "stride must be 2 values in \\[1, 2\\^31\\)"),
+        ({"stride": [1, 2**31]}, "stride must be 2 values in \\[1, 2\\^31\\)"),
+        ({"padding": [-1, 0]}, "padding must be 2 values in \\[0, 2\\^31\\)"),
+        ({"bits": torch.zeros(3, 0, 3, 2, dtype=torch.int32)}, "kernel of at least 1x1"),
+        (
+            {"bits": torch.zeros(3, 9, 9, 2, dtype=torch.int32), "padding": [4, 4]},
+            "the CPU binary conv takes kernels of at most 64 taps, got 9x9",
+        ),
+        ({"dilation": [3, 3]}, "does not fit the padded input"),
+        ({"scale": torch.ones(4)}, "scale must be a float32 tensor of shape \\(3,\\)"),
+        ({"bias": torch.ones(3, dtype=torch.float64)}, "bias must be a float32"),
+        (
+            {"residual": torch.zeros(1, 3, 5, 5)},
+            "residual must be a float32 tensor of shape \\(1, 3, 3, 3\\)",
+        ),
+    ]:
         with pytest.raises(ValueError, match=message):
             call(**changes)
     with pytest.raises(ValueError, match="x must be a float 4-D"):
         torch.ops.ctmq.pack_bits(torch.zeros(2, 3, dtype=torch.int32))
     big = torch.zeros(1, 1, 1, 2**19, dtype=torch.int32)  # 2^24 channels
     with pytest.raises(ValueError, match="must stay below 2\\^24"):
-        conv(big, 2**24, torch.zeros(1, 1, 1, 2**19, dtype=torch.int32), None, None, [1, 1],
-             [0, 0], [1, 1], None, None, None, False)
+        conv(
+            big,
+            2**24,
+            torch.zeros(1, 1, 1, 2**19, dtype=torch.int32),
+            None,
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            None,
+            False,
+        )
 
 
 @pytest.mark.parametrize("packed_out", [False, True])
@@ -289,18 +369,86 @@ def test_kernel_level_checks():
     pw = binary.pack_weight(torch.randn(3, 40, 3, 3))
     conv = torch.ops.ctmq.binary_conv2d_cpu
     with pytest.raises(RuntimeError, match="does not fit x's"):
-        conv(bits, 70, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
+        conv(
+            bits,
+            70,
+            pw.gemm,
+            pw.tap_popc,
+            3,
+            [3, 3],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            None,
+            False,
+        )
     other = binary.pack_weight(torch.randn(3, 70, 3, 3))
     with pytest.raises(RuntimeError, match="weight is packed for"):
-        conv(bits, 40, other.gemm, other.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
+        conv(
+            bits,
+            40,
+            other.gemm,
+            other.tap_popc,
+            3,
+            [3, 3],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            None,
+            False,
+        )
     with pytest.raises(RuntimeError, match="weight is packed for"):
-        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [1, 3], [1, 1], [0, 0], [1, 1], None, None, None, False)
+        conv(
+            bits,
+            40,
+            pw.gemm,
+            pw.tap_popc,
+            3,
+            [1, 3],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            None,
+            False,
+        )
     with pytest.raises(RuntimeError, match="x must be int32"):
-        conv(bits.float(), 40, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None,
-             None, False)
+        conv(
+            bits.float(),
+            40,
+            pw.gemm,
+            pw.tap_popc,
+            3,
+            [3, 3],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            None,
+            False,
+        )
     with pytest.raises(RuntimeError, match="residual must be a contiguous float32"):
-        conv(bits, 40, pw.gemm, pw.tap_popc, 3, [3, 3], [1, 1], [0, 0], [1, 1], None, None,
-             torch.zeros(1, 3, 5, 5), False)
+        conv(
+            bits,
+            40,
+            pw.gemm,
+            pw.tap_popc,
+            3,
+            [3, 3],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            None,
+            None,
+            torch.zeros(1, 3, 5, 5),
+            False,
+        )
 
 
 def test_opcheck_binary_ops():
@@ -311,13 +459,42 @@ def test_opcheck_binary_ops():
     pw = binary.pack_weight(torch.randn(4, 33, 3, 3))
     torch.library.opcheck(torch.ops.ctmq.binary_weight_gemm.default, (pw.bits,))
     for packed in (False, True):
-        torch.library.opcheck(torch.ops.ctmq.binary_conv2d_cpu.default,
-                              (bits, 33, pw.gemm, pw.tap_popc, 4, [3, 3], [2, 2], [1, 1], [1, 1],
-                               torch.rand(4), None, torch.randn(2, 4, 3, 3), packed))
+        torch.library.opcheck(
+            torch.ops.ctmq.binary_conv2d_cpu.default,
+            (
+                bits,
+                33,
+                pw.gemm,
+                pw.tap_popc,
+                4,
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1],
+                torch.rand(4),
+                None,
+                torch.randn(2, 4, 3, 3),
+                packed,
+            ),
+        )
         for gemm, tap_popc in ((None, None), (pw.gemm, pw.tap_popc)):
-            torch.library.opcheck(torch.ops.ctmq.binary_conv2d.default,
-                                  (bits, 33, pw.bits, gemm, tap_popc, [2, 2], [1, 1], [1, 1],
-                                   torch.rand(4), None, torch.randn(2, 4, 3, 3), packed))
+            torch.library.opcheck(
+                torch.ops.ctmq.binary_conv2d.default,
+                (
+                    bits,
+                    33,
+                    pw.bits,
+                    gemm,
+                    tap_popc,
+                    [2, 2],
+                    [1, 1],
+                    [1, 1],
+                    torch.rand(4),
+                    None,
+                    torch.randn(2, 4, 3, 3),
+                    packed,
+                ),
+            )
 
 
 def test_backend_info_reports_a_path():
@@ -339,6 +516,7 @@ def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
     import threading
 
     from ctmq import backend
+
     monkeypatch.setattr(backend, "_ENV_BINARY_KERNEL", "triton")  # whatever CTMQ_BINARY_KERNEL says
     assert backend.cuda_binary_kernel() == "triton"
     seen = []
@@ -351,7 +529,9 @@ def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
             assert backend.cuda_binary_kernel() == "triton"
         assert backend.cuda_binary_kernel() == "bmma"
     assert backend.cuda_binary_kernel() == "triton" and seen == ["triton"]
-    with pytest.raises(ValueError, match=r"kernel must be one of \('triton', 'bmma'\), got 'cudnn'"):
+    with pytest.raises(
+        ValueError, match=r"kernel must be one of \('triton', 'bmma'\), got 'cudnn'"
+    ):
         with binary.use_kernel("cudnn"):
             pass
 
@@ -359,15 +539,29 @@ def test_use_kernel_is_scoped_and_per_thread(monkeypatch):
 def test_binary_kernel_env_is_the_default_and_checked():
     import subprocess
     import sys
-    code = ("import ctmq, os; from ctmq import backend; os.environ['CTMQ_BINARY_KERNEL'] = 'triton';"
-            "print(backend.cuda_binary_kernel())")
+
+    code = (
+        "import ctmq, os; from ctmq import backend; os.environ['CTMQ_BINARY_KERNEL'] = 'triton';"
+        "print(backend.cuda_binary_kernel())"
+    )
     for value, expect in (("bmma", "bmma"), ("", "triton")):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": value})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": value},
+        )
         assert out.stdout.strip() == expect, out.stderr  # read once, at import
-    out = subprocess.run([sys.executable, "-c", "import ctmq; from ctmq import backend; "
-                          "backend.cuda_binary_kernel()"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": "tensorcore"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ctmq; from ctmq import backend; backend.cuda_binary_kernel()",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "CTMQ_BINARY_KERNEL": "tensorcore"},
+    )
     assert out.returncode != 0 and "CTMQ_BINARY_KERNEL must be one of" in out.stderr
 
 
@@ -415,6 +609,7 @@ def test_cuda_kernels_without_the_extension(monkeypatch):
     ctmq._C (or without its CUDA kernels) that is Triton alone, not a crash on an
     op the dispatcher does not know."""
     from ctmq import backend
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ops.selection, "cuda_capability", lambda device: (9, 0))
     monkeypatch.setattr(ops.selection, "_bmma_built", None)

@@ -1,4 +1,5 @@
 """The ctmq command line: bench runs end to end, bad flags exit 2 with a message."""
+
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from ctmq import cli
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "quant", "--device", "cpu", "--numel", "9216", "--json", str(out)]) == 0
+    assert (
+        cli.main(["bench", "quant", "--device", "cpu", "--numel", "9216", "--json", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "act W4A4 clipped" in text and "vs eager" in text
     data = json.loads(out.read_text())
@@ -28,8 +31,11 @@ def test_bench_rejects_bad_flags(capsys):
 
 
 def test_console_script_help():
-    res = subprocess.run([sys.executable, "-m", "ctmq.cli", "bench", "quant", "--help"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ctmq.cli", "bench", "quant", "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "--numel" in res.stdout
 
 
@@ -37,6 +43,7 @@ def _benchmark_module(name):
     """A script of benchmarks/ (not a package) imported by path."""
     import importlib.util
     import pathlib
+
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -47,8 +54,25 @@ def _benchmark_module(name):
 def test_qat_step_benchmark_runs_small(tmp_path):
     mod = _benchmark_module("bench_qat_step")
     out = tmp_path / "qat.json"
-    mod.main(["--device", "cpu", "--batch", "2", "--image-size", "32", "--width", "0.125",
-              "--steps", "1", "--bits", "32", "1", "--json", str(out)])
+    mod.main(
+        [
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--image-size",
+            "32",
+            "--width",
+            "0.125",
+            "--steps",
+            "1",
+            "--bits",
+            "32",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["bits"], r["quantizers"]) for r in rows] == [(32, "-"), (1, "ctmq"), (1, "torch")]
     assert all(r["ms"] > 0 for r in rows)
@@ -59,21 +83,46 @@ def test_binary_conv_benchmark_runs(tmp_path):
     out = tmp_path / "b.json"
     mod.main(["--batch", "1", "--min-time", "0.01", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert len(data["rows"]) == 7 and all(r["ctmq_ms"] > 0 and r["speedup"] > 0 for r in data["rows"])
+    assert len(data["rows"]) == 7 and all(
+        r["ctmq_ms"] > 0 and r["speedup"] > 0 for r in data["rows"]
+    )
 
 
 def test_deploy_benchmark_runs(tmp_path, capsys):
     import ctmq
+
     if not ctmq.has_extension():
         pytest.skip("ctmq._C not built")
     mod = _benchmark_module("bench_deploy")
     out = tmp_path / "d.json"
-    mod.main(["--models", "resnet18,vgg_small", "--width", "0.125", "--batch", "1", "--threads", "1",
-              "--engines", "executor", "--peers", "torch", "--min-time", "0.05", "--json", str(out)])
+    mod.main(
+        [
+            "--models",
+            "resnet18,vgg_small",
+            "--width",
+            "0.125",
+            "--batch",
+            "1",
+            "--threads",
+            "1",
+            "--engines",
+            "executor",
+            "--peers",
+            "torch",
+            "--min-time",
+            "0.05",
+            "--json",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     assert [(r["model"], r["size"], r["batch"], r["threads"]) for r in data["rows"]] == [
-        ("resnet18", 224, 1, 1), ("vgg_small", 32, 1, 1)]
-    assert all(set(r["ms"]) == {"executor", "torch"} and min(r["ms"].values()) > 0 for r in data["rows"])
+        ("resnet18", 224, 1, 1),
+        ("vgg_small", 32, 1, 1),
+    ]
+    assert all(
+        set(r["ms"]) == {"executor", "torch"} and min(r["ms"].values()) > 0 for r in data["rows"]
+    )
     assert all(a["artifact_bytes"] < a["checkpoint_bytes"] for a in data["artifacts"].values())
     # the per-layer split and the binary convs against the path's peak
     split = data["splits"][0]["native kernels"]
@@ -81,8 +130,10 @@ def test_deploy_benchmark_runs(tmp_path, capsys):
     shapes = data["floors"][0]["shapes"]
     assert sum(s["layers"] for s in shapes) == 16 and all(0 < s["pct_peak"] for s in shapes)
     # resnet18 at width 1/8 (8 channels): one 64-bit word per tap and pixel
-    assert sum(s["words"] for s in shapes) == 9 * (4 * 8 * 56 ** 2 + 16 * (28 ** 2 * 4) + 32 * 14 ** 2 * 4
-                                                   + 64 * 7 ** 2 * 4) // 1
+    assert (
+        sum(s["words"] for s in shapes)
+        == 9 * (4 * 8 * 56**2 + 16 * (28**2 * 4) + 32 * 14**2 * 4 + 64 * 7**2 * 4) // 1
+    )
     text = capsys.readouterr().out
     assert text.count("smaller") == 2 and "where the time goes" in text
     with pytest.raises(SystemExit):
@@ -93,7 +144,10 @@ def test_deploy_benchmark_runs(tmp_path, capsys):
 
 def test_train_without_the_training_extras_says_what_to_install(monkeypatch, capsys):
     import importlib.util
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a)
+    )
     assert cli.main(["train", "--out", "unused"]) == 2
     assert "training needs tqdm: pip install 'ctmq[train]'" in capsys.readouterr().err

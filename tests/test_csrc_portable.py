@@ -6,6 +6,7 @@ and, under qemu-user, on aarch64 (NEON and scalar).
 
 Where the cross compiler or qemu is missing the aarch64 tests skip, unless
 CTMQ_REQUIRE_AARCH64 is set (CI installs both and sets it)."""
+
 import ast
 import os
 import pathlib
@@ -24,7 +25,9 @@ CPU_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("csrc/cpu
 # the sources that include binary_kernels.h, the only ones CTMQ_NO_SIMD changes
 SIMD_SOURCES = [s for s in CPU_SOURCES if '#include "binary_kernels.h"' in (ROOT / s).read_text()]
 # the conv library of binary_conv.h: every csrc/cpu source that needs no torch
-LIBRARY = [s for s in CPU_SOURCES if not any(h in (ROOT / s).read_text() for h in ("<ATen/", "<torch/"))]
+LIBRARY = [
+    s for s in CPU_SOURCES if not any(h in (ROOT / s).read_text() for h in ("<ATen/", "<torch/"))
+]
 DRIVER = ["tests/cpu_driver/binary_conv_check.cpp", *LIBRARY]
 GXX = shutil.which("g++")
 AARCH64_GXX = shutil.which("aarch64-linux-gnu-g++")
@@ -36,7 +39,9 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 def _setup_cxx_flags():
     """setup.py's CXX_FLAGS, read without running setup.py."""
     for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CXX_FLAGS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "CXX_FLAGS" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise AssertionError("setup.py defines no CXX_FLAGS")
 
@@ -94,7 +99,9 @@ def test_binary_conv_paths_match_reference_natively(defines, tmp_path):
     if defines:
         assert paths == ["scalar"]
     elif X86_64:  # as far as the CPU goes
-        assert paths in (["scalar"], ["scalar", "avx2"], ["scalar", "avx2", "avx512-vpopcntdq"]), paths
+        assert paths in (["scalar"], ["scalar", "avx2"], ["scalar", "avx2", "avx512-vpopcntdq"]), (
+            paths
+        )
     else:
         assert paths[0] == "scalar", paths
 

@@ -8,6 +8,7 @@ C++ ops must have a CUDA kernel in csrc (a TORCH_LIBRARY_IMPL(ctmq, CUDA, m)
 block: what a CUDA build registers). Python ops (torch.library.custom_op)
 must have a CUDA kernel registered (ctmq/ops/cuda.py): the test runs it on
 the CUDA tensors and checks what it reaches in turn."""
+
 import pathlib
 import re
 import shutil
@@ -38,8 +39,11 @@ def cuda_kernels_in_csrc():
     """Names of the ctmq ops that csrc registers for CUDA."""
     names = set()
     for path in ROOT.glob("csrc/**/*.cpp"):
-        for body in re.findall(r"TORCH_LIBRARY_IMPL\(\s*ctmq\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\}\s*$",
-                               path.read_text(), re.S | re.M):
+        for body in re.findall(
+            r"TORCH_LIBRARY_IMPL\(\s*ctmq\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\}\s*$",
+            path.read_text(),
+            re.S | re.M,
+        ):
             names |= set(re.findall(r'\.impl\(\s*"(\w+)"', body))
     return names
 
@@ -56,14 +60,30 @@ def fake_cuda_guard(tmp_path_factory):
     if gxx is None:
         pytest.skip("g++ not found")
     import ctypes
+
     src = tmp_path_factory.mktemp("guard") / "fake_cuda_guard.cpp"
-    src.write_text("#include <c10/core/impl/FakeGuardImpl.h>\nnamespace {\n"
-                   "c10::impl::FakeGuardImpl<c10::DeviceType::CUDA> guard;\n"
-                   "c10::impl::DeviceGuardImplRegistrar reg(c10::DeviceType::CUDA, &guard);\n}\n")
+    src.write_text(
+        "#include <c10/core/impl/FakeGuardImpl.h>\nnamespace {\n"
+        "c10::impl::FakeGuardImpl<c10::DeviceType::CUDA> guard;\n"
+        "c10::impl::DeviceGuardImplRegistrar reg(c10::DeviceType::CUDA, &guard);\n}\n"
+    )
     lib = src.with_suffix(".so")
     tdir = pathlib.Path(torch.__file__).parent
-    subprocess.run([gxx, CXX_STD, "-shared", "-fPIC", f"-I{tdir / 'include'}", str(src),
-                    f"-L{tdir / 'lib'}", "-lc10", "-o", str(lib)], check=True)
+    subprocess.run(
+        [
+            gxx,
+            CXX_STD,
+            "-shared",
+            "-fPIC",
+            f"-I{tdir / 'include'}",
+            str(src),
+            f"-L{tdir / 'lib'}",
+            "-lc10",
+            "-o",
+            str(lib),
+        ],
+        check=True,
+    )
     ctypes.CDLL(str(lib))
 
 
@@ -80,8 +100,11 @@ class OpRecorder(TorchDispatchMode):
         devices = {a.device.type for a in _tensors(args, kwargs)}
         if func is torch.ops.aten._local_scalar_dense.default and "cuda" in devices:
             self.syncs.append(str(func))
-        if func is torch.ops.aten._to_copy.default and devices == {"cpu"} \
-                and torch.device(kwargs.get("device", "cpu")).type == "cuda":
+        if (
+            func is torch.ops.aten._to_copy.default
+            and devices == {"cpu"}
+            and torch.device(kwargs.get("device", "cpu")).type == "cuda"
+        ):
             self.syncs.append("host-to-device copy")
         if getattr(func, "namespace", None) != "ctmq":
             return func(*args, **kwargs)
@@ -132,8 +155,14 @@ def fake_cuda(fake_cuda_guard, monkeypatch):
 def _no_cpu_only_ops(rec):
     cuda = cuda_kernels_in_csrc()
     reached = [name for name, devices in rec.ops if "cuda" in devices]
-    bad = sorted({n for n in reached if n.split("::")[1] not in cuda
-                  and "cuda" not in getattr(OPDEFS.get(n), "_backend_fns", {})})
+    bad = sorted(
+        {
+            n
+            for n in reached
+            if n.split("::")[1] not in cuda
+            and "cuda" not in getattr(OPDEFS.get(n), "_backend_fns", {})
+        }
+    )
     assert not bad, f"ops without a CUDA kernel reached on CUDA tensors: {bad}"
     return reached
 
@@ -180,10 +209,22 @@ def test_quantizers_on_cuda_reach_cuda_kernels_without_host_sync(fake_cuda):
     quant.fake_quant_affine(x, s6, z6, -8, 7, axis=1)
     _backward("fake_quant_affine", (x, s6, z6, -8, 7, 1))
     reached = _no_cpu_only_ops(rec)
-    assert {"ctmq::quantize_act", "ctmq::quantize_weight", "ctmq::fake_quant_affine",
-            "ctmq::ste_masked_grad", "ctmq::approx_sign_grad", "ctmq::quantize_weight_grad"} <= set(reached)
-    assert {"_quantize_act_kernel", "_quantize_weight_kernel", "_fake_quant_affine_kernel",
-            "_masked_grad_kernel", "_approx_sign_grad_kernel", "_quantize_weight_grad_kernel"} <= set(launched)
+    assert {
+        "ctmq::quantize_act",
+        "ctmq::quantize_weight",
+        "ctmq::fake_quant_affine",
+        "ctmq::ste_masked_grad",
+        "ctmq::approx_sign_grad",
+        "ctmq::quantize_weight_grad",
+    } <= set(reached)
+    assert {
+        "_quantize_act_kernel",
+        "_quantize_weight_kernel",
+        "_fake_quant_affine_kernel",
+        "_masked_grad_kernel",
+        "_approx_sign_grad_kernel",
+        "_quantize_weight_grad_kernel",
+    } <= set(launched)
     assert not rec.syncs, f"host-device synchronizations: {rec.syncs}"
 
 
@@ -202,7 +243,9 @@ def test_binary_entry_points_on_cuda_reach_cuda_kernels(fake_cuda, kernel):
         binary.binary_conv2d(x, wb, padding=1, scale=s, bias=b, residual=res)
         xb = binary.pack_activation(x)
         binary.binary_conv2d(xb, wb, padding=1, scale=s, bias=b, residual=res, out="packed")
-        binary.binary_linear(torch.empty(3, 70, device=dev), torch.empty(9, 70, device=dev), scale=s[:9])
+        binary.binary_linear(
+            torch.empty(3, 70, device=dev), torch.empty(9, 70, device=dev), scale=s[:9]
+        )
     _no_cpu_only_ops(rec)
     assert "_pack_bits_kernel" in launched
     conv = {n for n, _ in rec.ops} & {"ctmq::binary_conv2d_bmma"}
@@ -212,18 +255,23 @@ def test_binary_entry_points_on_cuda_reach_cuda_kernels(fake_cuda, kernel):
         assert not conv and "_binary_conv_kernel" in launched
 
 
-ZOO = [("resnet18", dict(stem="cifar", width=0.25), 8),
-       ("resnet18", dict(stem="cifar", block="basic", width=0.25), 8),  # packed outputs
-       ("vgg_small", dict(width=0.125), 32),                          # packed, adaptive pool
-       ("reactnet_a", dict(stem="cifar", width=0.125), 16)]           # RSign, RPReLU, concat
+ZOO = [
+    ("resnet18", dict(stem="cifar", width=0.25), 8),
+    ("resnet18", dict(stem="cifar", block="basic", width=0.25), 8),  # packed outputs
+    ("vgg_small", dict(width=0.125), 32),  # packed, adaptive pool
+    ("reactnet_a", dict(stem="cifar", width=0.125), 16),
+]  # RSign, RPReLU, concat
 
 
 @pytest.mark.parametrize("kernel", ["triton", "bmma"])
-@pytest.mark.parametrize("name,kwargs,size", ZOO, ids=["resnet18", "resnet18-basic",
-                                                       "vgg_small", "reactnet_a"])
-def test_deploy_runtime_on_cuda_reaches_cuda_kernels(fake_cuda, tmp_path, kernel, name, kwargs,
-                                                     size):
+@pytest.mark.parametrize(
+    "name,kwargs,size", ZOO, ids=["resnet18", "resnet18-basic", "vgg_small", "reactnet_a"]
+)
+def test_deploy_runtime_on_cuda_reaches_cuda_kernels(
+    fake_cuda, tmp_path, kernel, name, kwargs, size
+):
     from ctmq.models import MODELS
+
     rec, launched = fake_cuda
     with unset_fake_temporarily():  # a real model, exported to a real artifact
         torch.manual_seed(0)
@@ -238,4 +286,6 @@ def test_deploy_runtime_on_cuda_reaches_cuda_kernels(fake_cuda, tmp_path, kernel
     assert logits.shape == (2, 10) and logits.device.type == "cuda"
     _no_cpu_only_ops(rec)
     bmma_ran = "ctmq::binary_conv2d_bmma" in {n for n, _ in rec.ops}
-    assert bmma_ran == (kernel == "bmma") and ("_binary_conv_kernel" in launched) == (kernel == "triton")
+    assert bmma_ran == (kernel == "bmma") and ("_binary_conv_kernel" in launched) == (
+        kernel == "triton"
+    )

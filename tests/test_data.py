@@ -1,4 +1,5 @@
 """ctmq.data: digits, IDX and CIFAR readers, and their errors (nothing downloads)."""
+
 import gzip
 import pickle
 import struct
@@ -22,7 +23,9 @@ def test_digits_fixed_split():
 
 
 def _write_idx(path, array, gz, type_byte=0x08, dtype=np.uint8):
-    header = struct.pack(">BBBB", 0, 0, type_byte, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, type_byte, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     raw = header + array.astype(dtype).tobytes()
     if gz:
         with gzip.open(str(path) + ".gz", "wb") as f:
@@ -63,7 +66,9 @@ def test_idx_errors_name_the_path(tmp_path):
 def test_idx_data_type_other_than_unsigned_byte_is_refused(tmp_path):
     """A float (or any non-0x08) IDX file is refused, naming the file and its type."""
     _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 4, 4)), False, 0x0D, ">f4")
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: IDX data type 0x0D \(float32\)"):
+    with pytest.raises(
+        ValueError, match=r"train-images-idx3-ubyte: IDX data type 0x0D \(float32\)"
+    ):
         data.read_idx(str(tmp_path / "train-images-idx3-ubyte"))
     _write_idx(tmp_path / "labels", np.zeros(8), False, 0x0B, ">i2")
     with pytest.raises(ValueError, match=r"labels: IDX data type 0x0B \(int16\)"):
@@ -77,21 +82,28 @@ def test_idx_dimension_count_is_checked(tmp_path):
         _write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (4, 7, 7)), False)
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, 4), False)
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (4, 49)), False)
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte: IDX file declares 2 dimensions, "
-                                         "expected 3"):
+    with pytest.raises(
+        ValueError, match="t10k-images-idx3-ubyte: IDX file declares 2 dimensions, expected 3"
+    ):
         data.load("mnist", str(tmp_path))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (4, 7, 7)), False)
     _write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, (4, 1)), False)
-    with pytest.raises(ValueError, match="train-labels-idx1-ubyte: IDX file declares 2 dimensions, "
-                                         "expected 1"):
+    with pytest.raises(
+        ValueError, match="train-labels-idx1-ubyte: IDX file declares 2 dimensions, expected 1"
+    ):
         data.load("mnist", str(tmp_path))
-    assert data.read_idx(str(tmp_path / "train-labels-idx1-ubyte")).shape == (4, 1)  # no count asked
+    assert data.read_idx(str(tmp_path / "train-labels-idx1-ubyte")).shape == (
+        4,
+        1,
+    )  # no count asked
 
 
 def _cifar_batch(n, labels_key=b"labels"):
     rng = np.random.default_rng(1)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            labels_key: list(rng.integers(0, 10, n).tolist())}
+    return {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        labels_key: list(rng.integers(0, 10, n).tolist()),
+    }
 
 
 def test_cifar10_batches(tmp_path):

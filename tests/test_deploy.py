@@ -1,5 +1,6 @@
 """ctmq.export + ctmq.deploy: the runtime reproduces the trained model's eval
 logits, layer by layer; bad artifacts and inputs fail clearly."""
+
 import contextlib
 import json
 
@@ -81,8 +82,25 @@ def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "--width", "0.25", "--cycles", "1", "--start-bits", "2",
-                     "--epochs-per-stage", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--width",
+                "0.25",
+                "--cycles",
+                "1",
+                "--start-bits",
+                "2",
+                "--epochs-per-stage",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     art = tmp_path / "digits.ctmq"
     assert cli.main(["export", str(out), "-o", str(art)]) == 0
     assert "smaller than the float32 checkpoint" in capsys.readouterr().out
@@ -90,6 +108,7 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     from ctmq import data
     from ctmq.cli.deploy import find_checkpoint
     from ctmq.engine import model_from_checkpoint
+
     d = data.load("digits")
     x, y = d.test.tensors
     m, meta = model_from_checkpoint(find_checkpoint(str(out))[0])
@@ -103,12 +122,16 @@ def test_digits_run_export_infer_end_to_end(tmp_path, capsys):
     assert torch.equal(got.argmax(1), ref.argmax(1))
     # infer on an image file and on a saved tensor
     from PIL import Image
+
     img = ((x[0, 0] * d.std[0] + d.mean[0]).clamp(0, 1) * 255).round().byte().numpy()
     Image.fromarray(img).save(tmp_path / "digit.png")
     torch.save(x[:2].clone(), tmp_path / "two.pt")
     capsys.readouterr()
     assert cli.main(["infer", str(art), str(tmp_path / "digit.png"), "--topk", "3"]) == 0
-    assert cli.main(["infer", str(art), str(tmp_path / "two.pt"), "--json", str(tmp_path / "p.json")]) == 0
+    assert (
+        cli.main(["infer", str(art), str(tmp_path / "two.pt"), "--json", str(tmp_path / "p.json")])
+        == 0
+    )
     preds = json.loads((tmp_path / "p.json").read_text())
     assert [p["top"][0][0] for p in preds] == [str(i) for i in ref[:2].argmax(1).tolist()]
     assert cli.main(["bench", "deploy", str(art), "--batch", "1"]) == 0
@@ -176,15 +199,18 @@ def test_folded_binary_conv_bn_equals_unfolded_batchnorm(stride, pad):
     conv = QConv2d(40, o, 3, stride=stride, padding=pad, bias=False, w_bits=1, a_bits=1)
     bn = torch.nn.BatchNorm2d(o).eval()
     with torch.no_grad():
-        bn.running_var.copy_(10 ** torch.empty(o).uniform_(-4, -2))  # eps = 1e-5 is 0.1% to 10% of it
+        bn.running_var.copy_(
+            10 ** torch.empty(o).uniform_(-4, -2)
+        )  # eps = 1e-5 is 0.1% to 10% of it
         bn.running_mean.copy_(torch.randn(o) * 0.5)
         bn.weight.copy_(torch.rand(o) + 0.5)
         bn.bias.copy_(torch.randn(o))
         x = torch.randn(2, 40, 9, 9)
         ref = bn(conv(x))  # float conv of sign(x) with alpha * sign(w), then torch's BatchNorm
         scale, bias = fold_binary_conv_bn(conv, bn)
-        deployed = binary.binary_conv2d(x, binary.pack_weight(conv.weight), stride=stride, padding=pad,
-                                        scale=scale, bias=bias)
+        deployed = binary.binary_conv2d(
+            x, binary.pack_weight(conv.weight), stride=stride, padding=pad, scale=scale, bias=bias
+        )
         evaluated = conv_bn(conv, bn, x)
     tol = dict(rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(deployed, ref, **tol)
@@ -194,7 +220,12 @@ def test_folded_binary_conv_bn_equals_unfolded_batchnorm(stride, pad):
 def test_runtime_max_pool_equals_torch():
     """The CPU runtime's max pool (oneDNN's) gives F.max_pool2d's values, -inf included."""
     from ctmq.deploy.ops import max_pool2d as _max_pool2d
-    for shape, k, s, p in (((1, 64, 112, 112), 3, 2, 1), ((3, 5, 9, 7), 3, 2, 1), ((2, 33, 8, 8), 2, 2, 0)):
+
+    for shape, k, s, p in (
+        ((1, 64, 112, 112), 3, 2, 1),
+        ((3, 5, 9, 7), 3, 2, 1),
+        ((2, 33, 8, 8), 2, 2, 0),
+    ):
         x = torch.randn(*shape)
         x.view(-1)[::89] = float("-inf")
         y = _max_pool2d(x, (k, k), (s, s), (p, p))
@@ -213,6 +244,7 @@ def test_artifact_much_smaller_than_float_checkpoint(tmp_path):
     m2.eval()
     export_binary(m2, tmp_path / "full.ctmq")
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in m2.state_dict().items()}, str(tmp_path / "full.st"))
     ratio = (tmp_path / "full.st").stat().st_size / (tmp_path / "full.ctmq").stat().st_size
     assert ratio >= 10, ratio

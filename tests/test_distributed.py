@@ -1,6 +1,7 @@
 """Under torchrun, 2 CPU processes (gloo) finish a CTMQ run with identical weights
 (ctmq train's run, and ctmq.engine.fit on a user's converted model); rank 0
 alone writes checkpoints and reports."""
+
 import os
 import pathlib
 import subprocess
@@ -19,9 +20,22 @@ WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 def test_two_processes_finish_with_identical_weights(tmp_path, mode):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(WORKER), str(out), mode],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            str(out),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert r0.keys() == r1.keys()
@@ -36,6 +50,7 @@ def test_two_processes_finish_with_identical_weights(tmp_path, mode):
 
 def test_sync_bn_needs_cuda(tmp_path):
     from ctmq.engine import RunConfig, RunConfigError
+
     with pytest.raises(RunConfigError, match="sync_bn"):
         RunConfig(device="cpu", sync_bn=True, out=str(tmp_path)).check()
 
@@ -43,6 +58,7 @@ def test_sync_bn_needs_cuda(tmp_path):
 def test_cuda_ranks_choose_their_device_before_nccl_starts(monkeypatch):
     """NCCL binds its communicator to the current device: set_device comes first."""
     from ctmq.engine import trainer
+
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

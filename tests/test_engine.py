@@ -1,5 +1,6 @@
 """ctmq.engine: schedules, exact weight transfer, resume after a kill, reports,
 bad configurations, divergence."""
+
 import csv
 import json
 import signal
@@ -13,8 +14,16 @@ import torch
 from ctmq import cli, data
 from ctmq.engine import RunConfig, RunConfigError, Schedule, StageDiverged, load_checkpoint, run
 
-TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
-            epochs_per_stage=1, batch_size=256, progress=False)
+TINY = dict(
+    dataset="digits",
+    width=0.125,
+    start_bits=2,
+    target_bits=1,
+    cycles=2,
+    epochs_per_stage=1,
+    batch_size=256,
+    progress=False,
+)
 
 
 def _cfg(tmp_path, **kw):
@@ -37,10 +46,16 @@ def test_schedules():
     assert [st.label for st in no_fp.stages] == ["W2A2", "W1A1", "FP", "W2A2", "W1A1"]
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(start_bits=1, target_bits=2), "start_bits"), (dict(target_bits=0), "target_bits"),
-    (dict(start_bits=9), "start_bits"), (dict(cycles=0), "cycles"),
-    (dict(epochs_per_stage=0), "epochs_per_stage")])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(start_bits=1, target_bits=2), "start_bits"),
+        (dict(target_bits=0), "target_bits"),
+        (dict(start_bits=9), "start_bits"),
+        (dict(cycles=0), "cycles"),
+        (dict(epochs_per_stage=0), "epochs_per_stage"),
+    ],
+)
 def test_schedule_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         Schedule.ctmq(**kwargs)
@@ -64,7 +79,9 @@ def test_weight_transfer_between_stages_is_exact_and_reports(tmp_path):
     for name, i, state in rec.starts:
         if i == 0:
             continue
-        prev, _ = load_checkpoint(str(stages_dir / (scheds[name].stage_key(i - 1) + ".safetensors")))
+        prev, _ = load_checkpoint(
+            str(stages_dir / (scheds[name].stage_key(i - 1) + ".safetensors"))
+        )
         assert prev.keys() == state.keys()
         for k in prev:
             assert torch.equal(prev[k], state[k]), (name, i, k)
@@ -78,7 +95,9 @@ def test_weight_transfer_between_stages_is_exact_and_reports(tmp_path):
     assert saved["stages"] == json.loads(json.dumps(rep["stages"]))
     with open(tmp_path / "run" / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["schedule"], r["label"]) for r in rows] == [(r["schedule"], r["label"]) for r in rep["stages"]]
+    assert [(r["schedule"], r["label"]) for r in rows] == [
+        (r["schedule"], r["label"]) for r in rep["stages"]
+    ]
     assert float(rows[-1]["top1"]) == pytest.approx(rep["final"]["direct"]["top1"])
     assert set(rep["final"]) == {"ctmq", "direct"} and rep["final"]["ctmq"]["label"] == "W1A1"
     for r in rep["stages"]:
@@ -93,15 +112,35 @@ def test_weight_transfer_between_stages_is_exact_and_reports(tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_continues_from_last_complete_stage(tmp_path):
     out = tmp_path / "run"
-    args = ["--dataset", "digits", "--width", "0.125", "--start-bits", "2", "--cycles", "2",
-            "--epochs-per-stage", "1", "--batch-size", "256", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "ctmq.cli", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        "--dataset",
+        "digits",
+        "--width",
+        "0.125",
+        "--start-bits",
+        "2",
+        "--cycles",
+        "2",
+        "--epochs-per-stage",
+        "1",
+        "--batch-size",
+        "256",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctmq.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = out / "stages" / "ctmq-01-c1-W2A2.json"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert first.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    assert first.exists(), (
+        proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
@@ -138,7 +177,9 @@ def test_resume_starts_from_the_last_complete_checkpoint(tmp_path):
     with pytest.raises(_Interrupted):
         run(cfg, log=lambda *a: None, callback=_StopAt(2))  # FP and W2A2 complete
     stages, sched = tmp_path / "run" / "stages", cfg.schedules()[0]
-    first, last = (load_checkpoint(str(stages / f"{sched.stage_key(i)}.safetensors"))[0] for i in (0, 1))
+    first, last = (
+        load_checkpoint(str(stages / f"{sched.stage_key(i)}.safetensors"))[0] for i in (0, 1)
+    )
     resumed = _StopAt(2)
     with pytest.raises(_Interrupted):
         run(cfg, log=lambda *a: None, callback=resumed)
@@ -158,18 +199,23 @@ def test_changed_config_against_run_dir_fails_unless_restart(tmp_path, capsys):
     rep = run(changed, restart=True, log=lambda *a: None)
     assert rep["config"]["lr"] == 0.01
     # runtime-only settings may change on resume
-    run(_cfg(tmp_path, schedule="direct", cycles=1, lr=0.01, workers=0, progress=True),
-        log=lambda *a: None)
+    run(
+        _cfg(tmp_path, schedule="direct", cycles=1, lr=0.01, workers=0, progress=True),
+        log=lambda *a: None,
+    )
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--start-bits", "1", "--target-bits", "2"], "start_bits"),
-    (["--target-bits", "0"], "target_bits"),
-    (["--start-bits", "9"], "start_bits"),
-    (["--dataset", "mnist"], "needs --data-root"),
-    (["--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "not a directory"),
-    (["--fp-checkpoint", "/nonexistent.pth"], "fp_checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--start-bits", "1", "--target-bits", "2"], "start_bits"),
+        (["--target-bits", "0"], "target_bits"),
+        (["--start-bits", "9"], "start_bits"),
+        (["--dataset", "mnist"], "needs --data-root"),
+        (["--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "not a directory"),
+        (["--fp-checkpoint", "/nonexistent.pth"], "fp_checkpoint"),
+    ],
+)
 def test_cli_bad_configs_fail_clearly(tmp_path, capsys, argv, words):
     assert cli.main(["train", "--out", str(tmp_path / "r"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
@@ -188,8 +234,11 @@ def test_cli_unknown_dataset_and_config_file(tmp_path, capsys):
 
 def test_cli_config_file_and_flags_override(tmp_path, capsys):
     conf = tmp_path / "c.json"
-    conf.write_text(json.dumps({**TINY, "schedule": "direct", "cycles": 1, "lr": 0.5,
-                                "out": str(tmp_path / "r")}))
+    conf.write_text(
+        json.dumps(
+            {**TINY, "schedule": "direct", "cycles": 1, "lr": 0.5, "out": str(tmp_path / "r")}
+        )
+    )
     assert cli.main(["train", "--config", str(conf), "--lr", "0.001"]) == 0
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["config"]["lr"] == 0.001 and rep["config"]["schedule"] == "direct"

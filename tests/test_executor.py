@@ -2,6 +2,7 @@
 of the node-by-node runtime bit for bit, on every zoo model, a user's model,
 every CPU path, batch size and thread count; it knows every op of the
 vocabulary; it plans few buffers and few layout conversions."""
+
 import json
 
 import pytest
@@ -35,12 +36,14 @@ def _randomized(model, seed=1):
     return model.eval()
 
 
-ZOO = [("resnet18", dict(stem="imagenet", width=0.25), 64),
-       ("resnet18", dict(stem="cifar", block="basic", width=0.25), 16),
-       ("resnet34", dict(stem="cifar", width=0.125), 16),
-       ("vgg_small", dict(width=0.125), 32),
-       ("reactnet_a", dict(stem="imagenet", width=0.125), 64),
-       ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16)]
+ZOO = [
+    ("resnet18", dict(stem="imagenet", width=0.25), 64),
+    ("resnet18", dict(stem="cifar", block="basic", width=0.25), 16),
+    ("resnet34", dict(stem="cifar", width=0.125), 16),
+    ("vgg_small", dict(width=0.125), 32),
+    ("reactnet_a", dict(stem="imagenet", width=0.125), 64),
+    ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,9 @@ def _engines(path):
     return deploy.load(path, engine="executor"), deploy.load(path, engine="python")
 
 
-@pytest.mark.parametrize("case", range(len(ZOO)), ids=[f"{n}-{k.get('stem', '')}" for n, k, _ in ZOO])
+@pytest.mark.parametrize(
+    "case", range(len(ZOO)), ids=[f"{n}-{k.get('stem', '')}" for n, k, _ in ZOO]
+)
 def test_executor_equals_the_model_and_the_node_by_node_runtime(zoo_artifacts, case):
     model, path, size, ch = zoo_artifacts[case]
     fast, slow = _engines(path)
@@ -126,6 +131,7 @@ def test_executor_on_a_users_model(tmp_path):
 
 def test_the_executor_knows_every_op_of_the_vocabulary():
     from ctmq import _C
+
     assert set(_C.executor_ops()) == set(OPS)
 
 
@@ -167,6 +173,7 @@ def test_profile_names_where_the_time_goes(zoo_artifacts):
 
 def test_executor_refuses_what_load_refuses(zoo_artifacts):
     from ctmq import _C
+
     _, path, _, _ = zoo_artifacts[0]
     header, tensors = deploy.read_artifact(path)
     bad = json.loads(json.dumps(header))

@@ -1,6 +1,7 @@
 """The Python API on a user's own model: ctmq.nn.convert -> ctmq.engine.fit
 (CTMQ schedule, checkpoints, resume) -> ctmq.export -> ctmq.deploy with the
 model's own predictions; and the exporter's lowering and its errors."""
+
 import json
 
 import pytest
@@ -71,10 +72,13 @@ def test_a_converted_user_model_trains_with_ctmq_exports_and_deploys(tmp_path):
     last = tmp_path / "run" / "stages" / (sched.stage_key(len(sched.stages) - 1) + ".safetensors")
     again = _user_model(seed=1)
     _, meta = load_checkpoint(str(last), again)
-    assert meta["stage"]["w_bits"] == 1 and all(m.w_bits == m.a_bits == 1
-                                                 for m in quantized_layers(again))
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
-                                                  model.state_dict().values(), strict=True))
+    assert meta["stage"]["w_bits"] == 1 and all(
+        m.w_bits == m.a_bits == 1 for m in quantized_layers(again)
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
     # resume: every stage is complete, nothing is trained again
     seen = []
@@ -84,9 +88,21 @@ def test_a_converted_user_model_trains_with_ctmq_exports_and_deploys(tmp_path):
     art = tmp_path / "user.ctmq"
     header = export_binary(model, art, input_size=d.image_size, mean=d.mean, std=d.std)
     ops = [n["op"] for n in header["nodes"]]
-    assert ops == ["conv2d", "batch_norm", "binary_conv", "hardtanh", "binary_conv", "concat",
-                   "binary_conv", "binary_conv", "relu", "max_pool2d", "flatten", "linear",
-                   "output"]
+    assert ops == [
+        "conv2d",
+        "batch_norm",
+        "binary_conv",
+        "hardtanh",
+        "binary_conv",
+        "concat",
+        "binary_conv",
+        "binary_conv",
+        "relu",
+        "max_pool2d",
+        "flatten",
+        "linear",
+        "output",
+    ]
     c = header["nodes"][6]
     assert len(c["in"]) == 2 and c["in"][1] == header["nodes"][5]["out"]  # residual fused
     assert header["architecture"] == {"name": "SmallNet"}
@@ -144,8 +160,10 @@ def _randomize(model):
                 if name.endswith("running_var"):
                     t.copy_(torch.rand(t.shape, generator=g) + 0.5)
                 else:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.5 + (1 if name.endswith(
-                        "weight") and t.dim() == 1 else 0))
+                    t.copy_(
+                        torch.randn(t.shape, generator=g) * 0.5
+                        + (1 if name.endswith("weight") and t.dim() == 1 else 0)
+                    )
     return model
 
 
@@ -153,8 +171,17 @@ def test_rsign_rprelu_prelu_and_conv_bias_lower_and_deploy(tmp_path):
     model = _randomize(ReActUnit()).eval()
     header = export_binary(model, tmp_path / "r.ctmq", input_size=9)
     ops = [n["op"] for n in header["nodes"]]
-    assert ops == ["conv2d", "batch_norm", "binary_conv", "rprelu", "binary_conv", "prelu",
-                   "global_avg_pool", "linear", "output"]
+    assert ops == [
+        "conv2d",
+        "batch_norm",
+        "binary_conv",
+        "rprelu",
+        "binary_conv",
+        "prelu",
+        "global_avg_pool",
+        "linear",
+        "output",
+    ]
     b1, b2 = header["nodes"][2], header["nodes"][4]
     assert b1["input_bias"] == "move1.bias" and b2["input_bias"] == "move2.bias"
     assert len(b1["in"]) == len(b2["in"]) == 2  # both shortcuts fused
@@ -205,8 +232,11 @@ class InPlace(nn.Module):
 
 
 def test_export_errors_name_the_layer_and_the_source_line(tmp_path):
-    with pytest.raises(ExportError, match=r"function sigmoid at .*test_fit_export.py.*line \d+.*"
-                                          r"torch.sigmoid\(self.conv\(x\)\).*vocabulary"):
+    with pytest.raises(
+        ExportError,
+        match=r"function sigmoid at .*test_fit_export.py.*line \d+.*"
+        r"torch.sigmoid\(self.conv\(x\)\).*vocabulary",
+    ):
         export_binary(Unsupported(), tmp_path / "a.ctmq", input_size=8)
     with pytest.raises(ExportError, match="cannot capture Branching's forward"):
         export_binary(Branching(), tmp_path / "b.ctmq", input_size=8)
@@ -242,20 +272,25 @@ def _random_statistics(model, seed=1):
     return model
 
 
-ZOO_CASES = [("resnet18", dict(stem="imagenet", width=0.125), 64),
-             ("resnet18", dict(stem="cifar", block="basic", width=0.25), 32),
-             ("resnet34", dict(stem="cifar", width=0.125), 32),
-             ("resnet34", dict(stem="cifar", block="basic", width=0.125), 32),
-             ("vgg_small", dict(width=0.125), 32),
-             ("reactnet_a", dict(stem="imagenet", width=0.125), 64),
-             ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16)]
+ZOO_CASES = [
+    ("resnet18", dict(stem="imagenet", width=0.125), 64),
+    ("resnet18", dict(stem="cifar", block="basic", width=0.25), 32),
+    ("resnet34", dict(stem="cifar", width=0.125), 32),
+    ("resnet34", dict(stem="cifar", block="basic", width=0.125), 32),
+    ("vgg_small", dict(width=0.125), 32),
+    ("reactnet_a", dict(stem="imagenet", width=0.125), 64),
+    ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16),
+]
 
 
-@pytest.mark.parametrize("name,kwargs,size", ZOO_CASES,
-                         ids=[f"{n}-{'-'.join(str(v) for v in kw.values())}"
-                              for n, kw, _ in ZOO_CASES])
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    ZOO_CASES,
+    ids=[f"{n}-{'-'.join(str(v) for v in kw.values())}" for n, kw, _ in ZOO_CASES],
+)
 def test_every_zoo_model_deploys_with_its_own_logits_bit_for_bit(tmp_path, name, kwargs, size):
     from ctmq.models import MODELS
+
     torch.manual_seed(0)
     model = _random_statistics(set_bits(MODELS[name](10, **kwargs), 1, 1)).eval()
     header = export_binary(model, tmp_path / "m.ctmq", input_size=size)
@@ -274,11 +309,14 @@ def test_resnet18_exports_to_the_graph_it_always_had(tmp_path):
     their shortcuts fused, per basic block a packed one, a fused one and a
     hardtanh; downsample shortcuts avg pool, conv, BN; pool, fc, output."""
     from ctmq.models import resnet18
+
     stem = ["conv2d", "batch_norm", "max_pool2d"]
     short = ["avg_pool2d", "conv2d", "batch_norm"]
     tail = ["global_avg_pool", "linear", "output"]
-    for block, unit in (("bireal", ["binary_conv", "binary_conv"]),
-                        ("basic", ["binary_conv", "binary_conv", "hardtanh"])):
+    for block, unit in (
+        ("bireal", ["binary_conv", "binary_conv"]),
+        ("basic", ["binary_conv", "binary_conv", "hardtanh"]),
+    ):
         model = set_bits(resnet18(10, stem="imagenet", block=block, width=0.125), 1, 1)
         nodes = export_binary(model, tmp_path / f"{block}.ctmq", input_size=64)["nodes"]
         want = stem + unit * 2 + (short + unit + unit) * 3 + tail
@@ -297,10 +335,33 @@ def test_ctmq_train_and_export_take_every_zoo_model(tmp_path, name):
     from ctmq import cli
     from ctmq.cli.deploy import find_checkpoint
     from ctmq.engine import model_from_checkpoint
+
     out = tmp_path / "run"
-    assert cli.main(["train", "--model", name, "--width", "0.125", "--schedule", "ctmq",
-                     "--start-bits", "2", "--cycles", "1", "--epochs-per-stage", "1",
-                     "--batch-size", "256", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                name,
+                "--width",
+                "0.125",
+                "--schedule",
+                "ctmq",
+                "--start-bits",
+                "2",
+                "--cycles",
+                "1",
+                "--epochs-per-stage",
+                "1",
+                "--batch-size",
+                "256",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     art = tmp_path / "m.ctmq"
     assert cli.main(["export", str(out), "-o", str(art)]) == 0
     model, _ = model_from_checkpoint(find_checkpoint(str(out))[0])

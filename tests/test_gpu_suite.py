@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.sh's own plumbing, on any machine (SUITE_DRY_RUN=1 runs
 each step as a sleep): the deadline skips what is left, and however the suite
 ends it prints the summary and leaves at most 6 files in $OUT."""
+
 import os
 import pathlib
 import signal
@@ -12,14 +13,23 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-STEPS = ["build", "tests_mma", "tests_binary", "bench_binary_conv", "bench_deploy", "tests_quant",
-         "bench_fake_quant", "bench_qat_step"]
+STEPS = [
+    "build",
+    "tests_mma",
+    "tests_binary",
+    "bench_binary_conv",
+    "bench_deploy",
+    "tests_quant",
+    "bench_fake_quant",
+    "bench_qat_step",
+]
 
 
 def _suite(out, **env):
     full = dict(os.environ, OUT=str(out), SUITE_DRY_RUN="1", **env)
-    return subprocess.Popen(["bash", str(SUITE)], env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", str(SUITE)], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _summary(out):
@@ -52,7 +62,12 @@ def test_each_stage_runs_alone(tmp_path):
     proc = _suite(tmp_path, SUITE_STAGE="2", SUITE_DRY_RUN_SLEEP="0")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert list(_summary(tmp_path)) == ["build", "tests_quant", "bench_fake_quant", "bench_qat_step"]
+    assert list(_summary(tmp_path)) == [
+        "build",
+        "tests_quant",
+        "bench_fake_quant",
+        "bench_qat_step",
+    ]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """ctmq_kernels.quant: the Triton kernels against the torch reference path, bit
 for bit except the 1-bit weight scale mean|w| (a few ulps: another summation
 order), on CUDA, or on CPU tensors under TRITON_INTERPRET=1."""
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -45,8 +46,9 @@ def test_quantize_act_kernel(triton_device, dtype, shape, bits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [pytest.param((64, 33, 3, 3), marks=pytest.mark.slow), (5, 7), (3, 1),
-                                   (2, 2500)])
+@pytest.mark.parametrize(
+    "shape", [pytest.param((64, 33, 3, 3), marks=pytest.mark.slow), (5, 7), (3, 1), (2, 2500)]
+)
 @pytest.mark.parametrize("bits", [1, 2, 3, 8])
 def test_quantize_weight_kernel(triton_device, dtype, shape, bits):
     w = torch.randn(shape).to(dtype)
@@ -58,20 +60,33 @@ def test_quantize_weight_kernel(triton_device, dtype, shape, bits):
         assert out.stride() == ref_out.stride()
         if bits == 1:  # mean|w|: the reduction order differs, the rest is exact
             torch.testing.assert_close(alpha.cpu(), ref_alpha, rtol=2e-6, atol=0)
-            torch.testing.assert_close(out.cpu(), ref_out, rtol=4e-6 if dtype is torch.float32
-                                       else 8e-3, atol=0)
+            torch.testing.assert_close(
+                out.cpu(), ref_out, rtol=4e-6 if dtype is torch.float32 else 8e-3, atol=0
+            )
         else:
             assert torch.equal(alpha.cpu(), ref_alpha) and torch.equal(out.cpu(), ref_out)
         g = ops.restride(torch.randn(shape).to(dtype), ref_out.shape, ref_out.stride())
         for ste in ("clipped", "approx_sign"):
-            ours = torch.ops.ctmq.quantize_weight_grad(_on(g, triton_device), _on(wv, triton_device),
-                                                       _on(ref_alpha, triton_device), ste)
-            assert torch.equal(ours.cpu(), torch.ops.ctmq.quantize_weight_grad(g, wv, ref_alpha, ste))
+            ours = torch.ops.ctmq.quantize_weight_grad(
+                _on(g, triton_device), _on(wv, triton_device), _on(ref_alpha, triton_device), ste
+            )
+            assert torch.equal(
+                ours.cpu(), torch.ops.ctmq.quantize_weight_grad(g, wv, ref_alpha, ste)
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", [((9,), None), ((3, 33, 7, 9), None), ((3, 33, 7, 9), 1),
-                                        ((2, 65, 7, 7), 0), ((4, 5, 6), 2), ((4097,), 0)])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((9,), None),
+        ((3, 33, 7, 9), None),
+        ((3, 33, 7, 9), 1),
+        ((2, 65, 7, 7), 0),
+        ((4, 5, 6), 2),
+        ((4097,), 0),
+    ],
+)
 def test_fake_quant_affine_kernel(triton_device, dtype, shape, axis):
     qmin, qmax = (-128, 127) if axis is None else (0, 255)
     if axis is None:
@@ -86,8 +101,8 @@ def test_fake_quant_affine_kernel(triton_device, dtype, shape, axis):
             ax = {0: x.dim() - 1, x.dim() - 1: 0}.get(axis, axis)
         args = (scale, zp, qmin, qmax, ax)
         out, mask = torch.ops.ctmq.fake_quant_affine(
-            _on(x, triton_device), _on(scale, triton_device), _on(zp, triton_device),
-            qmin, qmax, ax)
+            _on(x, triton_device), _on(scale, triton_device), _on(zp, triton_device), qmin, qmax, ax
+        )
         ref_out, ref_mask = torch.ops.ctmq.fake_quant_affine(x, *args)
         assert torch.equal(out.cpu(), ref_out) and torch.equal(mask.cpu(), ref_mask)
 
@@ -99,9 +114,11 @@ def test_fake_quant_affine_kernel(triton_device, dtype, shape, axis):
 # 2^63 land at qmin or qmax by the sign of zp. (torch's CPU kernels differ:
 # that path is torch's own op.)
 NONFINITE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1.0, 2.7, -100.0]
-CUDA_PER_TENSOR = [-5.5, 2.0, -5.5, 2.0, -5.5, 1.0, 2.0, -5.5]            # scale 0.5, zp 3
-CUDA_PER_CHANNEL = [[-5.5, -5.5, -5.5, -5.5, -5.5, 1.0, 2.0, -5.5],       # scale 0.5, zp 3
-                    [2.25, 2.25, 2.25, 2.25, 2.25, 1.0, 2.25, -1.5]]      # scale 0.25, zp -2
+CUDA_PER_TENSOR = [-5.5, 2.0, -5.5, 2.0, -5.5, 1.0, 2.0, -5.5]  # scale 0.5, zp 3
+CUDA_PER_CHANNEL = [
+    [-5.5, -5.5, -5.5, -5.5, -5.5, 1.0, 2.0, -5.5],  # scale 0.5, zp 3
+    [2.25, 2.25, 2.25, 2.25, 2.25, 1.0, 2.25, -1.5],
+]  # scale 0.25, zp -2
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, in the interpreter
@@ -110,15 +127,25 @@ def test_fake_quant_nonfinite_follow_torch_cuda_semantics(triton_device, dtype):
     """The Triton kernel reproduces torch's CUDA kernels on every device."""
     x = torch.tensor(NONFINITE).to(dtype)
     out, mask = torch.ops.ctmq.fake_quant_affine(
-        _on(x, triton_device), _on(torch.tensor([0.5]), triton_device),
-        _on(torch.tensor([3], dtype=torch.int32), triton_device), -8, 7, None)
+        _on(x, triton_device),
+        _on(torch.tensor([0.5]), triton_device),
+        _on(torch.tensor([3], dtype=torch.int32), triton_device),
+        -8,
+        7,
+        None,
+    )
     assert out.float().cpu().tolist() == CUDA_PER_TENSOR
     in_range = [False] * 5 + [True, False, False]  # 2.7 -> 5 + 3 > qmax, and with zp -2: 9
     assert ops.unpack_mask(mask.cpu(), x).tolist() == in_range
     rows = x.repeat(2, 1)
     out, mask = torch.ops.ctmq.fake_quant_affine(
-        _on(rows, triton_device), _on(torch.tensor([0.5, 0.25]), triton_device),
-        _on(torch.tensor([3, -2], dtype=torch.int32), triton_device), -8, 7, 0)
+        _on(rows, triton_device),
+        _on(torch.tensor([0.5, 0.25]), triton_device),
+        _on(torch.tensor([3, -2], dtype=torch.int32), triton_device),
+        -8,
+        7,
+        0,
+    )
     assert out.float().cpu().tolist() == CUDA_PER_CHANNEL
     assert ops.unpack_mask(mask.cpu(), rows).tolist() == [in_range, in_range]
 
@@ -171,13 +198,19 @@ def test_cuda_quantizers_never_synchronize():
     step and breaks CUDA graph capture): torch's sync debug mode raises on one."""
     x = torch.randn(4, 16, 9, 9, device="cuda", requires_grad=True)
     w = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
-    scale, zp = torch.full((16,), 0.05, device="cuda"), torch.zeros(16, dtype=torch.int32, device="cuda")
+    scale, zp = (
+        torch.full((16,), 0.05, device="cuda"),
+        torch.zeros(16, dtype=torch.int32, device="cuda"),
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for y in (ctmq.quantize_act(x, 2), ctmq.quantize_act(x, 1, ste="approx_sign"),
-                  ctmq.fake_quant_affine(x, 0.05, 0, -8, 7),
-                  ctmq.fake_quant_affine(x, scale, zp, -8, 7, axis=1)):
+        for y in (
+            ctmq.quantize_act(x, 2),
+            ctmq.quantize_act(x, 1, ste="approx_sign"),
+            ctmq.fake_quant_affine(x, 0.05, 0, -8, 7),
+            ctmq.fake_quant_affine(x, scale, zp, -8, 7, axis=1),
+        ):
             torch.autograd.grad(y, x, torch.ones_like(y))
         for bits in (1, 4):
             y = ctmq.quantize_weight(w, bits)

@@ -1,4 +1,5 @@
 """ctmq.models.resnet18: shapes, bit depths, torchvision weight loading."""
+
 import pytest
 import torch
 
@@ -35,7 +36,9 @@ def _torchvision_like_state(model):
     downsample.{0: 1x1 conv, 1: BN} instead of {1: conv, 2: BN}."""
     out = {}
     for k, v in model.state_dict().items():
-        k = k.replace(".downsample.1.", ".downsample.0.").replace(".downsample.2.", ".downsample.1.")
+        k = k.replace(".downsample.1.", ".downsample.0.").replace(
+            ".downsample.2.", ".downsample.1."
+        )
         out[k] = torch.randn_like(v) if v.is_floating_point() else v
     return out
 
@@ -63,8 +66,15 @@ def test_load_torchvision_weights_rejects_other_files(tmp_path):
         load_torchvision_weights(resnet18(10), path)
 
 
-@pytest.mark.parametrize("kwargs,words", [({"stem": "tiny"}, "stem"), ({"block": "x"}, "block"),
-                                          ({"width": 0}, "width"), ({"num_classes": 0}, "num_classes")])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"stem": "tiny"}, "stem"),
+        ({"block": "x"}, "block"),
+        ({"width": 0}, "width"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
 def test_resnet18_bad_arguments(kwargs, words):
     kwargs.setdefault("num_classes", 10)
     with pytest.raises(ValueError, match=words):

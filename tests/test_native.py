@@ -4,6 +4,7 @@ fuzz loop, and cross-built for aarch64 under qemu-user. Its logits are the
 same bits on every CPU path and both ISAs; against the torch engine they
 agree to float rounding (its float ops are its own kernels, not oneDNN's);
 it refuses the same bad files with the same messages."""
+
 import json
 import os
 import pathlib
@@ -34,11 +35,13 @@ PATHS = ["auto", "avx2", "scalar"] if X86 else ["auto", "scalar"]
 
 def _native_built():
     import importlib.util
+
     return importlib.util.find_spec("ctmq._native") is not None
 
 
-pytestmark = pytest.mark.skipif(not (_native_built() and ctmq.has_extension()),
-                                reason="ctmq._native / ctmq._C not built")
+pytestmark = pytest.mark.skipif(
+    not (_native_built() and ctmq.has_extension()), reason="ctmq._native / ctmq._C not built"
+)
 
 
 def _randomized(model, seed=1):
@@ -56,10 +59,12 @@ def _randomized(model, seed=1):
     return model.eval()
 
 
-ZOO = [("resnet18", dict(stem="imagenet", width=0.25), 64, 3),
-       ("resnet34", dict(stem="cifar", block="basic", width=0.125), 16, 3),
-       ("vgg_small", dict(width=0.125), 32, 3),
-       ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16, 1)]
+ZOO = [
+    ("resnet18", dict(stem="imagenet", width=0.25), 64, 3),
+    ("resnet34", dict(stem="cifar", block="basic", width=0.125), 16, 3),
+    ("vgg_small", dict(width=0.125), 32, 3),
+    ("reactnet_a", dict(stem="cifar", width=0.25, in_channels=1), 16, 1),
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +109,17 @@ class FloatOps(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         F = nn.functional
-        x = torch.cat([F.relu(x), F.hardtanh(x, -0.5, 0.75), F.leaky_relu(x, 0.2), self.prelu(x),
-                       self.rprelu(x), self.relu6(x)], 1)
+        x = torch.cat(
+            [
+                F.relu(x),
+                F.hardtanh(x, -0.5, 0.75),
+                F.leaky_relu(x, 0.2),
+                self.prelu(x),
+                self.rprelu(x),
+                self.relu6(x),
+            ],
+            1,
+        )
         x = x + self.bnq(self.q(x))
         x = F.avg_pool2d(F.max_pool2d(x, 3, 2, 1), 2, ceil_mode=True)  # 11 -> 6 -> 3
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
@@ -138,6 +152,7 @@ def test_native_logits_are_the_same_bits_on_every_path_and_thread_count(zoo, cas
 
 def test_native_refuses_what_the_torch_loader_refuses_with_the_same_words(tmp_path):
     import re
+
     for name, words in make_cases(tmp_path).items():
         with pytest.raises(deploy.ArtifactError) as torch_err:
             deploy.load(tmp_path / name)
@@ -158,8 +173,8 @@ sys.modules["torch"] = None  # import torch fails from here on
 import numpy as np
 from ctmq import deploy
 rt = deploy.load({str(path)!r}, engine="native")
-got = rt(np.load({str(tmp_path / 'x.npy')!r}))
-assert np.array_equal(got, np.load({str(tmp_path / 'want.npy')!r}))
+got = rt(np.load({str(tmp_path / "x.npy")!r}))
+assert np.array_equal(got, np.load({str(tmp_path / "want.npy")!r}))
 assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
 print("ok", rt.cpu_path)
 """
@@ -171,19 +186,37 @@ def test_ctmq_infer_and_bench_with_the_native_engine(zoo, tmp_path, capsys):
     from PIL import Image
 
     from ctmq.cli import main
+
     path, x = zoo[0]
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(
-        tmp_path / "a.png")
+        tmp_path / "a.png"
+    )
     np.save(tmp_path / "x.npy", x)
     out = {}
     for engine in ("executor", "native"):
-        assert main(["infer", str(path), str(tmp_path / "a.png"), str(tmp_path / "x.npy"),
-                     "--topk", "1", "--engine", engine, "--json", str(tmp_path / f"{engine}.json")]) == 0
+        assert (
+            main(
+                [
+                    "infer",
+                    str(path),
+                    str(tmp_path / "a.png"),
+                    str(tmp_path / "x.npy"),
+                    "--topk",
+                    "1",
+                    "--engine",
+                    engine,
+                    "--json",
+                    str(tmp_path / f"{engine}.json"),
+                ]
+            )
+            == 0
+        )
         out[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
         capsys.readouterr()
     # the same inputs and classes; probabilities to float rounding
-    assert [(r["input"], r["top"][0][0]) for r in out["native"]] == \
-        [(r["input"], r["top"][0][0]) for r in out["executor"]]
+    assert [(r["input"], r["top"][0][0]) for r in out["native"]] == [
+        (r["input"], r["top"][0][0]) for r in out["executor"]
+    ]
     assert main(["bench", "deploy", str(path), "--engine", "native", "--batch", "1"]) in (0, None)
     assert "engine native" in capsys.readouterr().out
 
@@ -206,7 +239,9 @@ def _cmake_build(build, *options):
 
 def _run(cmd, **kw):
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(map(str, cmd))}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
     return res
 
 
@@ -220,23 +255,39 @@ def cmake_build(tmp_path_factory):
 @pytest.mark.slow
 def test_command_line_classifies_as_ctmq_infer_does(cmake_build, zoo, tmp_path):
     from PIL import Image
+
     path, x = zoo[0]
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
     Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(tmp_path / "gray.png")
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    run = subprocess.run([cmake_build / "ctmq-run", path, tmp_path / "rgb.png", tmp_path / "gray.png",
-                          tmp_path / "x.npy", tmp_path / "bad.png", "--topk", "2", "--logits",
-                          tmp_path / "logits.npy"], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            cmake_build / "ctmq-run",
+            path,
+            tmp_path / "rgb.png",
+            tmp_path / "gray.png",
+            tmp_path / "x.npy",
+            tmp_path / "bad.png",
+            "--topk",
+            "2",
+            "--logits",
+            tmp_path / "logits.npy",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1 and "bad.png: not a readable image" in run.stderr, run.stderr
     assert "1 of 6 inputs failed" in run.stderr
     # the images' pixels as ctmq infer makes them (Pillow), through the binding: the same logits
     from ctmq.cli.deploy import _load_image
+
     rt = deploy.load(path, engine="native")
     torch_rt = deploy.load(path)
-    pixels = np.concatenate([_load_image(str(tmp_path / n), torch_rt).numpy()
-                             for n in ("rgb.png", "gray.png")])
+    pixels = np.concatenate(
+        [_load_image(str(tmp_path / n), torch_rt).numpy() for n in ("rgb.png", "gray.png")]
+    )
     want = np.concatenate([rt(pixels), rt(x)])
     assert np.array_equal(np.load(tmp_path / "logits.npy"), want)
     lines = run.stdout.splitlines()
@@ -247,13 +298,17 @@ def test_command_line_classifies_as_ctmq_infer_does(cmake_build, zoo, tmp_path):
 @pytest.mark.slow
 def test_command_line_errors_are_one_line(cmake_build, zoo, tmp_path):
     exe = cmake_build / "ctmq-run"
-    for args, words, status in (([], "required: MODEL.ctmq", 2),
-                                ([zoo[0][0], "x.npy", "--topk", "0"], "--topk: expected a positive", 2),
-                                ([tmp_path / "none.ctmq", "x.npy"], "none.ctmq: cannot read", 2),
-                                ([zoo[0][0], tmp_path / "none.npy"], "no input could be classified", 2)):
+    for args, words, status in (
+        ([], "required: MODEL.ctmq", 2),
+        ([zoo[0][0], "x.npy", "--topk", "0"], "--topk: expected a positive", 2),
+        ([tmp_path / "none.ctmq", "x.npy"], "none.ctmq: cannot read", 2),
+        ([zoo[0][0], tmp_path / "none.npy"], "no input could be classified", 2),
+    ):
         res = subprocess.run([str(a) for a in (exe, *args)], capture_output=True, text=True)
         assert res.returncode == status and words in res.stderr, res.stderr
-    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("ctmq-run ")
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith(
+        "ctmq-run "
+    )
 
 
 @pytest.mark.slow
@@ -269,8 +324,16 @@ def test_installed_library_and_the_c_example(cmake_build, zoo, tmp_path):
     env = dict(os.environ, PKG_CONFIG_PATH=str(prefix / "lib" / "pkgconfig"))
     flags = _run([pkg_config, "--cflags", "--libs", "ctmq_runtime"], env=env).stdout.split()
     exe = tmp_path / "classify"
-    _run([cc, ROOT / "csrc" / "native" / "examples" / "classify.c", "-o", exe, *flags,
-          f"-Wl,-rpath,{prefix / 'lib'}"])
+    _run(
+        [
+            cc,
+            ROOT / "csrc" / "native" / "examples" / "classify.c",
+            "-o",
+            exe,
+            *flags,
+            f"-Wl,-rpath,{prefix / 'lib'}",
+        ]
+    )
     path, _ = zoo[0]
     lines = _run([exe, path]).stdout.splitlines()
     rt = deploy.load(path, engine="native")
@@ -288,8 +351,11 @@ def test_sanitizers_and_the_loader_fuzz_loop(zoo, tmp_path):
     if CMAKE is None:
         pytest.skip("cmake not found")
     build = _cmake_build(tmp_path / "asan", "-DCTMQ_SANITIZE=address,undefined", "-DCTMQ_FUZZ=ON")
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+    )
     for path, x in zoo:
         np.save(tmp_path / "x.npy", x)
         _run([build / "ctmq-run", path, tmp_path / "x.npy", "--threads", "2"], env=env)
@@ -308,8 +374,17 @@ def test_thread_sanitizer_on_the_thread_pool(zoo, tmp_path):
     if CMAKE is None:
         pytest.skip("cmake not found")
     build = tmp_path / "tsan"
-    _run([CMAKE, "-S", ROOT / "csrc", "-B", build, "-DCMAKE_BUILD_TYPE=Release",
-          "-DCTMQ_SANITIZE=thread"])
+    _run(
+        [
+            CMAKE,
+            "-S",
+            ROOT / "csrc",
+            "-B",
+            build,
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DCTMQ_SANITIZE=thread",
+        ]
+    )
     _run([CMAKE, "--build", build, "-j", "2", "--target", "ctmq-run"])
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
     for path, x in zoo:
@@ -317,8 +392,18 @@ def test_thread_sanitizer_on_the_thread_pool(zoo, tmp_path):
         got = {}
         for threads in (1, 3):
             out = tmp_path / f"logits{threads}.npy"
-            _run([build / "ctmq-run", path, tmp_path / "x.npy", "--threads", threads,
-                  "--logits", out], env=env)
+            _run(
+                [
+                    build / "ctmq-run",
+                    path,
+                    tmp_path / "x.npy",
+                    "--threads",
+                    threads,
+                    "--logits",
+                    out,
+                ],
+                env=env,
+            )
             got[threads] = np.load(out)
         assert np.array_equal(got[1], got[3]), path.name
 
@@ -339,15 +424,28 @@ def test_aarch64_build_gives_the_same_logits_under_qemu(zoo, tmp_path):
     if CMAKE is None:
         pytest.skip("cmake not found")
     toolchain = tmp_path / "aarch64.cmake"
-    toolchain.write_text("set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
-                         f"set(CMAKE_CXX_COMPILER {AARCH64_GXX})\n")
-    build = _cmake_build(tmp_path / "arm", f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
-                         "-DCMAKE_EXE_LINKER_FLAGS=-static")
+    toolchain.write_text(
+        "set(CMAKE_SYSTEM_NAME Linux)\nset(CMAKE_SYSTEM_PROCESSOR aarch64)\n"
+        f"set(CMAKE_CXX_COMPILER {AARCH64_GXX})\n"
+    )
+    build = _cmake_build(
+        tmp_path / "arm", f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_EXE_LINKER_FLAGS=-static"
+    )
     for i, (path, x) in enumerate(zoo):
         np.save(tmp_path / "x.npy", x)
         want = deploy.load(path, engine="native")(x)
         for cpu_path in ("neon", "scalar"):
             out = tmp_path / f"arm-{i}-{cpu_path}.npy"
-            _run([QEMU, build / "ctmq-run", path, tmp_path / "x.npy", "--cpu-path", cpu_path,
-                  "--logits", out])
+            _run(
+                [
+                    QEMU,
+                    build / "ctmq-run",
+                    path,
+                    tmp_path / "x.npy",
+                    "--cpu-path",
+                    cpu_path,
+                    "--logits",
+                    out,
+                ]
+            )
             assert np.array_equal(np.load(out), want), (path.name, cpu_path)

@@ -1,4 +1,5 @@
 """ctmq.nn: drop-in quantized layers, set_bits, convert."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,25 @@ def test_set_bits_changes_forward_and_linear():
     assert not torch.allclose(fp, binary)
     lin = model[2]
     h = model[1](model[0](x))
-    assert torch.equal(binary, F.linear(ctmq.quantize_act(h, 1, "approx_sign"),
-                                        ctmq.quantize_weight(lin.weight, 1), lin.bias))
+    assert torch.equal(
+        binary,
+        F.linear(
+            ctmq.quantize_act(h, 1, "approx_sign"), ctmq.quantize_weight(lin.weight, 1), lin.bias
+        ),
+    )
     set_bits(model, 32, 32)
     assert torch.equal(model(x), fp)
 
 
 def test_convert_keeps_first_and_last_fp_and_copies_weights():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
-                          nn.Linear(8, 8), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.Flatten(),
+        nn.Linear(8, 8),
+        nn.Linear(8, 2),
+    )
     x = torch.randn(1, 3, 5, 5)
     before = model(x)
     convert(model, w_bits=32, a_bits=32)
@@ -74,10 +85,18 @@ def test_a_compiled_model_follows_set_bits():
     compiled model computes the new depths (it recompiles), as the trainer's
     --compile relies on from stage to stage."""
     torch.manual_seed(0)
-    model = convert(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8),
-                                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-                                  nn.Hardtanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(8, 10)))
+    model = convert(
+        nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.Hardtanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
+    )
     compiled = torch.compile(model)
     x = torch.randn(4, 1, 8, 8)
     outputs = []

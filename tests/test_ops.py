@@ -1,5 +1,6 @@
 """ctmq.ops: opcheck on every op, gradcheck of the (linear) backward ops, the
 packed mask format, and the C++ CPU kernels against the torch reference."""
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -28,17 +29,24 @@ def _op_cases():
     yield torch.ops.ctmq.quantize_weight.default, (w, 4, "clipped")
     yield torch.ops.ctmq.ste_masked_grad.default, (g.requires_grad_(), mask)
     yield torch.ops.ctmq.approx_sign_grad.default, (_x(4, 6, grad=True), _x(4, 6))
-    yield torch.ops.ctmq.quantize_weight_grad.default, (_x(8, 3, 3, 3, grad=True), w.detach(),
-                                                        alpha, "approx_sign")
-    yield torch.ops.ctmq.fake_quant_affine.default, (x, torch.tensor([0.1]),
-                                                     torch.tensor([2], dtype=torch.int32),
-                                                     -8, 7, None)
-    yield torch.ops.ctmq.fake_quant_affine.default, (xcl, torch.rand(33) + 0.1,
-                                                     torch.zeros(33, dtype=torch.int32),
-                                                     0, 255, 1)
+    yield (
+        torch.ops.ctmq.quantize_weight_grad.default,
+        (_x(8, 3, 3, 3, grad=True), w.detach(), alpha, "approx_sign"),
+    )
+    yield (
+        torch.ops.ctmq.fake_quant_affine.default,
+        (x, torch.tensor([0.1]), torch.tensor([2], dtype=torch.int32), -8, 7, None),
+    )
+    yield (
+        torch.ops.ctmq.fake_quant_affine.default,
+        (xcl, torch.rand(33) + 0.1, torch.zeros(33, dtype=torch.int32), 0, 255, 1),
+    )
     if ctmq.has_extension():
         yield torch.ops.ctmq.quantize_act_fused.default, (_x(3, 5, 7), 3)
-        yield torch.ops.ctmq.masked_grad_fused.default, (_x(3, 5, 7), torch.ops.ctmq.quantize_act_fused(_x(3, 5, 7), 3)[1])
+        yield (
+            torch.ops.ctmq.masked_grad_fused.default,
+            (_x(3, 5, 7), torch.ops.ctmq.quantize_act_fused(_x(3, 5, 7), 3)[1]),
+        )
 
 
 @pytest.mark.parametrize("case", list(range(12)))
@@ -59,8 +67,9 @@ def test_backward_ops_gradcheck():
     assert torch.autograd.gradcheck(lambda t: ops.approx_sign_grad(t, x), (g,))
     w = _x(4, 11, dtype=torch.float64)
     alpha = ctmq.quant.weight_scale(w, 1)
-    assert torch.autograd.gradcheck(lambda t: ops.quantize_weight_grad(t, w, alpha, "approx_sign"),
-                                    (g,))
+    assert torch.autograd.gradcheck(
+        lambda t: ops.quantize_weight_grad(t, w, alpha, "approx_sign"), (g,)
+    )
 
 
 def test_full_precision_gradcheck():

@@ -1,5 +1,6 @@
 """ctmq.quant on the CPU: torch-exact affine fake-quant, the CTMQ family against
 its float64 definition, STE gradients, bad input, torch.compile."""
+
 import math
 
 import pytest
@@ -59,11 +60,19 @@ def test_fake_quant_affine_matches_torch(dtype, shape, axis):
 
 def test_fake_quant_affine_tensor_qparams_and_nonfinite():
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, 2.5, 3.5, -2.5, 0.0])
-    for axis, scale, zp in [(None, torch.tensor(0.5), torch.tensor(3)),
-                            (0, torch.full((8,), 0.5), torch.full((8,), 3, dtype=torch.int32))]:
+    for axis, scale, zp in [
+        (None, torch.tensor(0.5), torch.tensor(3)),
+        (0, torch.full((8,), 0.5), torch.full((8,), 3, dtype=torch.int32)),
+    ]:
         ours = ctmq.fake_quant_affine(x, scale, zp, -8, 7, axis=axis)
-        ref = _torch_fake_quant(x, scale.item() if axis is None else scale,
-                                int(zp.item()) if axis is None else zp, -8, 7, axis)
+        ref = _torch_fake_quant(
+            x,
+            scale.item() if axis is None else scale,
+            int(zp.item()) if axis is None else zp,
+            -8,
+            7,
+            axis,
+        )
         assert torch.equal(ours, ref)
 
 
@@ -77,8 +86,13 @@ def _boundary_distance(v, bits):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_act_matches_float64_definition(bits, dtype):
-    x = torch.cat([torch.randn(20000) * 1.2, torch.linspace(-1.2, 1.2, 4097),
-                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45, 5.0, -5.0])])
+    x = torch.cat(
+        [
+            torch.randn(20000) * 1.2,
+            torch.linspace(-1.2, 1.2, 4097),
+            torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45, 5.0, -5.0]),
+        ]
+    )
     x = x.to(dtype)
     ours = ctmq.quantize_act(x, bits).double()
     ref = quant.ctmq_quantize_ref(x, bits).to(dtype).double()
@@ -151,8 +165,11 @@ def test_full_precision_is_identity_and_empty_tensors():
     x = torch.randn(3, 4, requires_grad=True)
     assert ctmq.quantize_act(x, 32) is x
     assert ctmq.quantize_weight(x, 32) is x
-    for fn in (lambda t: ctmq.quantize_act(t, 2), lambda t: ctmq.quantize_weight(t, 1),
-               lambda t: ctmq.fake_quant_affine(t, 0.1, 0, -8, 7)):
+    for fn in (
+        lambda t: ctmq.quantize_act(t, 2),
+        lambda t: ctmq.quantize_weight(t, 1),
+        lambda t: ctmq.fake_quant_affine(t, 0.1, 0, -8, 7),
+    ):
         e = torch.empty(0, 3, requires_grad=True)
         out = fn(e)
         assert out.shape == (0, 3)
@@ -170,42 +187,72 @@ def test_nan_inf_propagate_in_family():
     assert torch.isnan(q[0]).all() and torch.isfinite(q[1]).all()  # as amax propagates NaN
 
 
-@pytest.mark.parametrize("call,exc,words", [
-    (lambda x: ctmq.quantize_act(x, 0), ValueError, "bits"),
-    (lambda x: ctmq.quantize_act(x, 9), ValueError, "bits"),
-    (lambda x: ctmq.quantize_act(x, 2.0), TypeError, "bits"),
-    (lambda x: ctmq.quantize_act(x, True), TypeError, "bits"),
-    (lambda x: ctmq.quantize_act(x, 2, ste="approx_sign"), ValueError, "approx_sign"),
-    (lambda x: ctmq.quantize_act(x, 1, ste="tanh"), ValueError, "ste"),
-    (lambda x: ctmq.quantize_act(x.to(torch.int32), 2), TypeError, "x must be a floating"),
-    (lambda x: ctmq.quantize_act(x.to(torch.complex64), 2), TypeError, "x must be a floating"),
-    (lambda x: ctmq.quantize_act(x.numpy(), 2), TypeError, "torch.Tensor"),
-    (lambda x: ctmq.quantize_weight(x.to(torch.int64), 1), TypeError, "w must be a floating"),
-    (lambda x: ctmq.quantize_weight(x[0, 0], 1), ValueError, "0-d"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.0, 0, -8, 7), ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, -1.0, 0, -8, 7), ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, float("inf"), 0, -8, 7), ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, float("nan"), 0, -8, 7), ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.tensor(0.0), 0, -8, 7), ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, 7, 7), ValueError, "qmin"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, 8, 7), ValueError, "qmin"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 9, -8, 7), ValueError, "zero_point"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, torch.tensor(9), -8, 7), ValueError, "zero_point"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 0.5, -8, 7), TypeError, "zero_point"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, torch.tensor(0.5), -8, 7), TypeError, "zero_point"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, -8.0, 7), TypeError, "qmin"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.ones(3), torch.zeros(3, dtype=torch.int32), -8, 7,
-                                      axis=1), ValueError, "x.shape[axis] = 4"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.ones(4), torch.zeros(4, dtype=torch.int32), -8, 7,
-                                      axis=2), ValueError, "axis"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.ones(4), torch.full((4,), 8, dtype=torch.int32),
-                                      -8, 7, axis=1), ValueError, "zero_point"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.tensor([1.0, 1, -1, 1]),
-                                      torch.zeros(4, dtype=torch.int32), -8, 7, axis=1),
-     ValueError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, -8, 7, axis=1), TypeError, "scale"),
-    (lambda x: ctmq.fake_quant_affine(x, torch.ones(2, 2), 0, -8, 7), ValueError, "scale"),
-])
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda x: ctmq.quantize_act(x, 0), ValueError, "bits"),
+        (lambda x: ctmq.quantize_act(x, 9), ValueError, "bits"),
+        (lambda x: ctmq.quantize_act(x, 2.0), TypeError, "bits"),
+        (lambda x: ctmq.quantize_act(x, True), TypeError, "bits"),
+        (lambda x: ctmq.quantize_act(x, 2, ste="approx_sign"), ValueError, "approx_sign"),
+        (lambda x: ctmq.quantize_act(x, 1, ste="tanh"), ValueError, "ste"),
+        (lambda x: ctmq.quantize_act(x.to(torch.int32), 2), TypeError, "x must be a floating"),
+        (lambda x: ctmq.quantize_act(x.to(torch.complex64), 2), TypeError, "x must be a floating"),
+        (lambda x: ctmq.quantize_act(x.numpy(), 2), TypeError, "torch.Tensor"),
+        (lambda x: ctmq.quantize_weight(x.to(torch.int64), 1), TypeError, "w must be a floating"),
+        (lambda x: ctmq.quantize_weight(x[0, 0], 1), ValueError, "0-d"),
+        (lambda x: ctmq.fake_quant_affine(x, 0.0, 0, -8, 7), ValueError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, -1.0, 0, -8, 7), ValueError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, float("inf"), 0, -8, 7), ValueError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, float("nan"), 0, -8, 7), ValueError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, torch.tensor(0.0), 0, -8, 7), ValueError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, 7, 7), ValueError, "qmin"),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, 8, 7), ValueError, "qmin"),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 9, -8, 7), ValueError, "zero_point"),
+        (
+            lambda x: ctmq.fake_quant_affine(x, 0.1, torch.tensor(9), -8, 7),
+            ValueError,
+            "zero_point",
+        ),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 0.5, -8, 7), TypeError, "zero_point"),
+        (
+            lambda x: ctmq.fake_quant_affine(x, 0.1, torch.tensor(0.5), -8, 7),
+            TypeError,
+            "zero_point",
+        ),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, -8.0, 7), TypeError, "qmin"),
+        (
+            lambda x: ctmq.fake_quant_affine(
+                x, torch.ones(3), torch.zeros(3, dtype=torch.int32), -8, 7, axis=1
+            ),
+            ValueError,
+            "x.shape[axis] = 4",
+        ),
+        (
+            lambda x: ctmq.fake_quant_affine(
+                x, torch.ones(4), torch.zeros(4, dtype=torch.int32), -8, 7, axis=2
+            ),
+            ValueError,
+            "axis",
+        ),
+        (
+            lambda x: ctmq.fake_quant_affine(
+                x, torch.ones(4), torch.full((4,), 8, dtype=torch.int32), -8, 7, axis=1
+            ),
+            ValueError,
+            "zero_point",
+        ),
+        (
+            lambda x: ctmq.fake_quant_affine(
+                x, torch.tensor([1.0, 1, -1, 1]), torch.zeros(4, dtype=torch.int32), -8, 7, axis=1
+            ),
+            ValueError,
+            "scale",
+        ),
+        (lambda x: ctmq.fake_quant_affine(x, 0.1, 0, -8, 7, axis=1), TypeError, "scale"),
+        (lambda x: ctmq.fake_quant_affine(x, torch.ones(2, 2), 0, -8, 7), ValueError, "scale"),
+    ],
+)
 def test_bad_input_is_named(call, exc, words):
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
         call(torch.randn(3, 4))

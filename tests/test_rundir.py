@@ -2,6 +2,7 @@
 damaged checkpoint is named and trained again, a resumed run computes what an
 uninterrupted one does, one process at a time trains in it, stale temp files
 go, files follow the umask, and progress shows up in a log file."""
+
 import json
 import os
 import stat
@@ -25,8 +26,16 @@ from ctmq.engine.rundir import RunLock
 from ctmq.files import atomic_open
 from ctmq.nn import QConv2d
 
-TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
-            epochs_per_stage=1, batch_size=256, progress=False)
+TINY = dict(
+    dataset="digits",
+    width=0.125,
+    start_bits=2,
+    target_bits=1,
+    cycles=2,
+    epochs_per_stage=1,
+    batch_size=256,
+    progress=False,
+)
 
 
 def _cfg(tmp_path, **kw):
@@ -57,14 +66,22 @@ def _loaders(n=64):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
     ds = torch.utils.data.TensorDataset(x, y)
-    train = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True,
-                                        generator=torch.Generator().manual_seed(0))
+    train = torch.utils.data.DataLoader(
+        ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     return train, torch.utils.data.DataLoader(ds, batch_size=64)
 
 
 def _fit(model, out, log=_quiet, **kw):
-    return fit(model, *_loaders(), Schedule.ctmq(2, 1, 1, 1, fp_epochs=1), str(out),
-               config=TrainConfig(progress=False), log=log, **kw)
+    return fit(
+        model,
+        *_loaders(),
+        Schedule.ctmq(2, 1, 1, 1, fp_epochs=1),
+        str(out),
+        config=TrainConfig(progress=False),
+        log=log,
+        **kw,
+    )
 
 
 def test_a_changed_model_is_refused_on_resume(tmp_path):
@@ -88,8 +105,10 @@ def test_a_damaged_checkpoint_is_named_and_trained_again(tmp_path):
         load_checkpoint(ckpt, Net())
     lines = []
     _fit(Net(), out, log=lines.append)
-    assert any(str(ckpt) in line and "truncated" in line and "training the stage again" in line
-               for line in lines), lines
+    assert any(
+        str(ckpt) in line and "truncated" in line and "training the stage again" in line
+        for line in lines
+    ), lines
     assert load_checkpoint(ckpt)[0].keys() == Net().state_dict().keys()
     # a flipped byte in the tensor data fails the checksum
     data = bytearray(ckpt.read_bytes())
@@ -134,8 +153,9 @@ def test_one_process_at_a_time_and_stale_temp_files_go(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with RunLock(str(out)):
-        with pytest.raises(RunConfigError, match=f"{out} is in use by another ctmq process "
-                                                 f"\\(pid {os.getpid()}\\)"):
+        with pytest.raises(
+            RunConfigError, match=f"{out} is in use by another ctmq process \\(pid {os.getpid()}\\)"
+        ):
             _fit(Net(), out)
     (out / "stages").mkdir()
     stale = [out / "config.json.k2j4.tmp", out / "stages" / "x.safetensors.a1b2.tmp"]
@@ -157,8 +177,10 @@ def test_files_follow_the_umask(tmp_path):
         _fit(Net(), tmp_path / "run")
     finally:
         os.umask(old)
-    modes = {stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "a.json",
-                                                      *(tmp_path / "run").rglob("*.json")]}
+    modes = {
+        stat.S_IMODE(p.stat().st_mode)
+        for p in [tmp_path / "a.json", *(tmp_path / "run").rglob("*.json")]
+    }
     assert modes == {0o640}
 
 
@@ -177,6 +199,8 @@ def test_progress_lines_when_not_on_a_terminal(tmp_path, capsys):
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if " epoch " in line]
     assert len(lines) == 3  # the FP stage (1 epoch) and W1A1 (2 epochs: the same total as ctmq)
-    assert all(": loss " in line and "train top-1 " in line and " img/s, stage ETA 0:00:00" in line
-               for line in lines), lines
+    assert all(
+        ": loss " in line and "train top-1 " in line and " img/s, stage ETA 0:00:00" in line
+        for line in lines
+    ), lines
     assert "\r" not in out.err

@@ -5,6 +5,7 @@
 ctmq_kernels needs nothing of ctmq; the exporter does not know the model
 zoo (an artifact records what the caller passes); the runtime reads only the
 artifact and the ops; the artifact format knows no layer above it."""
+
 import ast
 import pathlib
 
@@ -15,13 +16,36 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # what each part may not import (modules of ctmq, by their dotted name)
 FORBIDDEN = {
     "ctmq_kernels": ("ctmq",),
-    "ctmq/ops": ("ctmq.quant", "ctmq.binary", "ctmq.nn", "ctmq.models", "ctmq.export",
-                 "ctmq.deploy", "ctmq.engine", "ctmq.cli", "ctmq.artifact"),
-    "ctmq/artifact": ("ctmq.ops", "ctmq.nn", "ctmq.models", "ctmq.export", "ctmq.deploy",
-                      "ctmq.engine", "ctmq.cli", "ctmq.binary"),
+    "ctmq/ops": (
+        "ctmq.quant",
+        "ctmq.binary",
+        "ctmq.nn",
+        "ctmq.models",
+        "ctmq.export",
+        "ctmq.deploy",
+        "ctmq.engine",
+        "ctmq.cli",
+        "ctmq.artifact",
+    ),
+    "ctmq/artifact": (
+        "ctmq.ops",
+        "ctmq.nn",
+        "ctmq.models",
+        "ctmq.export",
+        "ctmq.deploy",
+        "ctmq.engine",
+        "ctmq.cli",
+        "ctmq.binary",
+    ),
     "ctmq/export": ("ctmq.models", "ctmq.engine", "ctmq.deploy", "ctmq.cli"),
-    "ctmq/deploy": ("ctmq.export", "ctmq.engine", "ctmq.models", "ctmq.nn", "ctmq.cli",
-                    "ctmq.quant"),
+    "ctmq/deploy": (
+        "ctmq.export",
+        "ctmq.engine",
+        "ctmq.models",
+        "ctmq.nn",
+        "ctmq.cli",
+        "ctmq.quant",
+    ),
     "ctmq/models": ("ctmq.engine", "ctmq.export", "ctmq.deploy", "ctmq.cli"),
     "ctmq/engine": ("ctmq.cli", "ctmq.export", "ctmq.deploy"),
 }
@@ -37,7 +61,7 @@ def _imports(path):
         elif isinstance(node, ast.ImportFrom):
             base = package.split(".")
             if node.level:
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module
@@ -49,15 +73,21 @@ def _imports(path):
 def test_layers_import_downwards_only(part):
     files = sorted((ROOT / part).rglob("*.py")) if (ROOT / part).is_dir() else []
     assert files, part
-    bad = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in _imports(f)
-           if any(name == x or name.startswith(x + ".") for x in FORBIDDEN[part])]
+    bad = [
+        f"{f.relative_to(ROOT)} imports {name}"
+        for f in files
+        for name in _imports(f)
+        if any(name == x or name.startswith(x + ".") for x in FORBIDDEN[part])
+    ]
     assert not bad, bad
 
 
 def _public_modules():
     """What a user imports: ctmq, its modules and its subpackages (a
     subpackage's own files are its inside)."""
-    for path in sorted((ROOT / "ctmq").glob("*.py")) + sorted((ROOT / "ctmq").glob("*/__init__.py")):
+    for path in sorted((ROOT / "ctmq").glob("*.py")) + sorted(
+        (ROOT / "ctmq").glob("*/__init__.py")
+    ):
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] != "__main__":
             yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -66,6 +96,7 @@ def _public_modules():
 @pytest.mark.parametrize("name", list(_public_modules()))
 def test_every_public_module_says_what_it_exports(name):
     import importlib
+
     module = importlib.import_module(name)
     assert isinstance(getattr(module, "__all__", None), (list, tuple)), f"{name} has no __all__"
     missing = [n for n in module.__all__ if not hasattr(module, n)]

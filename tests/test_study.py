@@ -1,5 +1,6 @@
 """ctmq study: arms x seeds from a shared FP stage, the report built from the
 runs' own reports, and confidence intervals on paired seeds."""
+
 import csv
 import json
 import math
@@ -11,13 +12,23 @@ from ctmq.cli.train import STUDY_KEYS, read_config_file
 from ctmq.engine import RunConfig, RunConfigError, Schedule
 from ctmq.engine.study import ARMS, arm_schedules, paired_interval, t975
 
-TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
-            epochs_per_stage=1, batch_size=256, progress=False)
+TINY = dict(
+    dataset="digits",
+    width=0.125,
+    start_bits=2,
+    target_bits=1,
+    cycles=2,
+    epochs_per_stage=1,
+    batch_size=256,
+    progress=False,
+)
 
 
 def test_t_quantiles_and_the_paired_interval():
     assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042
-    assert t975(40) == pytest.approx(2.021, abs=1e-3) and t975(120) == pytest.approx(1.980, abs=1e-3)
+    assert t975(40) == pytest.approx(2.021, abs=1e-3) and t975(120) == pytest.approx(
+        1.980, abs=1e-3
+    )
     ci = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, half-width 4.303 / sqrt(3)
     assert (ci["mean"], ci["sd"], ci["n"]) == (2.0, 1.0, 3)
     assert ci["low"] == pytest.approx(2 - 4.303 / math.sqrt(3))
@@ -28,19 +39,36 @@ def test_t_quantiles_and_the_paired_interval():
 
 
 def test_arm_schedules():
-    cfg = RunConfig(start_bits=3, target_bits=1, cycles=2, epochs_per_stage=2, fp_epochs=1,
-                    final_epochs=3)
-    arms = arm_schedules(cfg, ARMS + ("mine",), {"mine": [{"bits": 2, "epochs": 4},
-                                                          {"bits": 32, "epochs": 1},
-                                                          {"w_bits": 1, "a_bits": 1, "epochs": 3}]})
+    cfg = RunConfig(
+        start_bits=3, target_bits=1, cycles=2, epochs_per_stage=2, fp_epochs=1, final_epochs=3
+    )
+    arms = arm_schedules(
+        cfg,
+        ARMS + ("mine",),
+        {
+            "mine": [
+                {"bits": 2, "epochs": 4},
+                {"bits": 32, "epochs": 1},
+                {"w_bits": 1, "a_bits": 1, "epochs": 3},
+            ]
+        },
+    )
     total = arms["ctmq"].total_epochs
     assert total == 1 + (2 + 2 + 3) + 1 + (2 + 2 + 3)
     assert arms["direct"].total_epochs == arms["ladder"].total_epochs == total
     assert [(s.label, s.epochs) for s in arms["direct-final"].stages] == [("FP", 1), ("W1A1", 3)]
     assert [(s.label, s.epochs) for s in arms["ladder"].stages] == [
-        ("FP", 1), ("W3A3", 5), ("W2A2", 5), ("W1A1", 5)]
+        ("FP", 1),
+        ("W3A3", 5),
+        ("W2A2", 5),
+        ("W1A1", 5),
+    ]
     assert [(s.cycle, s.label, s.epochs) for s in arms["mine"].stages] == [
-        (1, "FP", 1), (1, "W2A2", 4), (2, "FP", 1), (2, "W1A1", 3)]
+        (1, "FP", 1),
+        (1, "W2A2", 4),
+        (2, "FP", 1),
+        (2, "W1A1", 3),
+    ]
     # every arm starts from the same shared FP stage
     assert {s.stage_key(0) for s in arms.values()} == {"init-FP-e1"}
     assert len({s.name for s in arms.values()}) == len(arms)
@@ -99,6 +127,7 @@ def test_shipped_configs_parse():
     """configs/*.yaml hold only known options; digits-hard's arms share the
     total epochs, its FP ceiling included."""
     import pathlib
+
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     values = read_config_file(str(root / "digits-hard.yaml"), STUDY_KEYS)
     seeds, arms, custom = values.pop("seeds"), values.pop("arms"), values.pop("schedules")
@@ -107,19 +136,27 @@ def test_shipped_configs_parse():
     totals = {name: s.total_epochs for name, s in schedules.items() if name != "direct-final"}
     assert len(set(totals.values())) == 1, totals
     imagenet = RunConfig(**read_config_file(str(root / "imagenet-resnet18.yaml")))
-    assert (imagenet.dataset, imagenet.stem, imagenet.block, imagenet.cycles) == \
-        ("imagenet", "imagenet", "bireal", 2)
+    assert (imagenet.dataset, imagenet.stem, imagenet.block, imagenet.cycles) == (
+        "imagenet",
+        "imagenet",
+        "bireal",
+        2,
+    )
     assert [s.label for s in imagenet.schedules()[0].stages][:4] == ["W4A4", "W3A3", "W2A2", "W1A1"]
 
 
 def test_study_cli_input_errors_are_clear(tmp_path, capsys):
     cfg = tmp_path / "s.json"
-    for values, words in (({"seeds": "0,x"}, "seeds: expected comma-separated integers"),
-                          ({"seeds": 5}, "seeds: a list of integers expected"),
-                          ({"seeds": ["0", "1"]}, "seeds must be distinct integers"),
-                          ({"seed": 3}, "seed does not apply to a study: use --seeds"),
-                          ({"schedules": {"m": [{"bits": 1, "epochs": 2.5}]}, "arms": ["m"]},
-                           "epochs must be an int")):
+    for values, words in (
+        ({"seeds": "0,x"}, "seeds: expected comma-separated integers"),
+        ({"seeds": 5}, "seeds: a list of integers expected"),
+        ({"seeds": ["0", "1"]}, "seeds must be distinct integers"),
+        ({"seed": 3}, "seed does not apply to a study: use --seeds"),
+        (
+            {"schedules": {"m": [{"bits": 1, "epochs": 2.5}]}, "arms": ["m"]},
+            "epochs must be an int",
+        ),
+    ):
         cfg.write_text(json.dumps(values))
         assert cli.main(["study", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Training options of ctmq.engine: distillation from the cycle's FP model,
 the final stage's length, LR schedules with warm-up, weight decay off the
 latent binary weights, and older run directories resuming with them."""
+
 import importlib
 import json
 import math
@@ -15,8 +16,16 @@ from ctmq.models import resnet18
 from ctmq.nn import set_bits
 
 fit_mod = importlib.import_module("ctmq.engine.fit")  # the module; ctmq.engine.fit is the function
-TINY = dict(dataset="digits", width=0.125, start_bits=2, target_bits=1, cycles=2,
-            epochs_per_stage=1, batch_size=256, progress=False)
+TINY = dict(
+    dataset="digits",
+    width=0.125,
+    start_bits=2,
+    target_bits=1,
+    cycles=2,
+    epochs_per_stage=1,
+    batch_size=256,
+    progress=False,
+)
 
 
 def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
@@ -71,10 +80,15 @@ def test_weight_decay_skips_the_latent_weights_of_quantized_layers():
 
 
 def test_final_epochs_and_cycle_teachers():
-    s = Schedule.ctmq(start_bits=3, target_bits=1, cycles=2, epochs_per_stage=2, fp_epochs=1,
-                      final_epochs=5)
+    s = Schedule.ctmq(
+        start_bits=3, target_bits=1, cycles=2, epochs_per_stage=2, fp_epochs=1, final_epochs=5
+    )
     assert [(st.label, st.epochs) for st in s.stages] == [
-        ("FP", 1), ("W3A3", 2), ("W2A2", 2), ("W1A1", 5)] * 2
+        ("FP", 1),
+        ("W3A3", 2),
+        ("W2A2", 2),
+        ("W1A1", 5),
+    ] * 2
     assert [s.cycle_teacher(i) for i in range(8)] == [None, 0, 0, 0, None, 4, 4, 4]
     d = Schedule.direct_matching(s)
     assert d.total_epochs == s.total_epochs and d.cycle_teacher(1) == 0
@@ -86,24 +100,44 @@ def test_final_epochs_and_cycle_teachers():
 
 @pytest.mark.slow
 def test_distillation_teaches_each_stage_with_its_cycles_fp_checkpoint(tmp_path, monkeypatch):
-    cfg = RunConfig(out=str(tmp_path / "run"), distill=True, distill_temperature=2.0,
-                    final_epochs=2, **TINY)
+    cfg = RunConfig(
+        out=str(tmp_path / "run"), distill=True, distill_temperature=2.0, final_epochs=2, **TINY
+    )
     seen = []
     real = fit_mod.train_stage
 
     def spy(model, stage, label, *args, teacher=None, **kwargs):
-        seen.append((label, stage.epochs, None if teacher is None else
-                     {k: v.clone() for k, v in teacher.state_dict().items()}, teacher))
+        seen.append(
+            (
+                label,
+                stage.epochs,
+                None
+                if teacher is None
+                else {k: v.clone() for k, v in teacher.state_dict().items()},
+                teacher,
+            )
+        )
         return real(model, stage, label, *args, teacher=teacher, **kwargs)
+
     monkeypatch.setattr(fit_mod, "train_stage", spy)
     run(cfg, log=lambda *a: None)
     stages = tmp_path / "run" / "stages"
-    ctmq_fp = [sorted(stages.glob("init-FP-*.safetensors"))[0],
-               sorted(stages.glob("ctmq-*-c2-FP.safetensors"))[0]]
-    labels = [label.split()[0] + " " + label.split()[-2] + " " + label.split()[-1]
-              for label, *_ in seen]
-    assert labels == ["ctmq c1 FP", "ctmq c1 W2A2", "ctmq c1 W1A1", "ctmq c2 FP", "ctmq c2 W2A2",
-                      "ctmq c2 W1A1", "direct c1 W1A1"]
+    ctmq_fp = [
+        sorted(stages.glob("init-FP-*.safetensors"))[0],
+        sorted(stages.glob("ctmq-*-c2-FP.safetensors"))[0],
+    ]
+    labels = [
+        label.split()[0] + " " + label.split()[-2] + " " + label.split()[-1] for label, *_ in seen
+    ]
+    assert labels == [
+        "ctmq c1 FP",
+        "ctmq c1 W2A2",
+        "ctmq c1 W1A1",
+        "ctmq c2 FP",
+        "ctmq c2 W2A2",
+        "ctmq c2 W1A1",
+        "direct c1 W1A1",
+    ]
     assert [epochs for _, epochs, _, _ in seen] == [1, 1, 2, 1, 1, 2, 7]  # equal totals
     expected = [None, ctmq_fp[0], ctmq_fp[0], None, ctmq_fp[1], ctmq_fp[1], ctmq_fp[0]]
     for (label, _, state, teacher), path in zip(seen, expected, strict=True):
@@ -121,8 +155,15 @@ def test_a_run_directory_without_the_new_options_resumes(tmp_path):
     run(cfg, log=lambda *a: None)
     path = tmp_path / "run" / "config.json"
     old = json.loads(path.read_text())
-    for key in ("final_epochs", "lr_schedule", "warmup_epochs", "weight_decay_binary", "distill",
-                "distill_temperature", "distill_weight"):
+    for key in (
+        "final_epochs",
+        "lr_schedule",
+        "warmup_epochs",
+        "weight_decay_binary",
+        "distill",
+        "distill_temperature",
+        "distill_weight",
+    ):
         del old[key]
     path.write_text(json.dumps(old))
     logs = []
@@ -135,7 +176,12 @@ def test_a_run_directory_without_the_new_options_resumes(tmp_path):
 def test_epochs_per_stage_as_a_list_sets_each_step_of_the_ladder():
     s = Schedule.ctmq(start_bits=4, target_bits=1, cycles=2, epochs_per_stage=[3, 1, 2, 4])
     assert [(st.label, st.epochs) for st in s.stages] == [
-        ("FP", 3), ("W4A4", 3), ("W3A3", 1), ("W2A2", 2), ("W1A1", 4)] * 2
+        ("FP", 3),
+        ("W4A4", 3),
+        ("W3A3", 1),
+        ("W2A2", 2),
+        ("W1A1", 4),
+    ] * 2
     s = Schedule.ctmq(3, 1, 1, (1, 2, 3), fp_epochs=0, final_epochs=6)  # final_epochs wins
     assert [(st.label, st.epochs) for st in s.stages] == [("W3A3", 1), ("W2A2", 2), ("W1A1", 6)]
     cfg = RunConfig(epochs_per_stage=[2, 1, 1, 5], cycles=1).check()
@@ -165,13 +211,35 @@ def test_cli_training_options_reach_the_config(tmp_path, monkeypatch):
     got = {}
     monkeypatch.setattr("ctmq.engine.run", lambda cfg, restart=False: got.setdefault("cfg", cfg))
     monkeypatch.setattr("ctmq.engine.report.format_table", lambda rep: "")
-    cli.main(["train", "--out", str(tmp_path / "r"), "--final-epochs", "4", "--lr-schedule",
-              "linear", "--warmup-epochs", "0.5", "--no-weight-decay-binary", "--distill",
-              "--distill-temperature", "3", "--distill-weight", "0.5"])
+    cli.main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--final-epochs",
+            "4",
+            "--lr-schedule",
+            "linear",
+            "--warmup-epochs",
+            "0.5",
+            "--no-weight-decay-binary",
+            "--distill",
+            "--distill-temperature",
+            "3",
+            "--distill-weight",
+            "0.5",
+        ]
+    )
     cfg = got["cfg"]
-    assert (cfg.final_epochs, cfg.lr_schedule, cfg.warmup_epochs, cfg.weight_decay_binary,
-            cfg.distill, cfg.distill_temperature, cfg.distill_weight) == \
-        (4, "linear", 0.5, False, True, 3.0, 0.5)
+    assert (
+        cfg.final_epochs,
+        cfg.lr_schedule,
+        cfg.warmup_epochs,
+        cfg.weight_decay_binary,
+        cfg.distill,
+        cfg.distill_temperature,
+        cfg.distill_weight,
+    ) == (4, "linear", 0.5, False, True, 3.0, 0.5)
     t = cfg.train_config()
     assert (t.lr_schedule, t.warmup_epochs, t.distill) == ("linear", 0.5, True)
 
@@ -188,7 +256,12 @@ def test_a_changed_schedule_does_not_reuse_stale_stages(tmp_path):
     """A complete stage is reused only if its checkpoint was trained as the
     schedule now asks."""
     cfg = RunConfig(out=str(tmp_path / "run"), fp_epochs=1, **{**TINY, "cycles": 1})
-    run(cfg, log=lambda *a: None, schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 1}], 1)])
+    run(
+        cfg, log=lambda *a: None, schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 1}], 1)]
+    )
     with pytest.raises(ValueError, match="holds stage .* now asks for"):
-        run(cfg, log=lambda *a: None,
-            schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 2}], 1)])
+        run(
+            cfg,
+            log=lambda *a: None,
+            schedules=[Schedule.custom("mine", [{"bits": 1, "epochs": 2}], 1)],
+        )

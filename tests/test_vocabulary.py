@@ -2,6 +2,7 @@
 runtime function, nothing else does, and the docs show the table itself;
 the exporter takes the functional forms people write; load bounds every
 size before allocating; export checks what load checks."""
+
 import os
 import pathlib
 
@@ -29,7 +30,9 @@ def test_every_op_has_its_export_and_runtime_functions_and_nothing_else():
 
 def test_the_docs_hold_the_table():
     design = (ROOT / "docs" / "design.md").read_text()
-    assert markdown_table() in design, "docs/design.md: paste ctmq.artifact.vocabulary.markdown_table()"
+    assert markdown_table() in design, (
+        "docs/design.md: paste ctmq.artifact.vocabulary.markdown_table()"
+    )
 
 
 def _quiet_bn(m):
@@ -58,13 +61,13 @@ class Functional(nn.Module):
         self.fc = nn.Linear(16 * 2 * 2, 5)
 
     def forward(self, x):
-        x = F.max_pool2d(self.bn0(self.stem(x)), 3, 2, 1)          # 16 -> 8
+        x = F.max_pool2d(self.bn0(self.stem(x)), 3, 2, 1)  # 16 -> 8
         x = self.bn(self.q(x)) + x
         x = F.leaky_relu(self.leaky(x), negative_slope=0.05)
         if self.shift:
-            x = x - self.shift                                       # a constant: refused
-        x = torch.max_pool2d(F.relu6(self.relu6(x)), 2)              # -> 4
-        x = F.avg_pool2d(x, 2)                                       # -> 2
+            x = x - self.shift  # a constant: refused
+        x = torch.max_pool2d(F.relu6(self.relu6(x)), 2)  # -> 4
+        x = F.avg_pool2d(x, 2)  # -> 2
         if self.flat == "view":
             x = x.view(x.size(0), -1)
         else:
@@ -75,8 +78,11 @@ class Functional(nn.Module):
 @pytest.mark.parametrize("flat", ["view", "reshape"])
 def test_functional_forms_export_and_deploy_as_eval(tmp_path, flat):
     torch.manual_seed(0)
-    with pytest.raises(ExportError, match=r"function sub at .*test_vocabulary.py.* not in the "
-                                          r"runtime's vocabulary \(nn.Conv2d, "):
+    with pytest.raises(
+        ExportError,
+        match=r"function sub at .*test_vocabulary.py.* not in the "
+        r"runtime's vocabulary \(nn.Conv2d, ",
+    ):
         export_binary(_quiet_bn(Functional(flat, shift=1.0)), tmp_path / "m.ctmq", input_size=16)
     model = _quiet_bn(Functional(flat))
     header = export_binary(model, tmp_path / "m.ctmq", input_size=16)
@@ -109,12 +115,15 @@ class Refused(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@pytest.mark.parametrize("kind,words", [
-    ("batch_cat", "only concatenation of 2\\+ tensors along channels"),
-    ("ceil", "max pool with indices, ceil_mode or dilation"),
-    ("bn_stats", "BatchNorm without running statistics"),
-    ("view_other", r"only x.view\(x.size\(0\), -1\) runs"),
-])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("batch_cat", "only concatenation of 2\\+ tensors along channels"),
+        ("ceil", "max pool with indices, ceil_mode or dilation"),
+        ("bn_stats", "BatchNorm without running statistics"),
+        ("view_other", r"only x.view\(x.size\(0\), -1\) runs"),
+    ],
+)
 def test_what_the_runtime_cannot_run_is_refused(tmp_path, kind, words):
     with pytest.raises(ExportError, match=words):
         export_binary(Refused(kind).eval(), tmp_path / "m.ctmq", input_size=8)
@@ -151,11 +160,13 @@ def test_a_hardtanh_that_changes_signs_runs(tmp_path, low, high, kept):
 
 def test_export_checks_what_load_checks(tmp_path):
     model = _quiet_bn(Functional())
-    for kwargs, words in ((dict(std=[1.0, 0.0, 1.0]), "one nonzero std"),
-                          (dict(mean=[0.0, float("nan"), 0.0]), "finite numbers"),
-                          (dict(mean=[0.0, 0.0]), "mean needs 3 values"),
-                          (dict(std=["a", 1, 1]), "std must be 3 numbers"),
-                          (dict(class_names=["a"] * 4), "4 names for 5 classes")):
+    for kwargs, words in (
+        (dict(std=[1.0, 0.0, 1.0]), "one nonzero std"),
+        (dict(mean=[0.0, float("nan"), 0.0]), "finite numbers"),
+        (dict(mean=[0.0, 0.0]), "mean needs 3 values"),
+        (dict(std=["a", 1, 1]), "std must be 3 numbers"),
+        (dict(class_names=["a"] * 4), "4 names for 5 classes"),
+    ):
         with pytest.raises(ExportError, match=words):
             export_binary(model, tmp_path / "m.ctmq", input_size=16, **kwargs)
         assert not (tmp_path / "m.ctmq").exists()
@@ -171,13 +182,17 @@ def test_load_bounds_every_size_before_allocating(tmp_path, monkeypatch):
     allocated = []
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: allocated.append(a) or real_zeros(*a, **k))
-    for edit, words in ((lambda h: h["input"].update(size=100000), r"size \(1..16384\)"),
-                        (lambda h: h["input"].update(channels=3000, mean=[0.0] * 3000,
-                                                     std=[1.0] * 3000, size=16000),
-                         "not a plausible image size"),
-                        (lambda h: h["nodes"][0].update(padding=[8000, 8000]),
-                         "not a plausible size"),
-                        (lambda h: h.update(class_names=["x"] * 6), "expected 6 logits")):
+    for edit, words in (
+        (lambda h: h["input"].update(size=100000), r"size \(1..16384\)"),
+        (
+            lambda h: h["input"].update(
+                channels=3000, mean=[0.0] * 3000, std=[1.0] * 3000, size=16000
+            ),
+            "not a plausible image size",
+        ),
+        (lambda h: h["nodes"][0].update(padding=[8000, 8000]), "not a plausible size"),
+        (lambda h: h.update(class_names=["x"] * 6), "expected 6 logits"),
+    ):
         h = {**header, "input": dict(header["input"]), "nodes": [dict(n) for n in header["nodes"]]}
         edit(h)
         with pytest.raises(ArtifactError, match=words):
@@ -191,11 +206,15 @@ def test_the_checksum_covers_header_and_every_tensor(tmp_path):
     blob = path.read_bytes()
     n = int.from_bytes(blob[:8], "little")
     # one byte of the JSON header's node list, then one byte inside each tensor's data
-    positions = [8 + blob[8:8 + n].index(b"max_pool2d") + 1]
+    positions = [8 + blob[8 : 8 + n].index(b"max_pool2d") + 1]
     import json
-    meta = json.loads(blob[8:8 + n])
-    positions += [8 + n + info["data_offsets"][0] for k, info in meta.items() if k != "__metadata__"
-                  and info["data_offsets"][1] > info["data_offsets"][0]]
+
+    meta = json.loads(blob[8 : 8 + n])
+    positions += [
+        8 + n + info["data_offsets"][0]
+        for k, info in meta.items()
+        if k != "__metadata__" and info["data_offsets"][1] > info["data_offsets"][0]
+    ]
     assert len(positions) == len(tensors) + 1
     for pos in positions:
         bad = bytearray(blob)
@@ -220,5 +239,8 @@ def test_writing_an_artifact_replaces_the_file_whole(tmp_path):
 
 def test_the_native_loaders_table_is_generated_from_this_one():
     from ctmq.artifact.vocabulary import cpp_table
+
     inc = (ROOT / "csrc" / "runtime" / "vocabulary.inc").read_text()
-    assert inc == cpp_table(), "regenerate: python -m ctmq.artifact.vocabulary > csrc/runtime/vocabulary.inc"
+    assert inc == cpp_table(), (
+        "regenerate: python -m ctmq.artifact.vocabulary > csrc/runtime/vocabulary.inc"
+    )

@@ -1,6 +1,7 @@
 """The model zoo (ctmq.models.MODELS): training at every bit depth, rebuilding
 from config, ReActNet-A against the official code's structure, torchvision
 ResNet-34 names, the VGG-Small layout, fx tracing."""
+
 import json
 
 import pytest
@@ -86,8 +87,10 @@ def test_models_without_block_choice_refuse_one(build):
         build(10, block="bireal")
 
 
-@pytest.mark.parametrize("kwargs,words", [({"stem": "imagenet"}, "stem"), ({"width": 0}, "width"),
-                                          ({"num_classes": 0}, "num_classes")])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"stem": "imagenet"}, "stem"), ({"width": 0}, "width"), ({"num_classes": 0}, "num_classes")],
+)
 def test_vgg_small_bad_arguments(kwargs, words):
     kwargs.setdefault("num_classes", 10)
     with pytest.raises(ValueError, match=words):
@@ -145,11 +148,16 @@ def _torchvision_resnet34_shapes(num_classes=1000):
 @pytest.mark.parametrize("block", ["basic", "bireal"])
 def test_resnet34_loads_torchvision_names(block):
     shapes = _torchvision_resnet34_shapes()
-    n_params = sum(torch.Size(s).numel() for k, s in shapes.items()
-                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n_params = sum(
+        torch.Size(s).numel()
+        for k, s in shapes.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert n_params == 21_797_672  # torchvision's resnet34 parameter count
-    state = {k: torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(s)
-             for k, s in shapes.items()}
+    state = {
+        k: torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(s)
+        for k, s in shapes.items()
+    }
     model = resnet34(1000, stem="imagenet", block=block)
     assert load_torchvision_weights(model, state) == []
     ours = model.state_dict()
@@ -245,8 +253,13 @@ class _RefBlock(nn.Module):
         if self.inplanes == self.planes:
             out2 = self.bn2(self.binary_pw(out2)) + out1
         else:
-            out2 = torch.cat([self.bn2_1(self.binary_pw_down1(out2)) + out1,
-                              self.bn2_2(self.binary_pw_down2(out2)) + out1], dim=1)
+            out2 = torch.cat(
+                [
+                    self.bn2_1(self.binary_pw_down1(out2)) + out1,
+                    self.bn2_2(self.binary_pw_down2(out2)) + out1,
+                ],
+                dim=1,
+            )
         return self.move23(self.prelu2(self.move22(out2)))
 
 
@@ -259,8 +272,12 @@ class _RefReActNet(nn.Module):
     def __init__(self, div, first_stride, num_classes):
         super().__init__()
         c = _OFFICIAL_CHANNELS
-        layers = [nn.Sequential(nn.Conv2d(3, c[0] // div, 3, first_stride, 1, bias=False),
-                                nn.BatchNorm2d(c[0] // div))]
+        layers = [
+            nn.Sequential(
+                nn.Conv2d(3, c[0] // div, 3, first_stride, 1, bias=False),
+                nn.BatchNorm2d(c[0] // div),
+            )
+        ]
         for i in range(1, len(c)):
             stride = 2 if c[i - 1] != c[i] and c[i] != 64 else 1
             layers.append(_RefBlock(c[i - 1] // div, c[i] // div, stride))
@@ -281,7 +298,7 @@ def _official_key(key):
     if parts[-2] in ("prelu1", "prelu2"):
         return ".".join(parts[:-2] + [_RPRELU[parts[-1]].format(parts[-2][-1])])
     if parts[-2].startswith("binary_"):
-        return key[:-len("weight")] + "weights"
+        return key[: -len("weight")] + "weights"
     return key
 
 
@@ -363,8 +380,9 @@ def test_fx_traceable_conv_then_bn(name):
     graph = _LeafTracer().trace(model)
     gm = torch.fx.GraphModule(model, graph)
     mods = dict(model.named_modules())
-    qnodes = [n for n in graph.nodes
-              if n.op == "call_module" and isinstance(mods[n.target], QConv2d)]
+    qnodes = [
+        n for n in graph.nodes if n.op == "call_module" and isinstance(mods[n.target], QConv2d)
+    ]
     assert len(qnodes) == sum(isinstance(m, QConv2d) for m in model.modules())
     for n in qnodes:  # each quantized conv feeds exactly one BN, the pair the exporter folds
         (user,) = n.users

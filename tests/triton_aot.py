@@ -16,6 +16,7 @@ tests/test_triton_aot.py runs this for sm_90 and sm_80 and checks: every
 quantizer kernels carry no flush-to-zero (.ftz) instruction. Must run without
 TRITON_INTERPRET (the interpreter replaces the compiler).
 """
+
 import argparse
 import ast
 import collections
@@ -51,8 +52,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTS = [(256, 64, 56, 56), (256, 128, 28, 28), (256, 512, 7, 7), (3, 5, 7, 9)]
 WEIGHTS = [(64, 3, 7, 7), (64, 64, 3, 3), (128, 64, 1, 1), (512, 512, 3, 3), (1000, 512)]
 # (in, out, size, stride) of the 7 binarizable 3x3 convs
-CONV3X3 = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
-           (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+CONV3X3 = [
+    (64, 64, 56, 1),
+    (64, 128, 56, 2),
+    (128, 128, 28, 1),
+    (128, 256, 28, 2),
+    (256, 256, 14, 1),
+    (256, 512, 14, 2),
+    (512, 512, 7, 1),
+]
 EPILOGUES = ("float", "scale_bias", "residual", "packed", "packed_residual")
 
 
@@ -95,25 +103,41 @@ def quantizer_launches():
             zp = meta((1,), torch.int32)
             tag = f"{dn} {tuple(shape)}{' channels_last' if cl else ''}"
             for bits in (1, 2, 4):
-                yield f"quantize_act bits={bits} {tag}", lambda x=x, b=bits: kquant.quantize_act(x, b)
+                yield (
+                    f"quantize_act bits={bits} {tag}",
+                    lambda x=x, b=bits: kquant.quantize_act(x, b),
+                )
             yield f"masked_grad {tag}", lambda x=x, m=mask: kquant.masked_grad(x, m)
             yield f"approx_sign_grad {tag}", lambda x=x: kquant.approx_sign_grad(x, x)
-            yield f"fake_quant_affine per-tensor {tag}", lambda x=x, s=scale, i=inv, z=zp: (
-                kquant.fake_quant_affine(x, s, i, z, -128, 127, 1, 1, False))
+            yield (
+                f"fake_quant_affine per-tensor {tag}",
+                lambda x=x, s=scale, i=inv, z=zp: kquant.fake_quant_affine(
+                    x, s, i, z, -128, 127, 1, 1, False
+                ),
+            )
             axis = 1
             nch = x.shape[axis]
             cs, ci, cz = meta((nch,)), meta((nch,)), meta((nch,), torch.int32)
-            yield f"fake_quant_affine per-channel {tag}", lambda x=x, s=cs, i=ci, z=cz, n=nch, axis=axis: (
-                kquant.fake_quant_affine(x, s, i, z, -8, 7, x.stride(axis), n, True))
+            yield (
+                f"fake_quant_affine per-channel {tag}",
+                lambda x=x, s=cs, i=ci, z=cz, n=nch, axis=axis: kquant.fake_quant_affine(
+                    x, s, i, z, -8, 7, x.stride(axis), n, True
+                ),
+            )
         for shape in WEIGHTS:
             w = meta(shape, dtype)
             alpha = meta((shape[0],))
             tag = f"{dn} {tuple(shape)}"
             for bits in (1, 2, 4):
-                yield f"quantize_weight bits={bits} {tag}", lambda w=w, b=bits: kquant.quantize_weight(w, b)
+                yield (
+                    f"quantize_weight bits={bits} {tag}",
+                    lambda w=w, b=bits: kquant.quantize_weight(w, b),
+                )
             for approx in (False, True):
-                yield f"quantize_weight_grad approx_sign={approx} {tag}", (
-                    lambda w=w, a=alpha, ap=approx: kquant.quantize_weight_grad(w, w, a, ap))
+                yield (
+                    f"quantize_weight_grad approx_sign={approx} {tag}",
+                    (lambda w=w, a=alpha, ap=approx: kquant.quantize_weight_grad(w, w, a, ap)),
+                )
 
 
 def _conv(batch, cin, cout, size, k, stride, pad, epilogue, tag):
@@ -124,9 +148,21 @@ def _conv(batch, cin, cout, size, k, stride, pad, epilogue, tag):
     res = meta((batch, cout, out, out)) if "residual" in epilogue else None
     packed = epilogue.startswith("packed")
     vec = meta((cout,))
-    return (f"binary_conv2d {epilogue} {tag}",
-            lambda: kbinary.binary_conv2d(x, cin, wbits, [stride] * 2, [pad] * 2, [1, 1],
-                                          vec if sb else None, vec if sb else None, res, packed))
+    return (
+        f"binary_conv2d {epilogue} {tag}",
+        lambda: kbinary.binary_conv2d(
+            x,
+            cin,
+            wbits,
+            [stride] * 2,
+            [pad] * 2,
+            [1, 1],
+            vec if sb else None,
+            vec if sb else None,
+            res,
+            packed,
+        ),
+    )
 
 
 def binary_launches():
@@ -134,14 +170,25 @@ def binary_launches():
     for dtype in DTYPES:
         for shape in ACTS:
             x = meta(shape, dtype, channels_last=True)
-            yield (f"pack_bits {str(dtype).replace('torch.', '')} {tuple(shape)} channels_last",
-                   lambda x=x: kbinary.pack_bits(x))
+            yield (
+                f"pack_bits {str(dtype).replace('torch.', '')} {tuple(shape)} channels_last",
+                lambda x=x: kbinary.pack_bits(x),
+            )
         yield "pack_bits strided", lambda: kbinary.pack_bits(meta((256, 64, 56, 112))[..., ::2])
     for batch in (256, 1):
         for cin, cout, size, stride in CONV3X3:
             for epilogue in EPILOGUES:
-                yield _conv(batch, cin, cout, size, 3, stride, 1, epilogue,
-                            f"3x3 {cin}x{cout}@{size}/s{stride} b{batch}")
+                yield _conv(
+                    batch,
+                    cin,
+                    cout,
+                    size,
+                    3,
+                    stride,
+                    1,
+                    epilogue,
+                    f"3x3 {cin}x{cout}@{size}/s{stride} b{batch}",
+                )
         for epilogue in EPILOGUES:  # a 1x1 downsample and the linear layer (a 1x1 image)
             yield _conv(batch, 64, 128, 56, 1, 2, 0, epilogue, f"1x1 64x128@56/s2 b{batch}")
             yield _conv(batch, 512, 1000, 1, 1, 1, 0, epilogue, f"linear 512x1000 b{batch}")
@@ -156,7 +203,9 @@ def jit_kernels():
         called = set()
         for f in jits.values():
             tree = ast.parse(inspect.getsource(f.fn).lstrip())
-            called |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} - {f.fn.__name__}
+            called |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} - {
+                f.fn.__name__
+            }
         found.update({n: mod.__name__ for n in jits if n not in called})
     return found
 
@@ -170,8 +219,12 @@ def resource_usage(cubin, tmp):
     """{REG, STACK, SHARED, LOCAL} of the one function in a cubin (cuobjdump)."""
     path = pathlib.Path(tmp) / "k.cubin"
     path.write_bytes(cubin)
-    text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        [_cuobjdump(), "--dump-resource-usage", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     line = next(ln for ln in text.splitlines() if "REG:" in ln)
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
 
@@ -198,10 +251,16 @@ def compile_all(arch):
                     key = kernel.hash if hasattr(kernel, "hash") else kernel.metadata.hash
                     if key not in seen:
                         ptx = kernel.asm["ptx"]
-                        seen[key] = dict(resource_usage(kernel.asm["cubin"], tmp),
-                                         ftz=sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz\b[.\w]*", ptx))),
-                                         num_warps=kernel.metadata.num_warps)
-                    rows.append(dict(kernel=name, module=module, config=config, hash=key, **seen[key]))
+                        seen[key] = dict(
+                            resource_usage(kernel.asm["cubin"], tmp),
+                            ftz=sorted(
+                                set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.ftz\b[.\w]*", ptx))
+                            ),
+                            num_warps=kernel.metadata.num_warps,
+                        )
+                    rows.append(
+                        dict(kernel=name, module=module, config=config, hash=key, **seen[key])
+                    )
     finally:
         JITFunction.run = original
     return rows
@@ -211,8 +270,19 @@ def summarize(rows):
     """{kernel: {configs, compiles, regs_max, regs_min, local_max, stack_max, shared_max}}."""
     out = collections.OrderedDict()
     for r in rows:
-        s = out.setdefault(r["kernel"], {"module": r["module"], "configs": 0, "hashes": set(),
-                                         "regs": [], "local": 0, "stack": 0, "shared": 0, "ftz": set()})
+        s = out.setdefault(
+            r["kernel"],
+            {
+                "module": r["module"],
+                "configs": 0,
+                "hashes": set(),
+                "regs": [],
+                "local": 0,
+                "stack": 0,
+                "shared": 0,
+                "ftz": set(),
+            },
+        )
         s["configs"] += 1
         s["hashes"].add(r["hash"])
         s["regs"].append(r["REG"])
@@ -224,30 +294,51 @@ def summarize(rows):
 
 
 def table(rows, arch):
-    lines = [f"| kernel (sm_{arch}, triton {triton.__version__}) | launch configs | compiled variants "
-             "| registers | local memory (spills) | stack | shared |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| kernel (sm_{arch}, triton {triton.__version__}) | launch configs | compiled variants "
+        "| registers | local memory (spills) | stack | shared |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in summarize(rows).items():
-        regs = f"{min(s['regs'])}-{max(s['regs'])}" if min(s["regs"]) != max(s["regs"]) else str(s["regs"][0])
-        lines.append(f"| {name} | {s['configs']} | {len(s['hashes'])} | {regs} | {s['local']} B "
-                     f"| {s['stack']} B | {s['shared']} B |")
+        regs = (
+            f"{min(s['regs'])}-{max(s['regs'])}"
+            if min(s["regs"]) != max(s["regs"])
+            else str(s["regs"][0])
+        )
+        lines.append(
+            f"| {name} | {s['configs']} | {len(s['hashes'])} | {regs} | {s['local']} B "
+            f"| {s['stack']} B | {s['shared']} B |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 (Hopper), 80 (Ampere)")
+    p.add_argument(
+        "--arch", type=int, default=90, help="compute capability x10: 90 (Hopper), 80 (Ampere)"
+    )
     p.add_argument("--json", help="write every launch's row and the discovered kernels here")
     a = p.parse_args(argv)
     t0 = time.time()
     rows = compile_all(a.arch)
     print(table(rows, a.arch))
-    print(f"{len(rows)} launches, {len({r['hash'] for r in rows})} compiled kernels, "
-          f"{time.time() - t0:.0f} s")
+    print(
+        f"{len(rows)} launches, {len({r['hash'] for r in rows})} compiled kernels, "
+        f"{time.time() - t0:.0f} s"
+    )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"arch": a.arch, "triton": triton.__version__, "kernels": jit_kernels(),
-                       "exact_modules": [m.__name__ for m in EXACT_MODULES], "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "arch": a.arch,
+                    "triton": triton.__version__,
+                    "kernels": jit_kernels(),
+                    "exact_modules": [m.__name__ for m in EXACT_MODULES],
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -67,11 +67,13 @@ constexpr int kFlush = 31;  // words between byte-counter flushes: 31 * 8 < 256
 // capped to AVX2 (docs/design.md 5.1; not measured on an AVX2-only CPU).
 constexpr Tile kTiles[] = {{3, 4}, {2, 4}, {3, 3}, {4, 2}, {5, 2}, {8, 1}};
 
-Tile choose(int64_t, int64_t) { return kTiles[0]; }
+Tile choose(int64_t, int64_t) {
+  return kTiles[0];
+}
 
 CTMQ_AVX2 CTMQ_INLINE __m256i nibble_lut() {
-  return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
-                          2, 3, 2, 3, 3, 4);
+  return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3,
+                          2, 3, 3, 4);
 }
 
 // n words become n (low nibbles, high nibbles) word pairs.
@@ -127,12 +129,12 @@ struct Gemm {
                             int32_t* counts) {
     const __m256i lut = nibble_lut();
     __m256i* total = reinterpret_cast<__m256i*>(counts);  // 32-bit sums, (i, j) at i * 8 + j
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) _mm256_store_si256(total + i * 8 + j, _mm256_setzero_si256());
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j)
+        _mm256_store_si256(total + i * 8 + j, _mm256_setzero_si256());
     __m256i bytes[MR][NV];
     int filled = 0;  // words counted in bytes since the last flush
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = _mm256_setzero_si256();
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] =
+        _mm256_setzero_si256();
     const __m256i* wk = reinterpret_cast<const __m256i*>(w[0]);  // split_weights' order
     for (int64_t s = 0; s < S; ++s) {
       const uint32_t* a[MR];
@@ -147,8 +149,10 @@ struct Gemm {
             const __m256i pl = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk]));
             const __m256i ph = _mm256_set1_epi32(static_cast<int>(a[i][2 * kk + 1]));
             CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
-              const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl, _mm256_loadu_si256(wk + 2 * j)));
-              const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph, _mm256_loadu_si256(wk + 2 * j + 1)));
+              const __m256i lo =
+                  _mm256_shuffle_epi8(lut, _mm256_xor_si256(pl, _mm256_loadu_si256(wk + 2 * j)));
+              const __m256i hi =
+                  _mm256_shuffle_epi8(lut, _mm256_xor_si256(ph, _mm256_loadu_si256(wk + 2 * j + 1)));
               bytes[i][j] = _mm256_add_epi8(bytes[i][j], _mm256_add_epi8(lo, hi));
             }
           }
@@ -201,12 +205,14 @@ struct Epilogue {
       CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
         if (j >= nv) break;
         const int64_t cj = c + j * kLanes;
-        __m256i cnt = _mm256_load_si256(reinterpret_cast<const __m256i*>(counts + i * kMaxTileCols + j * kLanes));
+        __m256i cnt =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(counts + i * kMaxTileCols + j * kLanes));
         if (inv) {  // outside taps' zero words counted popc(w)
           const int32_t* taps = cv.tap_popc + (cj / kGroup) * cv.T * kGroup + cj % kGroup;
           for (uint64_t b = inv; b; b &= b - 1) {
             cnt = _mm256_sub_epi32(
-                cnt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps + __builtin_ctzll(b) * kGroup)));
+                cnt,
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(taps + __builtin_ctzll(b) * kGroup)));
           }
         }
         __m256 y = _mm256_cvtepi32_ps(_mm256_sub_epi32(base, _mm256_slli_epi32(cnt, 1)));
@@ -249,7 +255,8 @@ CTMQ_AVX2 void pack(const float* x, int64_t pixels, int64_t C, const float* thre
       const __m256i live = lanes_below(n);
       __m256 v = n == 8 ? _mm256_loadu_ps(px + c) : _mm256_maskload_ps(px + c, live);
       if (threshold) {
-        v = _mm256_add_ps(v, n == 8 ? _mm256_loadu_ps(threshold + c) : _mm256_maskload_ps(threshold + c, live));
+        v = _mm256_add_ps(v,
+                          n == 8 ? _mm256_loadu_ps(threshold + c) : _mm256_maskload_ps(threshold + c, live));
       }
       const int ge = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
       dst[c / 8] = static_cast<uint8_t>(ge & ((1 << n) - 1));
@@ -279,8 +286,8 @@ CTMQ_AVX2 double peak_loop(int64_t iterations) {
     }
     CTMQ_UNROLL for (int i = 0; i < 2; ++i) __asm__ volatile("" : "+x"(pl[i]), "+x"(ph[i]));
   }
-  const __m256i sum = _mm256_add_epi8(_mm256_add_epi8(acc[0][0], acc[0][1]),
-                                      _mm256_add_epi8(acc[1][0], acc[1][1]));
+  const __m256i sum =
+      _mm256_add_epi8(_mm256_add_epi8(acc[0][0], acc[0][1]), _mm256_add_epi8(acc[1][0], acc[1][1]));
   __asm__ volatile("" : : "x"(sum));
   return static_cast<double>(iterations) * 4 * 4;  // 4 vectors of 4 64-bit words
 }
@@ -289,8 +296,9 @@ CTMQ_AVX2 double peak_loop(int64_t iterations) {
 
 const PathInfo& avx2_path() {
   using namespace avx2;
-  static const PathInfo info{kLanes, true, true, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
-                             &choose, &split_words, &run_block, &pack, &peak_loop};
+  static const PathInfo info{
+      kLanes,  true,         true,       kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+      &choose, &split_words, &run_block, &pack,  &peak_loop};
   return info;
 }
 

@@ -21,7 +21,9 @@ constexpr int kMaxMR = 12, kMaxNV = 4;
 // on the shape (a narrower O only clamps nv).
 constexpr Tile kTiles[] = {{6, 4}, {5, 4}, {4, 4}, {8, 3}, {12, 2}, {8, 2}};
 
-Tile choose(int64_t, int64_t) { return kTiles[0]; }
+Tile choose(int64_t, int64_t) {
+  return kTiles[0];
+}
 
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols, in 8x8 blocks;
 // a partial block loads and stores with masks (a tile of 6 pixels is one).
@@ -57,8 +59,8 @@ struct Gemm {
     __m512i acc[MR][NV];
     const uint32_t* wp[NV];
     CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] = w[j];
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_si512();
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j) acc[i][j] =
+        _mm512_setzero_si512();
     for (int64_t s = 0; s < S; ++s) {
       const uint32_t* a[MR];
       tile_rows<MR>(src, s, a);
@@ -74,8 +76,8 @@ struct Gemm {
       }
       CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] += kGroup * run;
     }
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) _mm512_store_si512(counts + i * kMaxTileCols + j * kLanes, acc[i][j]);
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j)
+        _mm512_store_si512(counts + i * kMaxTileCols + j * kLanes, acc[i][j]);
   }
 };
 
@@ -126,16 +128,20 @@ struct Epilogue {
         if (kOut == 2) _mm512_mask_storeu_ps(out + i * O + j * kLanes, live[j], y);
         if (kOut == 1) _mm512_store_ps(stage + i * kMaxTileCols + j * kLanes, y);
         if (kPacked) {
-          const __mmask16 ge = _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]),
-                                                       _mm512_setzero_ps(), _CMP_GE_OQ);
+          const __mmask16 ge =
+              _mm512_mask_cmp_ps_mask(live[j], _mm512_add_ps(y, thr[j]), _mm512_setzero_ps(), _CMP_GE_OQ);
           bits |= static_cast<uint64_t>(_cvtmask16_u32(ge)) << (16 * j);
         }
       }
       if (kPacked) {  // one store of the row's bytes (little-endian: channel c first)
         uint8_t* dst = packed + i * packed_ld;
-        if (nv == 4) std::memcpy(dst, &bits, 8);
-        else if (nv == 2) std::memcpy(dst, &bits, 4);
-        else for (int j = 0; j < nv; ++j) std::memcpy(dst + 2 * j, reinterpret_cast<const uint8_t*>(&bits) + 2 * j, 2);
+        if (nv == 4)
+          std::memcpy(dst, &bits, 8);
+        else if (nv == 2)
+          std::memcpy(dst, &bits, 4);
+        else
+          for (int j = 0; j < nv; ++j)
+            std::memcpy(dst + 2 * j, reinterpret_cast<const uint8_t*>(&bits) + 2 * j, 2);
       }
     }
   }
@@ -148,8 +154,7 @@ void run_block(const Conv& cv, const Block& b, Tile tile) {
 }
 
 // 16 channels per compare: bit c of the word = (x[c] + threshold[c]) >= 0.
-CTMQ_AVX512 void pack(const float* x, int64_t pixels, int64_t C, const float* threshold,
-                      uint32_t* out) {
+CTMQ_AVX512 void pack(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out) {
   const int64_t Cw = (C + 31) / 32;
   for (int64_t p = 0; p < pixels; ++p) {
     const float* px = x + p * C;
@@ -174,9 +179,8 @@ CTMQ_AVX512 double peak_loop(int64_t iterations) {
     CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   }
   for (int64_t it = 0; it < iterations; ++it) {
-    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
-      CTMQ_UNROLL for (int j = 0; j < 4; ++j)
-        acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_xor_si512(w[j], p[i])));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] =
+        _mm512_add_epi32(acc[i][j], _mm512_popcnt_epi32(_mm512_xor_si512(w[j], p[i])));
     CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+v"(p[i]));
   }
   __m512i sum = _mm512_setzero_si512();
@@ -190,8 +194,9 @@ CTMQ_AVX512 double peak_loop(int64_t iterations) {
 
 const PathInfo& avx512_path() {
   using namespace avx512;
-  static const PathInfo info{kLanes, false, true, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
-                             &choose, nullptr, &run_block, &pack, &peak_loop};
+  static const PathInfo info{
+      kLanes,  false,   true,       kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+      &choose, nullptr, &run_block, &pack,  &peak_loop};
   return info;
 }
 

@@ -18,19 +18,26 @@ namespace {
   throw std::invalid_argument("ctmq binary conv: " + what);
 }
 
-std::string str(int64_t v) { return std::to_string(v); }
+std::string str(int64_t v) {
+  return std::to_string(v);
+}
 
 const PathInfo* built_path(Path path) {
   switch (path) {
-    case Path::kScalar: return &scalar_path();
+    case Path::kScalar:
+      return &scalar_path();
 #if defined(CTMQ_X86_SIMD)
-    case Path::kAvx2: return &avx2_path();
-    case Path::kAvx512: return &avx512_path();
+    case Path::kAvx2:
+      return &avx2_path();
+    case Path::kAvx512:
+      return &avx512_path();
 #endif
 #if defined(CTMQ_NEON)
-    case Path::kNeon: return &neon_path();
+    case Path::kNeon:
+      return &neon_path();
 #endif
-    default: return nullptr;
+    default:
+      return nullptr;
   }
 }
 
@@ -39,8 +46,7 @@ bool cpu_has(Path path) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("avx512vpopcntdq");
+                             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vpopcntdq");
   if (path == Path::kAvx2) return avx2;
   if (path == Path::kAvx512) return avx512;
 #endif
@@ -60,10 +66,14 @@ const PathInfo& runnable(Path path, const char* what) {
 // ---------------------------------------------------------------- paths
 const char* path_name(Path path) {
   switch (path) {
-    case Path::kScalar: return "scalar";
-    case Path::kAvx2: return "avx2";
-    case Path::kAvx512: return "avx512-vpopcntdq";
-    case Path::kNeon: return "neon";
+    case Path::kScalar:
+      return "scalar";
+    case Path::kAvx2:
+      return "avx2";
+    case Path::kAvx512:
+      return "avx512-vpopcntdq";
+    case Path::kNeon:
+      return "neon";
   }
   return "?";
 }
@@ -76,7 +86,9 @@ Path path_from_name(const char* name) {
   bad("path must be 'avx512-vpopcntdq', 'avx2', 'neon' or 'scalar', got '" + s + "'");
 }
 
-bool path_runs(Path path) { return built_path(path) != nullptr && cpu_has(path); }
+bool path_runs(Path path) {
+  return built_path(path) != nullptr && cpu_has(path);
+}
 
 Path best_path() {
   for (Path p : {Path::kAvx512, Path::kAvx2, Path::kNeon}) {
@@ -116,8 +128,8 @@ void check_weight_shape(int64_t O, int64_t KH, int64_t KW, int64_t C) {
 }
 }  // namespace
 
-void prepare_weight_into(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW, int64_t C,
-                         uint32_t* words, int32_t* tap_popc) {
+void prepare_weight_into(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW, int64_t C, uint32_t* words,
+                         int32_t* tap_popc) {
   check_weight_shape(O, KH, KW, C);
   if (!bits || !words || !tap_popc) bad("prepare_weight: bits, words and tap_popc must not be null");
   const int64_t T = KH * KW, Cw = (C + 31) / 32, K = T * Cw;
@@ -138,12 +150,15 @@ void prepare_weight_into(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW
   }
 }
 
-PreparedWeight weight_view(const uint32_t* words, const int32_t* tap_popc, int64_t O, int64_t KH,
-                           int64_t KW, int64_t C) {
+PreparedWeight weight_view(const uint32_t* words, const int32_t* tap_popc, int64_t O, int64_t KH, int64_t KW,
+                           int64_t C) {
   check_weight_shape(O, KH, KW, C);
   if (!words || !tap_popc) bad("weight_view: words and tap_popc must not be null");
   PreparedWeight w;
-  w.O = O; w.KH = KH; w.KW = KW; w.C = C;
+  w.O = O;
+  w.KH = KH;
+  w.KW = KW;
+  w.C = C;
   w.words = words;
   w.tap_popc = tap_popc;
   return w;
@@ -170,7 +185,9 @@ int64_t weight_bytes(const PreparedWeight& w) {
 }
 
 // ---------------------------------------------------------------- tiles
-int tile_count(Path path) { return runnable(path, "tile_count").tile_count; }
+int tile_count(Path path) {
+  return runnable(path, "tile_count").tile_count;
+}
 
 Tile tile_at(Path path, int index) {
   const PathInfo& info = runnable(path, "tile_at");
@@ -180,7 +197,9 @@ Tile tile_at(Path path, int index) {
   return info.tiles[index];
 }
 
-int channels_per_vector(Path path) { return runnable(path, "channels_per_vector").lanes; }
+int channels_per_vector(Path path) {
+  return runnable(path, "channels_per_vector").lanes;
+}
 
 Tile choose_tile(Path path, int64_t K, int64_t O) {
   const PathInfo& info = runnable(path, "choose_tile");

@@ -81,11 +81,11 @@ int64_t prepared_tap_popc_size(int64_t O, int64_t KH, int64_t KW);
 // bits: (O, KH, KW, ceil(C/32)) packed weight words, padding bits past C zero.
 PreparedWeight prepare_weight(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW, int64_t C);
 // The same into the caller's buffers (sizes above), e.g. tensors.
-void prepare_weight_into(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW, int64_t C,
-                         uint32_t* words, int32_t* tap_popc);
+void prepare_weight_into(const uint32_t* bits, int64_t O, int64_t KH, int64_t KW, int64_t C, uint32_t* words,
+                         int32_t* tap_popc);
 // A view of buffers that prepare_weight_into filled; they must outlive it.
-PreparedWeight weight_view(const uint32_t* words, const int32_t* tap_popc, int64_t O, int64_t KH,
-                           int64_t KW, int64_t C);
+PreparedWeight weight_view(const uint32_t* words, const int32_t* tap_popc, int64_t O, int64_t KH, int64_t KW,
+                           int64_t C);
 int64_t weight_bytes(const PreparedWeight& w);  // the two buffers' size
 
 // ------------------------------------------------------------------ conv
@@ -121,22 +121,22 @@ int channels_per_vector(Path path);
 
 // Overrides of the automatic choices, for tests and tuning; 0 = automatic.
 struct Tuning {
-  Tile tile;                       // must be a tile of the path's table
-  int64_t pixels_per_task = 0;     // output pixels per task (a multiple of tile.mr is best)
-  int64_t channel_tasks = 0;       // output-channel blocks per pixel block
+  Tile tile;                    // must be a tile of the path's table
+  int64_t pixels_per_task = 0;  // output pixels per task (a multiple of tile.mr is best)
+  int64_t channel_tasks = 0;    // output-channel blocks per pixel block
 };
 
 // The convolution; throws std::invalid_argument naming the bad argument.
 // At least one of out and packed must be set.
-void conv2d(const ConvParams& p, const PreparedWeight& w, Path path,
-            const Parallel& parallel = Parallel{}, const Tuning* tuning = nullptr);
+void conv2d(const ConvParams& p, const PreparedWeight& w, Path path, const Parallel& parallel = Parallel{},
+            const Tuning* tuning = nullptr);
 
 // ------------------------------------------------------------------ packing
 // x: (pixels, C) float32, channels innermost (NHWC) -> out (pixels, ceil(C/32))
 // words: bit c = (x[c] + threshold[c]) >= 0 (x[c] >= 0 without threshold;
 // -0.0 gives 1, NaN 0), padding bits past C zero.
-void pack_nhwc(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out,
-               Path path, const Parallel& parallel = Parallel{});
+void pack_nhwc(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out, Path path,
+               const Parallel& parallel = Parallel{});
 
 // ------------------------------------------------------------------ peak
 // The path's inner loop (xor, popcount, accumulate) on registers alone, no

@@ -19,22 +19,28 @@ namespace {
   throw std::invalid_argument("ctmq binary conv: " + what);
 }
 
-std::string str(int64_t v) { return std::to_string(v); }
+std::string str(int64_t v) {
+  return std::to_string(v);
+}
 
 const PathInfo& info_of(Path path) {
   if (!path_runs(path)) {
-    bad(std::string("path '") + path_name(path) + "' does not run here (best: '" +
-        path_name(best_path()) + "')");
+    bad(std::string("path '") + path_name(path) + "' does not run here (best: '" + path_name(best_path()) +
+        "')");
   }
   switch (path) {
 #if defined(CTMQ_X86_SIMD)
-    case Path::kAvx2: return avx2_path();
-    case Path::kAvx512: return avx512_path();
+    case Path::kAvx2:
+      return avx2_path();
+    case Path::kAvx512:
+      return avx512_path();
 #endif
 #if defined(CTMQ_NEON)
-    case Path::kNeon: return neon_path();
+    case Path::kNeon:
+      return neon_path();
 #endif
-    default: return scalar_path();
+    default:
+      return scalar_path();
   }
 }
 
@@ -50,23 +56,42 @@ Conv resolve(const ConvParams& p, const PreparedWeight& w) {
   if (p.dh < 1 || p.dw < 1) bad("dilation must be >= 1, got " + str(p.dh) + ", " + str(p.dw));
   if (!p.out && !p.packed) bad("out and packed are both null: nothing to write");
   Conv cv{};
-  cv.N = p.N; cv.H = p.H; cv.W = p.W; cv.C = w.C; cv.Cw = (w.C + 31) / 32;
-  cv.O = w.O; cv.G = (w.O + kGroup - 1) / kGroup; cv.KH = w.KH; cv.KW = w.KW;
-  cv.T = w.KH * w.KW; cv.K = cv.T * cv.Cw;
-  cv.sh = p.sh; cv.sw = p.sw; cv.ph = p.ph; cv.pw = p.pw; cv.dh = p.dh; cv.dw = p.dw;
+  cv.N = p.N;
+  cv.H = p.H;
+  cv.W = p.W;
+  cv.C = w.C;
+  cv.Cw = (w.C + 31) / 32;
+  cv.O = w.O;
+  cv.G = (w.O + kGroup - 1) / kGroup;
+  cv.KH = w.KH;
+  cv.KW = w.KW;
+  cv.T = w.KH * w.KW;
+  cv.K = cv.T * cv.Cw;
+  cv.sh = p.sh;
+  cv.sw = p.sw;
+  cv.ph = p.ph;
+  cv.pw = p.pw;
+  cv.dh = p.dh;
+  cv.dw = p.dw;
   cv.OH = output_size(p.H, w.KH, p.sh, p.ph, p.dh);
   cv.OW = output_size(p.W, w.KW, p.sw, p.pw, p.dw);
   if (cv.OH < 1 || cv.OW < 1) {
     bad("the kernel (" + str(w.KH) + "x" + str(w.KW) + ", dilation " + str(p.dh) + ", " + str(p.dw) +
-        ") does not fit the padded input (" + str(p.H) + "x" + str(p.W) + ", padding " + str(p.ph) +
-        ", " + str(p.pw) + ")");
+        ") does not fit the padded input (" + str(p.H) + "x" + str(p.W) + ", padding " + str(p.ph) + ", " +
+        str(p.pw) + ")");
   }
   if (w.KH * w.KW > kMaxTaps) bad("weight: kernel of at most 64 taps");
   cv.M = cv.OH * cv.OW;
   cv.Ow = (cv.O + 31) / 32;
-  cv.x = p.x; cv.xw = cv.Cw; cv.w = w.words; cv.tap_popc = w.tap_popc;
-  cv.residual = p.residual; cv.residual_layout = p.residual_layout;
-  cv.out = p.out; cv.out_layout = p.out_layout; cv.packed = p.packed;
+  cv.x = p.x;
+  cv.xw = cv.Cw;
+  cv.w = w.words;
+  cv.tap_popc = w.tap_popc;
+  cv.residual = p.residual;
+  cv.residual_layout = p.residual_layout;
+  cv.out = p.out;
+  cv.out_layout = p.out_layout;
+  cv.packed = p.packed;
   return cv;
 }
 
@@ -138,8 +163,7 @@ Plan plan(const Conv& cv, const PathInfo& info, const Parallel& par, const Tunin
 // A task's packed bytes that its epilogues do not store whole: all of its
 // channels' for paths that OR bits in, else only those past its last vector
 // up to the word's end (the padding bits past O are 0).
-void zero_packed(const Conv& cv, const PathInfo& info, int64_t pix0, int64_t rows, int64_t c0,
-                 int64_t c1) {
+void zero_packed(const Conv& cv, const PathInfo& info, int64_t pix0, int64_t rows, int64_t c0, int64_t c1) {
   const int64_t stored = info.whole_bytes ? (c1 + info.lanes - 1) / info.lanes * info.lanes : c0;
   const int64_t b0 = stored / 8, b1 = c1 == cv.O ? cv.Ow * 4 : c1 / 8;
   if (b1 <= b0) return;
@@ -237,8 +261,8 @@ void conv2d(const ConvParams& p, const PreparedWeight& w, Path path, const Paral
   });
 }
 
-void pack_nhwc(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out,
-               Path path, const Parallel& parallel) {
+void pack_nhwc(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out, Path path,
+               const Parallel& parallel) {
   const PathInfo& info = info_of(path);
   if (pixels < 0) bad("pack_nhwc: pixels must be >= 0, got " + str(pixels));
   if (C < 1) bad("pack_nhwc: C must be >= 1, got " + str(C));

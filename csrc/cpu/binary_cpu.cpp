@@ -141,8 +141,7 @@ CTMQ_AVX2 void pack_row_hw(const T* x, const PackArgs& a, int64_t n, int64_t h, 
 
 // float32 rows of W values per channel: 16 pixels at a time, one compare and
 // one masked OR per channel sets that channel's bit in 16 words at once.
-CTMQ_AVX512 void pack_row_avx512(const float* x, const PackArgs& a, int64_t n, int64_t h,
-                                 uint32_t* out) {
+CTMQ_AVX512 void pack_row_avx512(const float* x, const PackArgs& a, int64_t n, int64_t h, uint32_t* out) {
   const float* base = x + n * a.sN + h * a.sH;
   alignas(64) uint32_t words[16];
   for (int64_t w0 = 0; w0 < a.W; w0 += 16) {
@@ -181,7 +180,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating tensor, got ", x.scalar_type());
-  PackArgs a{x.size(0), x.size(1), x.size(2), x.size(3), (x.size(1) + 31) / 32,
+  PackArgs a{x.size(0),   x.size(1),   x.size(2),   x.size(3),  (x.size(1) + 31) / 32,
              x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   auto out = at::empty({a.N, a.H, a.W, a.Cw}, x.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
@@ -189,8 +188,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
   auto* o = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
   if (x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // NHWC float32: the conv library's vectorized packing, pixel after pixel
-    bconv::pack_nhwc(x.const_data_ptr<float>(), a.N * a.H * a.W, a.C, nullptr, o, path,
-                     torch_parallel());
+    bconv::pack_nhwc(x.const_data_ptr<float>(), a.N * a.H * a.W, a.C, nullptr, o, path, torch_parallel());
     return out;
   }
 #if defined(CTMQ_X86_SIMD)
@@ -224,8 +222,8 @@ at::Tensor pack_bits_cpu(const at::Tensor& x) {
 // int32 for the border correction. Made once per weight.
 std::tuple<at::Tensor, at::Tensor> weight_gemm_cpu(const at::Tensor& bits) {
   TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kInt && bits.dim() == 4,
-              "weight bits must be a CPU int32 (O, KH, KW, words) tensor, got ", bits.scalar_type(),
-              " ", bits.sizes(), " on ", bits.device());
+              "weight bits must be a CPU int32 (O, KH, KW, words) tensor, got ", bits.scalar_type(), " ",
+              bits.sizes(), " on ", bits.device());
   const auto b = bits.contiguous();
   const int64_t O = b.size(0), KH = b.size(1), KW = b.size(2), Cw = b.size(3);
   const int64_t G = (O + 15) / 16, T = KH * KW;
@@ -233,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor> weight_gemm_cpu(const at::Tensor& bits) {
   auto popc = at::empty({G, T, 16}, b.options());
   if (O == 0 || T == 0 || Cw == 0) return {words.zero_(), popc.zero_()};
   try {  // C = 32 * Cw: the padding bits are zero, so any C of those words gives the same form
-    bconv::prepare_weight_into(reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>()), O, KH,
-                               KW, 32 * Cw, reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()),
+    bconv::prepare_weight_into(reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>()), O, KH, KW,
+                               32 * Cw, reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()),
                                popc.mutable_data_ptr<int32_t>());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
@@ -251,8 +249,8 @@ void check_packed(const at::Tensor& t, const char* name) {
 
 std::optional<at::Tensor> check_vector(const std::optional<at::Tensor>& t, const char* name, int64_t O) {
   if (!t.has_value()) return t;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == O, name, " must have one value per output channel (",
-              O, "), got shape ", t->sizes());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == O, name, " must have one value per output channel (", O,
+              "), got shape ", t->sizes());
   return t->to(at::kFloat).contiguous();
 }
 
@@ -266,9 +264,12 @@ bconv::PreparedWeight weight_of(const at::Tensor& words, const at::Tensor& popc,
   TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.is_contiguous() &&
                   words.dim() == 3 && words.size(0) == G && words.size(2) == 16,
               "weight must be the contiguous int32 (ceil(O/16), K, 16) layout of ctmq.binary.pack_weight "
-              "for ", O, " output channels, got ", words.scalar_type(), " ", words.sizes());
-  TORCH_CHECK(words.size(1) == KH * KW * Cw, "weight is packed for ", words.size(1), " words per output "
-              "channel (another channel count or kernel size), x needs ", KH * KW * Cw);
+              "for ",
+              O, " output channels, got ", words.scalar_type(), " ", words.sizes());
+  TORCH_CHECK(words.size(1) == KH * KW * Cw, "weight is packed for ", words.size(1),
+              " words per output "
+              "channel (another channel count or kernel size), x needs ",
+              KH * KW * Cw);
   TORCH_CHECK(popc.scalar_type() == at::kInt && popc.is_contiguous() &&
                   popc.sizes() == at::IntArrayRef({G, KH * KW, 16}),
               "tap_popc must be int32 (ceil(O/16), KH*KW, 16), got ", popc.scalar_type(), " ", popc.sizes());
@@ -283,17 +284,22 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
                              const std::optional<at::Tensor>& bias_in,
                              const std::optional<at::Tensor>& residual, bool packed_out) {
   check_packed(x, "x");
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "kernel_size, stride, padding and dilation must have 2 values each");
   const int64_t Cw = x.size(3);
   TORCH_CHECK(in_channels >= 1 && (in_channels + 31) / 32 == Cw, "in_channels (", in_channels,
               ") does not fit x's ", Cw, " words per pixel");
   const bconv::PreparedWeight w = weight_of(weight, tap_popc, out_channels, kernel_size, in_channels);
   bconv::ConvParams p;
-  p.N = x.size(0); p.H = x.size(1); p.W = x.size(2);
-  p.sh = stride[0]; p.sw = stride[1]; p.ph = padding[0]; p.pw = padding[1];
-  p.dh = dilation[0]; p.dw = dilation[1];
+  p.N = x.size(0);
+  p.H = x.size(1);
+  p.W = x.size(2);
+  p.sh = stride[0];
+  p.sw = stride[1];
+  p.ph = padding[0];
+  p.pw = padding[1];
+  p.dh = dilation[0];
+  p.dw = dilation[1];
   TORCH_CHECK(p.sh >= 1 && p.sw >= 1, "stride must be >= 1, got ", stride);
   TORCH_CHECK(p.ph >= 0 && p.pw >= 0, "padding must be >= 0, got ", padding);
   TORCH_CHECK(p.dh >= 1 && p.dw >= 1, "dilation must be >= 1, got ", dilation);
@@ -309,8 +315,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   if (residual.has_value()) {
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
                     residual->sizes() == at::IntArrayRef({p.N, O, OH, OW}),
-                "residual must be a contiguous float32 (", p.N, ", ", O, ", ", OH, ", ", OW,
-                ") tensor, got ", residual->scalar_type(), " ", residual->sizes());
+                "residual must be a contiguous float32 (", p.N, ", ", O, ", ", OH, ", ", OW, ") tensor, got ",
+                residual->scalar_type(), " ", residual->sizes());
     p.residual = residual->const_data_ptr<float>();
     p.residual_layout = Layout::kNCHW;
   }
@@ -318,8 +324,10 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x, int64_t in_channels, const at:
   p.x = reinterpret_cast<const uint32_t*>(x.const_data_ptr<int32_t>());
   p.scale = scale ? scale->const_data_ptr<float>() : nullptr;
   p.bias = bias ? bias->const_data_ptr<float>() : nullptr;
-  if (packed_out) p.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
-  else p.out = out.mutable_data_ptr<float>();
+  if (packed_out)
+    p.packed = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<int32_t>());
+  else
+    p.out = out.mutable_data_ptr<float>();
   p.out_layout = Layout::kNCHW;
   try {
     bconv::conv2d(p, w, current_path(), torch_parallel());

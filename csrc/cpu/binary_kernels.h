@@ -26,8 +26,7 @@
 #define CTMQ_X86_SIMD 1
 #include <immintrin.h>
 #define CTMQ_AVX2 __attribute__((target("avx2,popcnt")))
-#define CTMQ_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,avx2,popcnt")))
+#define CTMQ_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq,avx2,popcnt")))
 #elif !defined(CTMQ_NO_SIMD) && defined(__aarch64__)
 #define CTMQ_NEON 1
 #include <arm_neon.h>
@@ -43,32 +42,32 @@ namespace ctmq {
 namespace bconv {
 namespace detail {
 
-constexpr int kGroup = 16;       // output channels per weight group (binary_conv.h)
-constexpr int kMaxTaps = 64;     // taps per kernel: one bit each in `invalid`
-constexpr int kMaxTileRows = 16; // the largest mr of any table
-constexpr int kMaxTileCols = 64; // the largest tile width in channels
+constexpr int kGroup = 16;        // output channels per weight group (binary_conv.h)
+constexpr int kMaxTaps = 64;      // taps per kernel: one bit each in `invalid`
+constexpr int kMaxTileRows = 16;  // the largest mr of any table
+constexpr int kMaxTileCols = 64;  // the largest tile width in channels
 
 // A call's arguments, checked and resolved. scale, bias and threshold are
 // never null: copies padded to whole groups, where an absent scale is 1 and an
 // absent bias or threshold -0.0 (x * 1 and x + -0.0 are x, signed zeros too),
 // so that every epilogue runs the same steps.
 struct Conv {
-  int64_t N, H, W, C, Cw;    // input; Cw = 32-bit words per pixel
-  int64_t xw;                // words per pixel of x as the GEMM reads it (avx2: 2 Cw)
+  int64_t N, H, W, C, Cw;      // input; Cw = 32-bit words per pixel
+  int64_t xw;                  // words per pixel of x as the GEMM reads it (avx2: 2 Cw)
   int64_t O, G, KH, KW, T, K;  // weight; G = groups of 16 channels, T = taps
-  int64_t OH, OW, M, Ow;     // output; M = OH * OW, Ow = packed words per pixel
+  int64_t OH, OW, M, Ow;       // output; M = OH * OW, Ow = packed words per pixel
   int64_t sh, sw, ph, pw, dh, dw;
-  const uint32_t* x;         // (N, H, W, xw)
-  const uint32_t* w;         // (G, K, 16)
-  const int32_t* tap_popc;   // (G, T, 16)
-  const float* scale;        // [G * 16]
+  const uint32_t* x;        // (N, H, W, xw)
+  const uint32_t* w;        // (G, K, 16)
+  const int32_t* tap_popc;  // (G, T, 16)
+  const float* scale;       // [G * 16]
   const float* bias;
   const float* threshold;
-  const float* residual;     // or null
+  const float* residual;  // or null
   Layout residual_layout;
-  float* out;                // or null
+  float* out;  // or null
   Layout out_layout;
-  uint32_t* packed;          // or null
+  uint32_t* packed;  // or null
 };
 
 // One task's pixels as the GEMM reads them. A pixel's K words are S
@@ -88,17 +87,16 @@ struct Source {
 };
 
 struct Block {
-  int64_t pix0, rows;         // output pixels pix0 .. pix0 + rows - 1 (pixel = n * M + m)
-  const Source* src;          // per register tile of mr rows
+  int64_t pix0, rows;  // output pixels pix0 .. pix0 + rows - 1 (pixel = n * M + m)
+  const Source* src;   // per register tile of mr rows
   int64_t S, run;
-  const uint64_t* invalid;    // per row: the taps outside the image
-  int64_t c0, c1;             // output channels [c0, c1), c0 a multiple of 32
+  const uint64_t* invalid;  // per row: the taps outside the image
+  int64_t c0, c1;           // output channels [c0, c1), c0 a multiple of 32
 };
 
 // counts (mr x cols, row stride kMaxTileCols) of one register tile against
 // channel vectors j < nv, w[j] = word 0 of vector j (word k at w[j] + 16 k).
-using GemmFn = void (*)(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
-                        int32_t* counts);
+using GemmFn = void (*)(const Source& src, int64_t S, int64_t run, const uint32_t* const* w, int32_t* counts);
 
 // The segments of a tile's pixel rows i < MR, for segment s.
 template <int MR>
@@ -132,10 +130,10 @@ using TransposeFn = void (*)(const float* a, int64_t lda, float* b, int64_t ldb,
 
 // A path's pieces of the tile loop.
 struct TileOps {
-  int lanes;                             // channels per vector
-  GemmFn (*gemm_for)(int mr, int nv);    // Gemm<MR, NV>::run, tails included
+  int lanes;                           // channels per vector
+  GemmFn (*gemm_for)(int mr, int nv);  // Gemm<MR, NV>::run, tails included
   EpilogueFn epilogue;
-  TransposeFn transpose;                 // stage -> NCHW planes
+  TransposeFn transpose;  // stage -> NCHW planes
   // The weight of a channel tile as its Gemm reads it (w[j] per vector); null:
   // the prepared layout itself.
   void (*weights)(const Conv& cv, int64_t c, int nv, const uint32_t** w);
@@ -180,16 +178,15 @@ EpilogueFn epilogue_for(const Conv& cv) {
 
 // What the driver needs to know of a path.
 struct PathInfo {
-  int lanes;              // channels per vector
-  bool split;             // avx2: reads x split into nibbles (split_words), 2 words a word
-  bool whole_bytes;       // the epilogue stores whole packed bytes (lanes a multiple of 8)
-  const Tile* tiles;      // the table
+  int lanes;          // channels per vector
+  bool split;         // avx2: reads x split into nibbles (split_words), 2 words a word
+  bool whole_bytes;   // the epilogue stores whole packed bytes (lanes a multiple of 8)
+  const Tile* tiles;  // the table
   int tile_count;
-  Tile (*choose)(int64_t K, int64_t O);  // the table's pick for a shape
+  Tile (*choose)(int64_t K, int64_t O);                                // the table's pick for a shape
   void (*split_words)(const uint32_t* src, int64_t n, uint32_t* dst);  // or null
   void (*run_block)(const Conv& cv, const Block& b, Tile tile);
-  void (*pack_nhwc)(const float* x, int64_t pixels, int64_t C, const float* threshold,
-                    uint32_t* out);
+  void (*pack_nhwc)(const float* x, int64_t pixels, int64_t C, const float* threshold, uint32_t* out);
   double (*peak_loop)(int64_t iterations);  // 64-bit words done (see peak_words_per_second)
 };
 
@@ -205,7 +202,9 @@ const PathInfo& neon_path();
 // ------------------------------------------------------------ shared helpers
 
 // The pixel of a global index, and its offset in an NCHW plane.
-CTMQ_INLINE int64_t image_of(const Conv& cv, int64_t pix) { return pix / cv.M; }
+CTMQ_INLINE int64_t image_of(const Conv& cv, int64_t pix) {
+  return pix / cv.M;
+}
 
 // Rows [r0, r1) of a tile that lie in one image: the NCHW stores go by runs.
 CTMQ_INLINE int64_t run_end(const Conv& cv, int64_t pix0, int64_t r0, int64_t r1) {
@@ -232,8 +231,7 @@ CTMQ_INLINE int popc64(uint64_t v) {
 
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (scalar; the paths
 // transpose full 8x8 or 4x4 blocks in registers and leave the rest to this).
-CTMQ_INLINE void transpose_scalar(const float* a, int64_t lda, float* b, int64_t ldb, int rows,
-                                  int cols) {
+CTMQ_INLINE void transpose_scalar(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int cols) {
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < rows; ++i) b[j * ldb + i] = a[i * lda + j];
 }
@@ -264,23 +262,21 @@ CTMQ_AVX2 CTMQ_INLINE void transpose8x8(__m256 (&r)[8]) {
 // A tile's rows (row stride kMaxTileCols) to and from NCHW planes: pixels of
 // one image are adjacent there, so each run of a tile's rows inside one image
 // is one transpose.
-inline void tile_to_nchw(const Conv& cv, const float* tile, int64_t pix0, int rows, int64_t c,
-                         int cols, float* dst, TransposeFn transpose) {
+inline void tile_to_nchw(const Conv& cv, const float* tile, int64_t pix0, int rows, int64_t c, int cols,
+                         float* dst, TransposeFn transpose) {
   for (int r0 = 0, r1; r0 < rows; r0 = r1) {
     r1 = static_cast<int>(run_end(cv, pix0, r0, rows));
     const int64_t pix = pix0 + r0, n = pix / cv.M, m = pix % cv.M;
-    transpose(tile + r0 * kMaxTileCols, kMaxTileCols, dst + (n * cv.O + c) * cv.M + m, cv.M, r1 - r0,
-              cols);
+    transpose(tile + r0 * kMaxTileCols, kMaxTileCols, dst + (n * cv.O + c) * cv.M + m, cv.M, r1 - r0, cols);
   }
 }
 
-inline void nchw_to_tile(const Conv& cv, const float* src, int64_t pix0, int rows, int64_t c,
-                         int cols, float* tile, TransposeFn transpose) {
+inline void nchw_to_tile(const Conv& cv, const float* src, int64_t pix0, int rows, int64_t c, int cols,
+                         float* tile, TransposeFn transpose) {
   for (int r0 = 0, r1; r0 < rows; r0 = r1) {
     r1 = static_cast<int>(run_end(cv, pix0, r0, rows));
     const int64_t pix = pix0 + r0, n = pix / cv.M, m = pix % cv.M;
-    transpose(src + (n * cv.O + c) * cv.M + m, cv.M, tile + r0 * kMaxTileCols, kMaxTileCols, cols,
-              r1 - r0);
+    transpose(src + (n * cv.O + c) * cv.M + m, cv.M, tile + r0 * kMaxTileCols, kMaxTileCols, cols, r1 - r0);
   }
 }
 

@@ -22,7 +22,9 @@ constexpr int kFlush = 31;
 // and the other paths' measurements (docs/design.md 5.1).
 constexpr Tile kTiles[] = {{6, 4}, {4, 4}, {12, 2}, {8, 2}};
 
-Tile choose(int64_t, int64_t) { return kTiles[0]; }
+Tile choose(int64_t, int64_t) {
+  return kTiles[0];
+}
 
 // The byte counters into the 32-bit sums (each lane's 4 bytes), then zero.
 template <int MR, int NV>
@@ -37,14 +39,13 @@ CTMQ_INLINE void flush(uint8x16_t (&bytes)[MR][NV], uint32x4_t* total) {
 
 template <int MR, int NV>
 struct Gemm {
-  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
-                  int32_t* counts) {
+  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w, int32_t* counts) {
     uint32x4_t* total = reinterpret_cast<uint32x4_t*>(counts);  // (i, j) at i * 16 + j
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) total[i * 16 + j] = vdupq_n_u32(0);
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j) total[i * 16 + j] =
+        vdupq_n_u32(0);
     uint8x16_t bytes[MR][NV];
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] = vdupq_n_u8(0);
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j) bytes[i][j] =
+        vdupq_n_u8(0);
     const uint32_t* wp[NV];
     CTMQ_UNROLL for (int j = 0; j < NV; ++j) wp[j] = w[j];
     int filled = 0;  // words counted in bytes since the last flush
@@ -55,7 +56,8 @@ struct Gemm {
         const int64_t k1 = std::min<int64_t>(run, k0 + kFlush - filled);  // no branch inside
         for (int64_t kk = k0; kk < k1; ++kk) {
           uint8x16_t wv[NV];
-          CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] = vreinterpretq_u8_u32(vld1q_u32(wp[j] + kGroup * kk));
+          CTMQ_UNROLL for (int j = 0; j < NV; ++j) wv[j] =
+              vreinterpretq_u8_u32(vld1q_u32(wp[j] + kGroup * kk));
           CTMQ_UNROLL for (int i = 0; i < MR; ++i) {
             const uint8x16_t p = vreinterpretq_u8_u32(vld1q_dup_u32(a[i] + kk));
             CTMQ_UNROLL for (int j = 0; j < NV; ++j) {
@@ -163,8 +165,8 @@ struct Epilogue {
 };
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  const TileOps ops{kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv),
-                    &transpose_neon, nullptr};
+  const TileOps ops{kLanes, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose_neon,
+                    nullptr};
   run_tiles(cv, b, tile, ops);
 }
 
@@ -196,8 +198,8 @@ double peak_loop(int64_t iterations) {
     CTMQ_UNROLL for (int i = 0; i < 4; ++i) acc[j][i] = vdupq_n_u8(0);
   }
   for (int64_t it = 0; it < iterations; ++it) {
-    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
-      CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] = vaddq_u8(acc[i][j], vcntq_u8(veorq_u8(w[j], p[i])));
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] =
+        vaddq_u8(acc[i][j], vcntq_u8(veorq_u8(w[j], p[i])));
     CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+w"(p[i]));
   }
   uint8x16_t sum = vdupq_n_u8(0);
@@ -211,8 +213,9 @@ double peak_loop(int64_t iterations) {
 
 const PathInfo& neon_path() {
   using namespace neon;
-  static const PathInfo info{kLanes, false, false, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
-                             &choose, nullptr, &run_block, &pack, &peak_loop};
+  static const PathInfo info{
+      kLanes,  false,   false,      kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+      &choose, nullptr, &run_block, &pack,  &peak_loop};
   return info;
 }
 

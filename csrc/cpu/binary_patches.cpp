@@ -28,8 +28,8 @@ struct Cursor {
 // Segment s of the cursor's pixel: a pointer into x where every tap of it is
 // inside the image, zeros where none is, else a copy at dst with zero words
 // for the taps outside; the taps outside get their bits in `outside`.
-const uint32_t* segment(const Conv& cv, const Cursor& px, int64_t s, uint32_t* dst,
-                        const uint32_t* zeros, uint64_t& outside) {
+const uint32_t* segment(const Conv& cv, const Cursor& px, int64_t s, uint32_t* dst, const uint32_t* zeros,
+                        uint64_t& outside) {
   const int64_t kh = cv.dw == 1 ? s : s / cv.KW, kw0 = cv.dw == 1 ? 0 : s % cv.KW;
   const int64_t taps = cv.dw == 1 ? cv.KW : 1, xw = cv.xw;
   const int64_t ih = px.oh * cv.sh - cv.ph + kh * cv.dh, iw0 = px.ow * cv.sw - cv.pw + kw0 * cv.dw;

@@ -13,12 +13,13 @@ constexpr int kMaxMR = 4, kMaxNV = 8;
 // the fastest or within 3% on ResNet-18's shapes (docs/design.md 5.1).
 constexpr Tile kTiles[] = {{4, 4}, {2, 8}, {2, 4}};
 
-Tile choose(int64_t, int64_t) { return kTiles[0]; }
+Tile choose(int64_t, int64_t) {
+  return kTiles[0];
+}
 
 template <int MR, int NV>
 struct Gemm {
-  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w,
-                  int32_t* counts) {
+  static void run(const Source& src, int64_t S, int64_t run, const uint32_t* const* w, int32_t* counts) {
     int32_t acc[MR][NV] = {};
     for (int64_t s = 0; s < S; ++s) {
       const uint32_t* a[MR];
@@ -33,8 +34,8 @@ struct Gemm {
         }
       }
     }
-    CTMQ_UNROLL for (int i = 0; i < MR; ++i)
-      CTMQ_UNROLL for (int j = 0; j < NV; ++j) counts[i * kMaxTileCols + j] = acc[i][j];
+    CTMQ_UNROLL for (int i = 0; i < MR; ++i) CTMQ_UNROLL for (int j = 0; j < NV; ++j)
+        counts[i * kMaxTileCols + j] = acc[i][j];
   }
 };
 
@@ -82,8 +83,7 @@ void transpose(const float* a, int64_t lda, float* b, int64_t ldb, int rows, int
 }
 
 void run_block(const Conv& cv, const Block& b, Tile tile) {
-  const TileOps ops{1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose,
-                    nullptr};
+  const TileOps ops{1, &gemm_lookup<Gemm, kMaxMR, kMaxNV>, epilogue_for<Epilogue>(cv), &transpose, nullptr};
   run_tiles(cv, b, tile, ops);
 }
 
@@ -112,11 +112,11 @@ double peak_loop(int64_t iterations) {
   uint32_t w[4] = {0xdeadbeefu, 0x01234567u, 0x89abcdefu, 0x55555555u};
   int32_t acc[4][4] = {};
   for (int64_t it = 0; it < iterations; ++it) {
-    CTMQ_UNROLL for (int i = 0; i < 4; ++i)
-      CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] += popc32(p[i] ^ w[j]);
+    CTMQ_UNROLL for (int i = 0; i < 4; ++i) CTMQ_UNROLL for (int j = 0; j < 4; ++j) acc[i][j] +=
+        popc32(p[i] ^ w[j]);
     CTMQ_UNROLL for (int i = 0; i < 4; ++i) __asm__ volatile("" : "+r"(p[i]));
   }
-  __asm__ volatile("" : : "m"(acc));  // every count is used
+  __asm__ volatile("" : : "m"(acc));                // every count is used
   return static_cast<double>(iterations) * 16 / 2;  // 64-bit words
 }
 
@@ -124,8 +124,9 @@ double peak_loop(int64_t iterations) {
 
 const PathInfo& scalar_path() {
   using namespace scalar;
-  static const PathInfo info{1, false, false, kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
-                             &choose, nullptr, &run_block, &pack, &peak_loop};
+  static const PathInfo info{
+      1,       false,   false,      kTiles, static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0])),
+      &choose, nullptr, &run_block, &pack,  &peak_loop};
   return info;
 }
 

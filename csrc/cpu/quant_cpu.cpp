@@ -89,18 +89,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x, int64_t
   auto mask = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_act_cpu", [&] {
     auto impl = bits == 1 ? quantize_act_impl<scalar_t, true> : quantize_act_impl<scalar_t, false>;
-    impl(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-         mask.mutable_data_ptr<uint8_t>(), x.numel(), static_cast<int>(bits));
+    impl(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<uint8_t>(),
+         x.numel(), static_cast<int>(bits));
   });
   return {out, mask};
 }
 
 at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   check_dense(grad, "grad");
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() &&
-                  mask.numel() == (grad.numel() + 7) / 8,
-              "mask must be a contiguous uint8 tensor of ceil(grad.numel() / 8) = ",
-              (grad.numel() + 7) / 8, " bytes, got ", mask.scalar_type(), " with ", mask.numel());
+  TORCH_CHECK(
+      mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == (grad.numel() + 7) / 8,
+      "mask must be a contiguous uint8 tensor of ceil(grad.numel() / 8) = ", (grad.numel() + 7) / 8,
+      " bytes, got ", mask.scalar_type(), " with ", mask.numel());
   auto out = at::empty_like(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_grad_cpu", [&] {
     masked_grad_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),

@@ -49,9 +49,9 @@ static_assert(kBlockM * kCStride <= kStages * (kATile + kBTile), "and_tile fits 
 static_assert(kThreads == kBlockM * kBlockN / 32, "epilogue: one thread per pixel and output word");
 
 struct Pixel {
-  int m;         // GEMM row (the launcher keeps N*OH*OW below 2^31)
+  int m;  // GEMM row (the launcher keeps N*OH*OW below 2^31)
   int n, oh, ow;
-  bool ok;       // m < N*OH*OW
+  bool ok;  // m < N*OH*OW
 };
 
 __device__ __forceinline__ Pixel pixel_of(const BinaryConvParams& p, int m) {
@@ -95,8 +95,8 @@ struct Loader {
 // Copies stage `s` of K (words [8s, 8s + 8)) of this block's A and B tiles into
 // shared memory, VW words per cp.async; invalid words are zero-filled.
 template <int VW>
-__device__ __forceinline__ void load_stage(const BinaryConvParams& p, const Loader<VW>& ld,
-                                           uint32_t* As, uint32_t* Bs, int block_n, int s, int Kw) {
+__device__ __forceinline__ void load_stage(const BinaryConvParams& p, const Loader<VW>& ld, uint32_t* As,
+                                           uint32_t* Bs, int block_n, int s, int Kw) {
   using L = Loader<VW>;
   const int tid = threadIdx.x;
   const int col = (tid % L::kChunksPerRow) * VW;  // word within the stage
@@ -172,8 +172,8 @@ __global__ void __launch_bounds__(kThreads, 2) binary_conv_bmma_kernel(const Bin
   Loader<VW> ld;
 #pragma unroll
   for (int i = 0; i < Loader<VW>::kRows; ++i)
-    ld.rows[i] = a_row_of(p, block_m + tid / Loader<VW>::kChunksPerRow +
-                                 i * (kThreads / Loader<VW>::kChunksPerRow));
+    ld.rows[i] =
+        a_row_of(p, block_m + tid / Loader<VW>::kChunksPerRow + i * (kThreads / Loader<VW>::kChunksPerRow));
   if (tid < kBlockN) {
     int sum = 0;
     if (block_n + tid < p.O)
@@ -245,8 +245,8 @@ __global__ void __launch_bounds__(kThreads, 2) binary_conv_bmma_kernel(const Bin
   }
   __syncthreads();
 
-  const int row = tid % kBlockM;             // consecutive threads: consecutive pixels
-  const int c0 = (tid / kBlockM) * 32;       // 32 channels: one word of packed output
+  const int row = tid % kBlockM;        // consecutive threads: consecutive pixels
+  const int c0 = (tid / kBlockM) * 32;  // 32 channels: one word of packed output
   const Pixel px = pixel_of(p, block_m + row);
   const int word = (block_n + c0) / 32;
   if (!px.ok || block_n + c0 >= p.O) return;
@@ -294,9 +294,15 @@ cudaError_t launch_binary_conv_bmma(const BinaryConvParams& p, cudaStream_t stre
   if ((long)plan.grid_x * kBlockM >= (1L << 31)) return cudaErrorInvalidValue;  // int pixel index
   const dim3 grid(plan.grid_x, plan.grid_y);
   switch (plan.vec_words) {
-    case 4: binary_conv_bmma_kernel<4><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: binary_conv_bmma_kernel<2><<<grid, kThreads, 0, stream>>>(p); break;
-    default: binary_conv_bmma_kernel<1><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4:
+      binary_conv_bmma_kernel<4><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 2:
+      binary_conv_bmma_kernel<2><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      binary_conv_bmma_kernel<1><<<grid, kThreads, 0, stream>>>(p);
+      break;
   }
   return cudaGetLastError();
 }
@@ -306,9 +312,15 @@ void emulate_binary_conv_bmma(const BinaryConvParams& p) {
   const BinaryConvPlan plan = plan_binary_conv(p);
   const dim3 grid(plan.grid_x, plan.grid_y);
   switch (plan.vec_words) {
-    case 4: emu::launch(binary_conv_bmma_kernel<4>, grid, kThreads, p); break;
-    case 2: emu::launch(binary_conv_bmma_kernel<2>, grid, kThreads, p); break;
-    default: emu::launch(binary_conv_bmma_kernel<1>, grid, kThreads, p); break;
+    case 4:
+      emu::launch(binary_conv_bmma_kernel<4>, grid, kThreads, p);
+      break;
+    case 2:
+      emu::launch(binary_conv_bmma_kernel<2>, grid, kThreads, p);
+      break;
+    default:
+      emu::launch(binary_conv_bmma_kernel<1>, grid, kThreads, p);
+      break;
   }
 }
 #endif

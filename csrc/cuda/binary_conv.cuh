@@ -16,14 +16,14 @@
 namespace ctmq {
 
 struct BinaryConvParams {
-  const uint32_t* x;          // (N, H, W, Cw) packed activations
-  const uint32_t* w;          // (O, KH, KW, Cw) packed weights
-  const int32_t* tap_popc;    // (O, KH * KW): popc of each channel's tap
-  const float* scale;         // [O] or null
-  const float* bias;          // [O] or null
-  const float* residual;      // (N, O, OH, OW) or null: added last
-  float* out;                 // (N, O, OH, OW) or null
-  uint32_t* packed;           // (N, OH, OW, ceil(O/32)) or null: bit = (y >= 0)
+  const uint32_t* x;        // (N, H, W, Cw) packed activations
+  const uint32_t* w;        // (O, KH, KW, Cw) packed weights
+  const int32_t* tap_popc;  // (O, KH * KW): popc of each channel's tap
+  const float* scale;       // [O] or null
+  const float* bias;        // [O] or null
+  const float* residual;    // (N, O, OH, OW) or null: added last
+  float* out;               // (N, O, OH, OW) or null
+  uint32_t* packed;         // (N, OH, OW, ceil(O/32)) or null: bit = (y >= 0)
   int N, C, H, W, Cw, O, KH, KW, OH, OW;
   int sh, sw, ph, pw, dh, dw;
 };

@@ -10,13 +10,13 @@
 // go on (exit 1); bad arguments or a bad model: one line, exit 2.
 // --logits writes every classified row's logits, in input order, as a
 // float32 .npy array (rows, classes).
+#include <dirent.h>
+#include <sys/stat.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <dirent.h>
 #include <string>
-#include <sys/stat.h>
 #include <vector>
 
 #include "ctmq_runtime.h"
@@ -26,8 +26,9 @@ namespace {
 
 using ctmq::native::InputError;
 
-const char* kUsage = "usage: ctmq-run MODEL.ctmq INPUT... [--topk K] [--threads N] "
-                     "[--cpu-path auto|avx2|neon|scalar] [--logits OUT.npy] [--bench]\n";
+const char* kUsage =
+    "usage: ctmq-run MODEL.ctmq INPUT... [--topk K] [--threads N] "
+    "[--cpu-path auto|avx2|neon|scalar] [--logits OUT.npy] [--bench]\n";
 
 int usage_error(const std::string& why) {
   std::fprintf(stderr, "ctmq-run: error: %s\n", why.c_str());
@@ -37,8 +38,8 @@ int usage_error(const std::string& why) {
 
 // A float32 .npy file (rows, cols), written whole or not at all (temp + rename).
 bool write_npy(const std::string& path, const std::vector<float>& v, int64_t rows, int64_t cols) {
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(rows) +
-                       ", " + std::to_string(cols) + "), }";
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(rows) + ", " +
+                       std::to_string(cols) + "), }";
   while ((10 + header.size() + 1) % 64) header += ' ';
   header += '\n';
   const std::string tmp = path + ".tmp";
@@ -138,7 +139,8 @@ std::vector<float> read_input(ctmq_model* model, const std::string& path, int& n
   struct stat st {};
   if (stat(path.c_str(), &st) != 0) throw InputError(path + ": no such file or folder");
   if (!path.empty() && path.back() == '/') {
-    throw InputError(path.substr(0, path.size() - 1) + ": no images (.png, .jpg, .jpeg, .bmp, .gif) or "
+    throw InputError(path.substr(0, path.size() - 1) +
+                     ": no images (.png, .jpg, .jpeg, .bmp, .gif) or "
                      "tensors (.npy) in this folder");
   }
   throw InputError(path + ": expected an image (.png, .jpg, .jpeg, .bmp, .gif) or a tensor (.npy)");
@@ -146,15 +148,15 @@ std::vector<float> read_input(ctmq_model* model, const std::string& path, int& n
 
 void bench(ctmq_model* model) {
   const int c = ctmq_input_channels(model), size = ctmq_input_size(model), k = ctmq_num_classes(model);
-  std::printf("ctmq-run --bench: %s path, input %dx%dx%d\n%5s %9s %9s\n", ctmq_cpu_path(model), c, size,
-              size, "batch", "ms/batch", "images/s");
+  std::printf("ctmq-run --bench: %s path, input %dx%dx%d\n%5s %9s %9s\n", ctmq_cpu_path(model), c, size, size,
+              "batch", "ms/batch", "images/s");
   for (int n : {1, 8}) {
     std::vector<float> x(static_cast<size_t>(n) * c * size * size, 0.f), y(static_cast<size_t>(n) * k);
     std::vector<double> times;
     const auto start = std::chrono::steady_clock::now();
     ctmq_run(model, x.data(), n, y.data(), nullptr, 0);  // warm-up
-    while (times.size() < 5 || (std::chrono::steady_clock::now() - start < std::chrono::seconds(1) &&
-                                times.size() < 1000)) {
+    while (times.size() < 5 ||
+           (std::chrono::steady_clock::now() - start < std::chrono::seconds(1) && times.size() < 1000)) {
       const auto t0 = std::chrono::steady_clock::now();
       ctmq_run(model, x.data(), n, y.data(), nullptr, 0);
       times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -178,8 +180,10 @@ int main(int argc, char** argv) {
     if (a == "--topk" || a == "--threads" || a == "--cpu-path" || a == "--logits") {
       if (i + 1 >= argc) return usage_error("argument " + a + ": expected one value");
       const char* v = argv[++i];
-      if (a == "--cpu-path") options.cpu_path = v;
-      else if (a == "--logits") logits_path = v;
+      if (a == "--cpu-path")
+        options.cpu_path = v;
+      else if (a == "--logits")
+        logits_path = v;
       else if (!positive(v, a == "--topk" ? topk : options.threads)) {
         return usage_error("argument " + a + ": expected a positive integer, got '" + v + "'");
       }

@@ -41,7 +41,7 @@ const float* ctmq_input_mean(const ctmq_model* model);
 const float* ctmq_input_std(const ctmq_model* model);
 int ctmq_num_classes(const ctmq_model* model);
 const char* ctmq_class_name(const ctmq_model* model, int index); /* NULL out of range */
-const char* ctmq_cpu_path(const ctmq_model* model);               /* the binary kernels' path */
+const char* ctmq_cpu_path(const ctmq_model* model);              /* the binary kernels' path */
 
 /* Logits (n, classes) of n normalized images, float32 NCHW (n, C, size, size). 0 on success. */
 int ctmq_run(ctmq_model* model, const float* images, int n, float* logits, char* err, size_t err_size);

@@ -69,10 +69,18 @@ int fuzz_headers(const std::vector<std::vector<uint8_t>>& seeds, long runs, std:
     for (int e = 0; e < edits && !text.empty(); ++e) {
       const size_t at = rng() % text.size();
       switch (rng() % 4) {
-        case 0: text[at] = "0123456789"[rng() % 10]; break;        // a digit: sizes, strides
-        case 1: text.insert(at, std::to_string(rng() % 100000)); break;
-        case 2: text[at] = "{}[]\":,-.e"[rng() % 11]; break;     // structure
-        default: text.erase(at, 1 + rng() % 8); break;
+        case 0:
+          text[at] = "0123456789"[rng() % 10];
+          break;  // a digit: sizes, strides
+        case 1:
+          text.insert(at, std::to_string(rng() % 100000));
+          break;
+        case 2:
+          text[at] = "{}[]\":,-.e"[rng() % 11];
+          break;  // structure
+        default:
+          text.erase(at, 1 + rng() % 8);
+          break;
       }
     }
     passed += check_header(a, text);
@@ -83,7 +91,9 @@ int fuzz_headers(const std::vector<std::vector<uint8_t>>& seeds, long runs, std:
 
 }  // namespace
 
-extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) { return load(data, size); }
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  return load(data, size);
+}
 
 #ifndef CTMQ_LIBFUZZER
 int main(int argc, char** argv) {
@@ -92,9 +102,12 @@ int main(int argc, char** argv) {
   bool headers = false;
   std::vector<std::vector<uint8_t>> seeds;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--runs") && i + 1 < argc) runs = std::atol(argv[++i]);
-    else if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = static_cast<unsigned>(std::atol(argv[++i]));
-    else if (!std::strcmp(argv[i], "--headers")) headers = true;
+    if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
+      runs = std::atol(argv[++i]);
+    else if (!std::strcmp(argv[i], "--seed") && i + 1 < argc)
+      seed = static_cast<unsigned>(std::atol(argv[++i]));
+    else if (!std::strcmp(argv[i], "--headers"))
+      headers = true;
     else {
       std::ifstream f(argv[i], std::ios::binary);
       seeds.emplace_back((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
@@ -113,11 +126,21 @@ int main(int argc, char** argv) {
     for (int e = 0; e < edits && !b.empty(); ++e) {
       const size_t at = rng() % b.size();
       switch (rng() % 5) {
-        case 0: b[at] ^= static_cast<uint8_t>(1u << (rng() % 8)); break;          // flip a bit
-        case 1: b[at] = static_cast<uint8_t>(rng()); break;                          // a random byte
-        case 2: b.resize(at); break;                                                 // truncate
-        case 3: b.insert(b.begin() + at, static_cast<uint8_t>(rng())); break;        // insert
-        default: b[at] = "{}[]\":,0123456789-e.tfn"[rng() % 23]; break;              // JSON bytes
+        case 0:
+          b[at] ^= static_cast<uint8_t>(1u << (rng() % 8));
+          break;  // flip a bit
+        case 1:
+          b[at] = static_cast<uint8_t>(rng());
+          break;  // a random byte
+        case 2:
+          b.resize(at);
+          break;  // truncate
+        case 3:
+          b.insert(b.begin() + at, static_cast<uint8_t>(rng()));
+          break;  // insert
+        default:
+          b[at] = "{}[]\":,0123456789-e.tfn"[rng() % 23];
+          break;  // JSON bytes
       }
     }
     char err[512];

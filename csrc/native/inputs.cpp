@@ -217,10 +217,14 @@ std::vector<float> load_npy(const std::string& path, std::vector<int64_t>& shape
   const std::string code = descr.size() >= 2 ? descr.substr(1) : descr;
   const char order = descr.empty() ? '?' : descr[0];
   size_t item = 0;
-  if (code == "f4" || code == "i4" || code == "u4") item = 4;
-  else if (code == "f8" || code == "i8" || code == "u8") item = 8;
-  else if (code == "i2" || code == "u2" || code == "f2") item = 2;
-  else if (code == "i1" || code == "u1") item = 1;
+  if (code == "f4" || code == "i4" || code == "u4")
+    item = 4;
+  else if (code == "f8" || code == "i8" || code == "u8")
+    item = 8;
+  else if (code == "i2" || code == "u2" || code == "f2")
+    item = 2;
+  else if (code == "i1" || code == "u1")
+    item = 1;
   if (!item || order == '>' || code == "f2") {
     throw InputError(path + ": holds " + descr + " values, expected numbers");
   }
@@ -228,16 +232,26 @@ std::vector<float> load_npy(const std::string& path, std::vector<int64_t>& shape
     throw InputError(path + ": not a readable .npy file (its data does not match its shape)");
   }
   std::vector<float> out(static_cast<size_t>(n));
-  if (code == "f4") convert<float>(raw, data, n, out);
-  else if (code == "f8") convert<double>(raw, data, n, out);
-  else if (code == "i4") convert<int32_t>(raw, data, n, out);
-  else if (code == "u4") convert<uint32_t>(raw, data, n, out);
-  else if (code == "i8") convert<int64_t>(raw, data, n, out);
-  else if (code == "u8") convert<uint64_t>(raw, data, n, out);
-  else if (code == "i2") convert<int16_t>(raw, data, n, out);
-  else if (code == "u2") convert<uint16_t>(raw, data, n, out);
-  else if (code == "i1") convert<int8_t>(raw, data, n, out);
-  else convert<uint8_t>(raw, data, n, out);
+  if (code == "f4")
+    convert<float>(raw, data, n, out);
+  else if (code == "f8")
+    convert<double>(raw, data, n, out);
+  else if (code == "i4")
+    convert<int32_t>(raw, data, n, out);
+  else if (code == "u4")
+    convert<uint32_t>(raw, data, n, out);
+  else if (code == "i8")
+    convert<int64_t>(raw, data, n, out);
+  else if (code == "u8")
+    convert<uint64_t>(raw, data, n, out);
+  else if (code == "i2")
+    convert<int16_t>(raw, data, n, out);
+  else if (code == "u2")
+    convert<uint16_t>(raw, data, n, out);
+  else if (code == "i1")
+    convert<int8_t>(raw, data, n, out);
+  else
+    convert<uint8_t>(raw, data, n, out);
   return out;
 }
 

@@ -19,8 +19,8 @@ struct InputError : std::runtime_error {
 std::vector<uint8_t> load_image(const std::string& path, int channels, int size);
 
 // Pillow's Image.resize(..., BILINEAR) of 8-bit interleaved pixels.
-std::vector<uint8_t> resize_bilinear(const std::vector<uint8_t>& in, int width, int height,
-                                     int channels, int out_width, int out_height);
+std::vector<uint8_t> resize_bilinear(const std::vector<uint8_t>& in, int width, int height, int channels,
+                                     int out_width, int out_height);
 
 // The float32 values of a .npy file (float32/float64 or integer types) and
 // its shape; refuses pickles, Fortran order and other dtypes.

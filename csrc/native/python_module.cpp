@@ -4,8 +4,16 @@
 #include <Python.h>
 
 static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "_native",
+    PyModuleDef_HEAD_INIT,
+    "_native",
     "ctmq's native runtime (the C API of ctmq_runtime.h; use ctmq.deploy.load(..., engine='native'))",
-    -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+    -1,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+PyMODINIT_FUNC PyInit__native(void) {
+  return PyModule_Create(&native_module);
+}

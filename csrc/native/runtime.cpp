@@ -47,7 +47,7 @@ ctmq::rt::Context context(ctmq_model& m, const ctmq_options* options) {
                                 bconv::path_name(bconv::best_path()) + "')");
   }
   int threads = options && options->threads > 0 ? options->threads
-                                                 : static_cast<int>(std::thread::hardware_concurrency());
+                                                : static_cast<int>(std::thread::hardware_concurrency());
   threads = std::max(1, std::min(threads, 256));
   m.cpu_path = bconv::path_name(ctx.path);
   m.pool = std::make_unique<native::ThreadPool>(threads);
@@ -59,9 +59,8 @@ ctmq::rt::Context context(ctmq_model& m, const ctmq_options* options) {
   return ctx;
 }
 
-ctmq_model* open(ctmq::rt::Artifact (*read)(const void*, size_t, const std::string&), const void* a,
-                 size_t b, const std::string& name, const ctmq_options* options, char* err,
-                 size_t err_size) {
+ctmq_model* open(ctmq::rt::Artifact (*read)(const void*, size_t, const std::string&), const void* a, size_t b,
+                 const std::string& name, const ctmq_options* options, char* err, size_t err_size) {
   try {
     auto m = std::make_unique<ctmq_model>();
     m->artifact = read(a, b, name);
@@ -108,7 +107,9 @@ bool check_run(ctmq_model* model, const void* in, int n, const float* logits, ch
 
 extern "C" {
 
-const char* ctmq_version(void) { return CTMQ_VERSION; }
+const char* ctmq_version(void) {
+  return CTMQ_VERSION;
+}
 
 ctmq_model* ctmq_open(const char* path, const ctmq_options* options, char* err, size_t err_size) {
   if (!path) {
@@ -127,27 +128,41 @@ ctmq_model* ctmq_open_memory(const void* data, size_t size, const ctmq_options* 
   return open(read_memory, data, size, "<memory>", options, err, err_size);
 }
 
-void ctmq_close(ctmq_model* model) { delete model; }
+void ctmq_close(ctmq_model* model) {
+  delete model;
+}
 
-int ctmq_input_channels(const ctmq_model* m) { return m ? static_cast<int>(m->artifact.channels) : 0; }
-int ctmq_input_size(const ctmq_model* m) { return m ? static_cast<int>(m->artifact.size) : 0; }
-const float* ctmq_input_mean(const ctmq_model* m) { return m ? m->artifact.mean.data() : nullptr; }
-const float* ctmq_input_std(const ctmq_model* m) { return m ? m->artifact.std.data() : nullptr; }
-int ctmq_num_classes(const ctmq_model* m) { return m ? static_cast<int>(m->artifact.class_names.size()) : 0; }
+int ctmq_input_channels(const ctmq_model* m) {
+  return m ? static_cast<int>(m->artifact.channels) : 0;
+}
+int ctmq_input_size(const ctmq_model* m) {
+  return m ? static_cast<int>(m->artifact.size) : 0;
+}
+const float* ctmq_input_mean(const ctmq_model* m) {
+  return m ? m->artifact.mean.data() : nullptr;
+}
+const float* ctmq_input_std(const ctmq_model* m) {
+  return m ? m->artifact.std.data() : nullptr;
+}
+int ctmq_num_classes(const ctmq_model* m) {
+  return m ? static_cast<int>(m->artifact.class_names.size()) : 0;
+}
 
 const char* ctmq_class_name(const ctmq_model* m, int index) {
   if (!m || index < 0 || index >= static_cast<int>(m->artifact.class_names.size())) return nullptr;
   return m->artifact.class_names[index].c_str();
 }
 
-const char* ctmq_cpu_path(const ctmq_model* m) { return m ? m->cpu_path : nullptr; }
+const char* ctmq_cpu_path(const ctmq_model* m) {
+  return m ? m->cpu_path : nullptr;
+}
 
 int ctmq_run(ctmq_model* model, const float* images, int n, float* logits, char* err, size_t err_size) {
   if (!check_run(model, images, n, logits, err, err_size)) return 1;
   try {
     std::lock_guard<std::mutex> lock(model->mu);
-    const int64_t count = static_cast<int64_t>(n) * model->artifact.channels * model->artifact.size *
-                          model->artifact.size;
+    const int64_t count =
+        static_cast<int64_t>(n) * model->artifact.channels * model->artifact.size * model->artifact.size;
     for (int64_t i = 0; i < count; ++i) {
       if (!std::isfinite(images[i])) {
         say(err, err_size, "images contain NaN or infinite values");
@@ -188,9 +203,8 @@ void ctmq_topk(const float* logits, int classes, int k, int* indices, float* pro
   for (int i = 0; i < classes; ++i) sum += std::exp(static_cast<double>(logits[i]) - top);
   std::vector<int> order(classes);
   for (int i = 0; i < classes; ++i) order[i] = i;
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int x, int y) {
-    return logits[x] > logits[y] || (logits[x] == logits[y] && x < y);
-  });
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int x, int y) { return logits[x] > logits[y] || (logits[x] == logits[y] && x < y); });
   for (int i = 0; i < k; ++i) {
     if (indices) indices[i] = order[i];
     if (probabilities) {

@@ -34,9 +34,7 @@ ThreadPool::ThreadPool(int threads) {
 
 ThreadPool::~ThreadPool() {
   stop_.store(true);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-  }
+  { std::lock_guard<std::mutex> lock(mu_); }
   start_.notify_all();
   for (std::thread& t : workers_) t.join();
 }
@@ -81,7 +79,9 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   // so it is seen here, and it holds the lock until it waits: taking the
   // lock before notifying cannot miss it.
   if (sleepers_.load() > 0) {
-    { std::lock_guard<std::mutex> lock(mu_); }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+    }
     start_.notify_all();
   }
   int64_t b, e;

@@ -29,7 +29,7 @@ struct AttrSpec {
   Default has_default;
   double default_number;
   const char* default_text;
-  double low, high;  // NAN: none
+  double low, high;     // NAN: none
   const char* choices;  // "a|b"
   int dims;
   DType dtype;
@@ -47,7 +47,9 @@ struct OpSpec {
 
 #include "vocabulary.inc"
 
-[[noreturn]] void error(const std::string& why) { throw ArtifactError(why); }
+[[noreturn]] void error(const std::string& why) {
+  throw ArtifactError(why);
+}
 
 // ------------------------------------------------------------ Python's repr
 std::string repr_str(const std::string& s) {
@@ -55,10 +57,14 @@ std::string repr_str(const std::string& s) {
   const char q = single ? '\'' : '"';
   std::string out(1, q);
   for (unsigned char c : s) {
-    if (c == static_cast<unsigned char>(q) || c == '\\') out += '\\', out += static_cast<char>(c);
-    else if (c == '\n') out += "\\n";
-    else if (c == '\r') out += "\\r";
-    else if (c == '\t') out += "\\t";
+    if (c == static_cast<unsigned char>(q) || c == '\\')
+      out += '\\', out += static_cast<char>(c);
+    else if (c == '\n')
+      out += "\\n";
+    else if (c == '\r')
+      out += "\\r";
+    else if (c == '\t')
+      out += "\\t";
     else if (c < 0x20 || c == 0x7f) {
       char buf[8];
       std::snprintf(buf, sizeof(buf), "\\x%02x", c);
@@ -72,16 +78,20 @@ std::string repr_str(const std::string& s) {
 
 std::string repr(const json::Value& v) {
   switch (v.kind()) {
-    case json::Value::Kind::kNull: return "None";
-    case json::Value::Kind::kBool: return v.as_bool() ? "True" : "False";
-    case json::Value::Kind::kInt: return v.fits_int64() ? std::to_string(v.as_int()) : v.as_string();
+    case json::Value::Kind::kNull:
+      return "None";
+    case json::Value::Kind::kBool:
+      return v.as_bool() ? "True" : "False";
+    case json::Value::Kind::kInt:
+      return v.fits_int64() ? std::to_string(v.as_int()) : v.as_string();
     case json::Value::Kind::kFloat: {
       const double d = v.as_double();
       if (std::isnan(d)) return "nan";
       if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
       return json::python_float_repr(d);
     }
-    case json::Value::Kind::kString: return repr_str(v.as_string());
+    case json::Value::Kind::kString:
+      return repr_str(v.as_string());
     case json::Value::Kind::kArray: {
       std::string out = "[";
       for (size_t i = 0; i < v.items().size(); ++i) out += (i ? ", " : "") + repr(v.items()[i]);
@@ -117,7 +127,9 @@ std::string g(double v) {
   return buf;
 }
 
-bool is_int(const json::Value* v) { return v && v->is_int(); }
+bool is_int(const json::Value* v) {
+  return v && v->is_int();
+}
 
 // ------------------------------------------------------------ the graph
 const OpSpec* find_op(const std::string& name) {
@@ -152,8 +164,8 @@ void check_graph(const json::Value& header) {
     const json::Value* op = node.find("op");
     const json::Value* out = node.find("out");
     const json::Value* in = node.find("in");
-    const std::string where = "node " + std::to_string(i) + " (" + short_repr(op) + " -> " +
-                              short_repr(out) + ")";
+    const std::string where =
+        "node " + std::to_string(i) + " (" + short_repr(op) + " -> " + short_repr(out) + ")";
     const OpSpec* spec = op && op->is_string() ? find_op(op->as_string()) : nullptr;
     if (!spec) error(where + ": unknown layer type " + short_repr(op) + "; known: " + known_ops_repr());
     if (!out || !out->is_string() || defined.count(out->as_string())) {
@@ -209,7 +221,8 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
     const AttrSpec& s = op.attrs[k];
     const json::Value* v = node.find(s.name);
     const bool absent = !v || v->is_null();
-    if (absent && s.has_default == Default::kRequired) node_fail(op.name, node, std::string(s.name) + " is missing");
+    if (absent && s.has_default == Default::kRequired)
+      node_fail(op.name, node, std::string(s.name) + " is missing");
     if (absent && s.has_default == Default::kNone) {
       a.tensors[s.name] = nullptr;
       continue;
@@ -232,10 +245,10 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
           (length >= 0 && t.shape[0] != length)) {
         const char* want = s.dtype == DType::kInt32 ? "torch.int32" : "torch.float32";
         const char* got = t.dtype == DType::kInt32 ? "torch.int32" : "torch.float32";
-        node_fail(op.name, node, std::string(s.name) + " (" + v->as_string() + ") must be " +
-                                     std::to_string(s.dims) + "-D " + want +
-                                     (length >= 0 ? " of length " + std::to_string(length) : "") +
-                                     ", got " + got + " " + tuple(t.shape));
+        node_fail(op.name, node,
+                  std::string(s.name) + " (" + v->as_string() + ") must be " + std::to_string(s.dims) +
+                      "-D " + want + (length >= 0 ? " of length " + std::to_string(length) : "") + ", got " +
+                      got + " " + tuple(t.shape));
       }
       a.tensors[s.name] = &t;
       continue;
@@ -243,10 +256,14 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
     // the default, or the value (its type checked)
     std::vector<double> checked;
     if (absent) {
-      if (s.kind == AttrKind::kPair) a.pairs[s.name] = {int64_t(s.default_number), int64_t(s.default_number)};
-      else if (s.kind == AttrKind::kBool) a.flags[s.name] = s.default_number != 0;
-      else if (s.kind == AttrKind::kStr) a.texts[s.name] = s.default_text;
-      else a.numbers[s.name] = s.default_number;
+      if (s.kind == AttrKind::kPair)
+        a.pairs[s.name] = {int64_t(s.default_number), int64_t(s.default_number)};
+      else if (s.kind == AttrKind::kBool)
+        a.flags[s.name] = s.default_number != 0;
+      else if (s.kind == AttrKind::kStr)
+        a.texts[s.name] = s.default_text;
+      else
+        a.numbers[s.name] = s.default_number;
       checked = {s.default_number};
     } else if (s.kind == AttrKind::kPair) {
       const json::Value* one = v;
@@ -258,20 +275,22 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
                  one->items()[1].is_int()) {
         p = {one->items()[0].as_int(), one->items()[1].as_int()};
       } else {
-        node_fail(op.name, node, std::string(s.name) + " must be an int or a list of one or two ints, got " + repr(*v));
+        node_fail(op.name, node,
+                  std::string(s.name) + " must be an int or a list of one or two ints, got " + repr(*v));
       }
       a.pairs[s.name] = p;
       const json::Value& x = one->is_array() ? one->items()[0] : *one;
       const json::Value& y = one->is_array() ? one->items()[1] : *one;
       checked = {x.as_double(), y.as_double()};
     } else {
-      const bool ok = (s.kind == AttrKind::kInt && v->is_int()) ||
-                      (s.kind == AttrKind::kFloat && v->is_number()) ||
-                      (s.kind == AttrKind::kBool && v->is_bool()) ||
-                      (s.kind == AttrKind::kStr && v->is_string());
+      const bool ok =
+          (s.kind == AttrKind::kInt && v->is_int()) || (s.kind == AttrKind::kFloat && v->is_number()) ||
+          (s.kind == AttrKind::kBool && v->is_bool()) || (s.kind == AttrKind::kStr && v->is_string());
       if (!ok) {
-        const char* kind = s.kind == AttrKind::kInt ? "an int" : s.kind == AttrKind::kFloat ? "a float"
-                           : s.kind == AttrKind::kBool ? "a bool" : "a str";
+        const char* kind = s.kind == AttrKind::kInt     ? "an int"
+                           : s.kind == AttrKind::kFloat ? "a float"
+                           : s.kind == AttrKind::kBool  ? "a bool"
+                                                        : "a str";
         node_fail(op.name, node, std::string(s.name) + " must be " + kind + ", got " + repr(*v));
       }
       if (s.kind == AttrKind::kStr) {
@@ -287,7 +306,8 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
             found = found || list[i] == v->as_string();
             said += (i ? " or " : "") + repr_str(list[i]);
           }
-          if (!found) node_fail(op.name, node, std::string(s.name) + " must be " + said + ", got " + repr(*v));
+          if (!found)
+            node_fail(op.name, node, std::string(s.name) + " must be " + said + ", got " + repr(*v));
         }
       } else if (s.kind == AttrKind::kBool) {
         a.flags[s.name] = v->as_bool();
@@ -296,26 +316,37 @@ Attrs read_attrs(const OpSpec& op, const json::Value& node, const Tensors& tenso
         checked = {v->as_double()};
       }
     }
-    const std::string shown = absent ? "" : (s.kind == AttrKind::kPair
-        ? "(" + std::to_string(a.pairs[s.name][0]) + ", " + std::to_string(a.pairs[s.name][1]) + ")"
-        : repr(*v));
+    const std::string shown =
+        absent ? ""
+               : (s.kind == AttrKind::kPair ? "(" + std::to_string(a.pairs[s.name][0]) + ", " +
+                                                  std::to_string(a.pairs[s.name][1]) + ")"
+                                            : repr(*v));
     for (double x : checked) {
-      if (!std::isnan(s.low) && x < s.low) node_fail(op.name, node, std::string(s.name) + " must be >= " + g(s.low) + ", got " + shown);
-      if (!std::isnan(s.high) && x > s.high) node_fail(op.name, node, std::string(s.name) + " must be <= " + g(s.high) + ", got " + shown);
+      if (!std::isnan(s.low) && x < s.low)
+        node_fail(op.name, node, std::string(s.name) + " must be >= " + g(s.low) + ", got " + shown);
+      if (!std::isnan(s.high) && x > s.high)
+        node_fail(op.name, node, std::string(s.name) + " must be <= " + g(s.high) + ", got " + shown);
     }
   }
   // the table's per-op checks (OpDef.check)
   const std::string name = op.name;
   if (name == "conv2d") {
     const int64_t o = a.tensors["weight"]->shape[0], groups = static_cast<int64_t>(a.numbers["groups"]);
-    if (o % groups) node_fail(op.name, node, "groups " + std::to_string(groups) + " does not divide the " + std::to_string(o) + " output channels");
+    if (o % groups)
+      node_fail(op.name, node,
+                "groups " + std::to_string(groups) + " does not divide the " + std::to_string(o) +
+                    " output channels");
   } else if (name == "binary_conv") {
     const TensorRef* w = a.tensors["weight"];
     const int64_t c = static_cast<int64_t>(a.numbers["in_channels"]);
-    if (w->shape[3] != (c + 31) / 32) node_fail(op.name, node, "weight " + tuple(w->shape) + " is not packed for " + std::to_string(c) + " input channels");
+    if (w->shape[3] != (c + 31) / 32)
+      node_fail(op.name, node,
+                "weight " + tuple(w->shape) + " is not packed for " + std::to_string(c) + " input channels");
   } else if (name == "hardtanh") {
     if (!(a.numbers["min_val"] < a.numbers["max_val"])) {
-      node_fail(op.name, node, "min_val (" + json::python_float_repr(a.numbers["min_val"]) + ") must be below max_val (" + json::python_float_repr(a.numbers["max_val"]) + ")");
+      node_fail(op.name, node,
+                "min_val (" + json::python_float_repr(a.numbers["min_val"]) + ") must be below max_val (" +
+                    json::python_float_repr(a.numbers["max_val"]) + ")");
     }
   }
   return a;
@@ -332,7 +363,9 @@ struct ShapeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
+int64_t floor_div(int64_t a, int64_t b) {
+  return a / b - ((a % b != 0) && ((a < 0) != (b < 0)));
+}
 
 int64_t window(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d = 1, bool ceil = false) {
   const int64_t span = size + 2 * p - d * (k - 1) - 1;
@@ -340,13 +373,15 @@ int64_t window(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d = 1, boo
   if (ceil && (out - 1) * s >= size + p) --out;
   if (out < 1) {
     throw ShapeError("the window (" + std::to_string(k) + ", dilation " + std::to_string(d) +
-                     ") does not fit the padded input (" + std::to_string(size) + " + 2 x " + std::to_string(p) + ")");
+                     ") does not fit the padded input (" + std::to_string(size) + " + 2 x " +
+                     std::to_string(p) + ")");
   }
   return out;
 }
 
 const std::vector<int64_t>& spatial(const std::vector<Val>& ins) {
-  if (!ins[0].spatial()) throw ShapeError("needs a feature map (C, H, W), got a value of shape " + tuple(ins[0].shape));
+  if (!ins[0].spatial())
+    throw ShapeError("needs a feature map (C, H, W), got a value of shape " + tuple(ins[0].shape));
   return ins[0].shape;
 }
 
@@ -366,35 +401,45 @@ Val infer(const std::string& op, Attrs& a, const std::vector<Val>& ins) {
     const auto& s = spatial(ins);
     const TensorRef* w = a.tensors["weight"];
     const int64_t groups = static_cast<int64_t>(a.numbers["groups"]);
-    if (s[0] != w->shape[1] * groups) throw ShapeError("weight expects " + std::to_string(w->shape[1] * groups) + " input channels, got " + std::to_string(s[0]));
+    if (s[0] != w->shape[1] * groups)
+      throw ShapeError("weight expects " + std::to_string(w->shape[1] * groups) + " input channels, got " +
+                       std::to_string(s[0]));
     const auto st = a.pairs["stride"], p = a.pairs["padding"], d = a.pairs["dilation"];
-    return {{w->shape[0], window(s[1], w->shape[2], st[0], p[0], d[0]), window(s[2], w->shape[3], st[1], p[1], d[1])}};
+    return {{w->shape[0], window(s[1], w->shape[2], st[0], p[0], d[0]),
+             window(s[2], w->shape[3], st[1], p[1], d[1])}};
   }
   if (op == "batch_norm" || op == "rprelu") {
     floats(ins);
     const int64_t n = a.tensors["weight"]->shape[0], c = ins[0].shape[0];
-    if (n != c) throw ShapeError("weight has " + std::to_string(n) + " values for " + std::to_string(c) + " channels");
+    if (n != c)
+      throw ShapeError("weight has " + std::to_string(n) + " values for " + std::to_string(c) + " channels");
     return {ins[0].shape};
   }
   if (op == "max_pool2d" || op == "avg_pool2d") {
     floats(ins);
     const auto& s = spatial(ins);
     const auto k = a.pairs["kernel"], st = a.pairs["stride"], p = a.pairs["padding"];
-    if (p[0] * 2 > k[0] || p[1] * 2 > k[1]) throw ShapeError("padding " + pair_repr(p) + " must be at most half the kernel " + pair_repr(k));
+    if (p[0] * 2 > k[0] || p[1] * 2 > k[1])
+      throw ShapeError("padding " + pair_repr(p) + " must be at most half the kernel " + pair_repr(k));
     const bool ceil = op == "avg_pool2d" && a.flags["ceil_mode"];
     return {{s[0], window(s[1], k[0], st[0], p[0], 1, ceil), window(s[2], k[1], st[1], p[1], 1, ceil)}};
   }
   if (op == "binary_conv") {
     const auto& s = spatial(ins);
     const int64_t c = static_cast<int64_t>(a.numbers["in_channels"]);
-    if (s[0] != c) throw ShapeError("expects " + std::to_string(c) + " input channels, got " + std::to_string(s[0]));
-    if (ins[0].packed && a.tensors["input_bias"]) throw ShapeError("has an input_bias, so it needs float input, got packed bits");
+    if (s[0] != c)
+      throw ShapeError("expects " + std::to_string(c) + " input channels, got " + std::to_string(s[0]));
+    if (ins[0].packed && a.tensors["input_bias"])
+      throw ShapeError("has an input_bias, so it needs float input, got packed bits");
     const TensorRef* w = a.tensors["weight"];
     const auto st = a.pairs["stride"], p = a.pairs["padding"], d = a.pairs["dilation"];
-    Val out{{w->shape[0], window(s[1], w->shape[1], st[0], p[0], d[0]), window(s[2], w->shape[2], st[1], p[1], d[1])},
+    Val out{{w->shape[0], window(s[1], w->shape[1], st[0], p[0], d[0]),
+             window(s[2], w->shape[2], st[1], p[1], d[1])},
             a.texts["output"] == "packed"};
     if (ins.size() == 2) {
-      if (ins[1].packed || ins[1].shape != out.shape) throw ShapeError("residual of shape " + tuple(ins[1].shape) + " does not match the output " + tuple(out.shape));
+      if (ins[1].packed || ins[1].shape != out.shape)
+        throw ShapeError("residual of shape " + tuple(ins[1].shape) + " does not match the output " +
+                         tuple(out.shape));
       if (out.packed) throw ShapeError("a residual with packed output");
     }
     return out;
@@ -428,7 +473,9 @@ Val infer(const std::string& op, Attrs& a, const std::vector<Val>& ins) {
   if (op == "prelu") {
     floats(ins);
     const int64_t n = a.tensors["weight"]->shape[0], c = ins[0].shape[0];
-    if (n != 1 && n != c) throw ShapeError("weight has " + std::to_string(n) + " values for " + std::to_string(c) + " channels (1 or one per channel)");
+    if (n != 1 && n != c)
+      throw ShapeError("weight has " + std::to_string(n) + " values for " + std::to_string(c) +
+                       " channels (1 or one per channel)");
     return {ins[0].shape};
   }
   if (op == "global_avg_pool") {
@@ -449,7 +496,9 @@ Val infer(const std::string& op, Attrs& a, const std::vector<Val>& ins) {
   if (op == "linear") {
     floats(ins);
     const TensorRef* w = a.tensors["weight"];
-    if (ins[0].shape.size() != 1 || ins[0].shape[0] != w->shape[1]) throw ShapeError("weight expects " + std::to_string(w->shape[1]) + " features, got a value of shape " + tuple(ins[0].shape));
+    if (ins[0].shape.size() != 1 || ins[0].shape[0] != w->shape[1])
+      throw ShapeError("weight expects " + std::to_string(w->shape[1]) + " features, got a value of shape " +
+                       tuple(ins[0].shape));
     return {{w->shape[0]}};
   }
   floats(ins);  // hardtanh, relu, leaky_relu, output
@@ -502,7 +551,8 @@ void check_artifact(const json::Value& header, const Tensors& tensors) {
   const json::Value* spec = header.find("input");
   const int64_t c = spec->find("channels")->as_int(), size = spec->find("size")->as_int();
   std::map<std::string, Val> values{{"input", {{c, size, size}}}};
-  const std::string image = "(1, " + std::to_string(c) + ", " + std::to_string(size) + ", " + std::to_string(size) + ")";
+  const std::string image =
+      "(1, " + std::to_string(c) + ", " + std::to_string(size) + ", " + std::to_string(size) + ")";
   for (const json::Value& node : header.find("nodes")->items()) {
     const OpSpec& op = *find_op(node.find("op")->as_string());
     Attrs a = read_attrs(op, node, tensors);
@@ -521,8 +571,9 @@ void check_artifact(const json::Value& header, const Tensors& tensors) {
       bad = bad || s < 1 || elements > kMaxValueElements;
     }
     if (bad) {
-      node_fail(op.name, node, "its output " + tuple(out.shape) + " per image is not a plausible size (at most " +
-                                   std::to_string(kMaxValueElements) + " elements)");
+      node_fail(op.name, node,
+                "its output " + tuple(out.shape) + " per image is not a plausible size (at most " +
+                    std::to_string(kMaxValueElements) + " elements)");
     }
     values[node.find("out")->as_string()] = out;
   }
@@ -553,10 +604,11 @@ int dtype_size(const std::string& d) {
 
 std::string torch_dtype(const std::string& d) {
   static const std::map<std::string, std::string> names = {
-      {"F64", "torch.float64"}, {"F32", "torch.float32"}, {"F16", "torch.float16"},
-      {"BF16", "torch.bfloat16"}, {"I64", "torch.int64"}, {"I32", "torch.int32"},
-      {"I16", "torch.int16"}, {"I8", "torch.int8"}, {"U8", "torch.uint8"}, {"BOOL", "torch.bool"},
-      {"U16", "torch.uint16"}, {"U32", "torch.uint32"}, {"U64", "torch.uint64"}};
+      {"F64", "torch.float64"},   {"F32", "torch.float32"}, {"F16", "torch.float16"},
+      {"BF16", "torch.bfloat16"}, {"I64", "torch.int64"},   {"I32", "torch.int32"},
+      {"I16", "torch.int16"},     {"I8", "torch.int8"},     {"U8", "torch.uint8"},
+      {"BOOL", "torch.bool"},     {"U16", "torch.uint16"},  {"U32", "torch.uint32"},
+      {"U64", "torch.uint64"}};
   auto it = names.find(d);
   return it == names.end() ? d : it->second;
 }
@@ -578,16 +630,19 @@ std::map<std::string, RawTensor> tensor_table(const json::Value& outer, size_t d
     t.dtype = dtype->as_string();
     uint64_t n = 1;
     for (const json::Value& s : shape->items()) {
-      if (!s.fits_int64() || s.as_int() < 0 || s.as_int() > (int64_t{1} << 40)) throw std::runtime_error("tensor " + name + ": bad shape");
+      if (!s.fits_int64() || s.as_int() < 0 || s.as_int() > (int64_t{1} << 40))
+        throw std::runtime_error("tensor " + name + ": bad shape");
       t.shape.push_back(s.as_int());
       n *= static_cast<uint64_t>(s.as_int());
       if (n > (uint64_t{1} << 40)) throw std::runtime_error("tensor " + name + ": bad shape");
     }
     const int64_t b = offsets->items()[0].as_int(), e = offsets->items()[1].as_int();
-    if (b < 0 || e < b || static_cast<uint64_t>(e) > data_size) throw std::runtime_error("tensor " + name + ": offsets past the data");
+    if (b < 0 || e < b || static_cast<uint64_t>(e) > data_size)
+      throw std::runtime_error("tensor " + name + ": offsets past the data");
     t.begin = static_cast<uint64_t>(b);
     t.end = static_cast<uint64_t>(e);
-    if (n * dtype_size(t.dtype) != t.end - t.begin) throw std::runtime_error("tensor " + name + ": size does not match its shape");
+    if (n * dtype_size(t.dtype) != t.end - t.begin)
+      throw std::runtime_error("tensor " + name + ": size does not match its shape");
     spans.push_back({t.begin, t.end});
     out[name] = std::move(t);
   }
@@ -609,7 +664,8 @@ Artifact read_artifact_bytes(const uint8_t* data, size_t size, const std::string
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
   if (n > size - 8) {
-    error(at + "truncated: its header claims " + std::to_string(n) + " bytes, the file has " + std::to_string(size - 8));
+    error(at + "truncated: its header claims " + std::to_string(n) + " bytes, the file has " +
+          std::to_string(size - 8));
   }
   const std::string outer_text(reinterpret_cast<const char*>(data + 8), n);
   json::Value outer, header;
@@ -687,8 +743,10 @@ Artifact read_artifact_bytes(const uint8_t* data, size_t size, const std::string
   const json::Value* spec = header.find("input");
   art.channels = spec->find("channels")->as_int();
   art.size = spec->find("size")->as_int();
-  for (const json::Value& v : spec->find("mean")->items()) art.mean.push_back(static_cast<float>(v.as_double()));
-  for (const json::Value& v : spec->find("std")->items()) art.std.push_back(static_cast<float>(v.as_double()));
+  for (const json::Value& v : spec->find("mean")->items())
+    art.mean.push_back(static_cast<float>(v.as_double()));
+  for (const json::Value& v : spec->find("std")->items())
+    art.std.push_back(static_cast<float>(v.as_double()));
   for (const json::Value& v : header.find("class_names")->items()) art.class_names.push_back(v.as_string());
   return art;
 }

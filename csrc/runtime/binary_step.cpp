@@ -111,8 +111,7 @@ class BinaryConv : public Step, public SignsWriter {
 
 class Pack : public Step {
  public:
-  Pack(const std::string& name, const float* threshold)
-      : Step("pack", name), threshold_(threshold) {}
+  Pack(const std::string& name, const float* threshold) : Step("pack", name), threshold_(threshold) {}
   Layout reads(int, Layout) const override { return Layout::kNHWC; }
   Layout writes(const std::vector<Layout>&) const override { return Layout::kPacked; }
   Shape infer(const std::vector<Shape>& in) override { return in[0]; }
@@ -128,7 +127,9 @@ class Pack : public Step {
 
 }  // namespace
 
-std::unique_ptr<Step> make_binary_conv(const Node& node) { return std::make_unique<BinaryConv>(node); }
+std::unique_ptr<Step> make_binary_conv(const Node& node) {
+  return std::make_unique<BinaryConv>(node);
+}
 
 std::unique_ptr<Step> make_pack(const std::string& name, const float* threshold) {
   return std::make_unique<Pack>(name, threshold);
@@ -139,7 +140,9 @@ const float* binary_conv_input_bias(const Step& step) {
   return conv ? conv->input_bias() : nullptr;
 }
 
-bool is_binary_conv(const Step& step) { return dynamic_cast<const BinaryConv*>(&step) != nullptr; }
+bool is_binary_conv(const Step& step) {
+  return dynamic_cast<const BinaryConv*>(&step) != nullptr;
+}
 
 }  // namespace rt
 }  // namespace ctmq

@@ -29,8 +29,8 @@ struct Slot {
   bool external = false;    // the images or the logits: the caller's memory
   bool dynamic = false;     // written where its step allocates (Step::owns_output)
   int64_t bytes(int64_t n) const {
-    const int64_t per = layout == Layout::kPacked ? shape.h * shape.w * ((shape.c + 31) / 32) * 4
-                                                   : shape.numel() * 4;
+    const int64_t per =
+        layout == Layout::kPacked ? shape.h * shape.w * ((shape.c + 31) / 32) * 4 : shape.numel() * 4;
     return per * n;
   }
 };
@@ -71,11 +71,11 @@ namespace {
 // and its packed forms (slot per threshold).
 struct ValueForms {
   Shape shape;
-  int producer = -1;          // index into Impl::order of the writer
-  Step* step = nullptr;       // the writer's step (null: the images)
+  int producer = -1;     // index into Impl::order of the writer
+  Step* step = nullptr;  // the writer's step (null: the images)
   std::map<Layout, int> floats;
   std::map<const float*, int> packed;
-  bool packed_only = false;   // a binary conv with output "packed"
+  bool packed_only = false;  // a binary conv with output "packed"
 };
 
 }  // namespace
@@ -89,8 +89,8 @@ Executor::Executor(const json::Value& header, const Tensors& tensors, Context ct
   const json::Value* spec = header.find("input");
   const json::Value* nodes = header.find("nodes");
   const json::Value* classes = header.find("class_names");
-  if (!spec || !spec->find("channels") || !spec->find("size") || !nodes || !nodes->is_array() ||
-      !classes || !classes->is_array()) {
+  if (!spec || !spec->find("channels") || !spec->find("size") || !nodes || !nodes->is_array() || !classes ||
+      !classes->is_array()) {
     throw std::invalid_argument("the header lacks its input, nodes or class_names");
   }
   channels_ = spec->find("channels")->as_int();
@@ -123,16 +123,18 @@ Executor::Executor(const json::Value& header, const Tensors& tensors, Context ct
     out.step = step.get();
     out.packed_only = is_binary_conv(*step) && step->writes({}) == Layout::kPacked;
     for (size_t i = 0; i < node.inputs().size(); ++i) {
-      if (is_binary_conv(*step) && i == 0) sign_readers[node.inputs()[i]].push_back(step.get());
-      else float_readers[node.inputs()[i]].push_back({step.get(), static_cast<int>(i)});
+      if (is_binary_conv(*step) && i == 0)
+        sign_readers[node.inputs()[i]].push_back(step.get());
+      else
+        float_readers[node.inputs()[i]].push_back({step.get(), static_cast<int>(i)});
     }
     im.steps.push_back(std::move(step));
   }
 
   // forms: decide what each writer writes, before emitting anything
   for (auto& [name, v] : values) {
-    auto* conv = v.step && is_binary_conv(*v.step) && !v.packed_only
-                     ? dynamic_cast<SignsWriter*>(v.step) : nullptr;
+    auto* conv =
+        v.step && is_binary_conv(*v.step) && !v.packed_only ? dynamic_cast<SignsWriter*>(v.step) : nullptr;
     if (conv && !sign_readers[name].empty()) {
       conv->write_signs(binary_conv_input_bias(*sign_readers[name][0]));
       if (float_readers[name].empty()) conv->drop_floats();
@@ -241,7 +243,9 @@ Executor::Executor(const json::Value& header, const Tensors& tensors, Context ct
 
 Executor::~Executor() = default;
 
-void Executor::set_context(Context ctx) { impl_->ctx = std::move(ctx); }
+void Executor::set_context(Context ctx) {
+  impl_->ctx = std::move(ctx);
+}
 
 const std::vector<int64_t>& Executor::Impl::plan_offsets(int64_t n) {
   auto hit = offsets.find(n);
@@ -295,9 +299,10 @@ void Executor::run(const float* images, int64_t n, float* logits, Profile* profi
   auto buffer = [&](int s) -> Buffer {
     if (s < 0) return {};
     const Slot& slot = im.slots[s];
-    void* data = s == im.input ? const_cast<float*>(images)
+    void* data = s == im.input    ? const_cast<float*>(images)
                  : s == im.output ? static_cast<void*>(logits)
-                 : slot.dynamic ? dynamic[s] : base + off[s];
+                 : slot.dynamic   ? dynamic[s]
+                                  : base + off[s];
     return {data, slot.shape, slot.layout};
   };
   using clock = std::chrono::steady_clock;
@@ -338,7 +343,9 @@ std::string Executor::describe() const {
   return os.str();
 }
 
-int64_t Executor::layout_conversions() const { return impl_->conversions; }
+int64_t Executor::layout_conversions() const {
+  return impl_->conversions;
+}
 
 int64_t Executor::arena_bytes(int64_t n) {
   impl_->plan_offsets(n);

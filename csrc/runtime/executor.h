@@ -65,7 +65,8 @@ class Node {
   bool boolean(const char* key, bool fallback) const;
   std::string text(const char* key) const;
   // An int or a list of one or two ints; >= low.
-  std::array<int64_t, 2> pair(const char* key, int64_t low, const std::array<int64_t, 2>* fallback = nullptr) const;
+  std::array<int64_t, 2> pair(const char* key, int64_t low,
+                              const std::array<int64_t, 2>* fallback = nullptr) const;
   // The tensor an attribute names (null when optional and absent/null).
   const TensorRef* tensor(const char* key, int dims, DType dtype, bool optional = false,
                           int64_t length = -1) const;
@@ -99,9 +100,16 @@ class Step {
   // The layout this step reads input i in, given the layout it arrives in
   // (a step that can read several returns `arrives`); the planner converts
   // where they differ.
-  virtual Layout reads(int i, Layout arrives) const { (void)i; (void)arrives; return Layout::kNHWC; }
+  virtual Layout reads(int i, Layout arrives) const {
+    (void)i;
+    (void)arrives;
+    return Layout::kNHWC;
+  }
   // The output's layout, given the layouts the inputs are read in.
-  virtual Layout writes(const std::vector<Layout>& read) const { (void)read; return Layout::kNHWC; }
+  virtual Layout writes(const std::vector<Layout>& read) const {
+    (void)read;
+    return Layout::kNHWC;
+  }
   // Shape of the output from the inputs' shapes (checked: throws naming the node).
   virtual Shape infer(const std::vector<Shape>& in) = 0;
   // outs[0]: the output (data null where no reader needs it, see
@@ -140,7 +148,7 @@ struct Profile {
   // each step in the order run: (its name: the node's output, or
   // "to_nhwc:<value>" for a planned conversion; op; seconds)
   std::vector<std::tuple<std::string, std::string, double>> steps;
-  int64_t layout_conversions = 0;               // planned to_nhwc / to_nchw steps
+  int64_t layout_conversions = 0;  // planned to_nhwc / to_nchw steps
 };
 
 class Executor {

@@ -6,10 +6,10 @@
 #include "json.h"
 
 #include <charconv>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <climits>
 #include <cstring>
 #include <system_error>
 
@@ -97,8 +97,8 @@ class Parser {
   }
 
   void skip_space() {
-    while (pos_ < t_.size() && (t_[pos_] == ' ' || t_[pos_] == '\t' || t_[pos_] == '\n' ||
-                                t_[pos_] == '\r')) {
+    while (pos_ < t_.size() &&
+           (t_[pos_] == ' ' || t_[pos_] == '\t' || t_[pos_] == '\n' || t_[pos_] == '\r')) {
       ++pos_;
     }
   }
@@ -207,10 +207,14 @@ class Parser {
     for (int i = 0; i < 4; ++i) {
       const char c = t_[pos_++];
       v <<= 4;
-      if (c >= '0' && c <= '9') v |= static_cast<uint32_t>(c - '0');
-      else if (c >= 'a' && c <= 'f') v |= static_cast<uint32_t>(c - 'a' + 10);
-      else if (c >= 'A' && c <= 'F') v |= static_cast<uint32_t>(c - 'A' + 10);
-      else fail("bad \\u escape");
+      if (c >= '0' && c <= '9')
+        v |= static_cast<uint32_t>(c - '0');
+      else if (c >= 'a' && c <= 'f')
+        v |= static_cast<uint32_t>(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F')
+        v |= static_cast<uint32_t>(c - 'A' + 10);
+      else
+        fail("bad \\u escape");
     }
     return v;
   }
@@ -255,27 +259,46 @@ class Parser {
       if (++pos_ >= t_.size()) fail("unterminated escape");
       const char e = t_[pos_++];
       switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
+        case '"':
+          out += '"';
+          break;
+        case '\\':
+          out += '\\';
+          break;
+        case '/':
+          out += '/';
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
         case 'u': {
           uint32_t cp = hex4();
           if (cp >= 0xD800 && cp <= 0xDBFF && t_.compare(pos_, 2, "\\u") == 0) {
             const size_t save = pos_;
             pos_ += 2;
             const uint32_t low = hex4();
-            if (low >= 0xDC00 && low <= 0xDFFF) cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-            else pos_ = save;  // a lone high surrogate, as Python keeps it
+            if (low >= 0xDC00 && low <= 0xDFFF)
+              cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+            else
+              pos_ = save;  // a lone high surrogate, as Python keeps it
           }
           put_utf8(out, cp);
           break;
         }
-        default: fail("bad escape");
+        default:
+          fail("bad escape");
       }
     }
   }
@@ -284,8 +307,10 @@ class Parser {
     const size_t start = pos_;
     if (t_[pos_] == '-') ++pos_;
     if (pos_ >= t_.size() || !(t_[pos_] >= '0' && t_[pos_] <= '9')) fail("bad number");
-    if (t_[pos_] == '0') ++pos_;
-    else while (pos_ < t_.size() && t_[pos_] >= '0' && t_[pos_] <= '9') ++pos_;
+    if (t_[pos_] == '0')
+      ++pos_;
+    else
+      while (pos_ < t_.size() && t_[pos_] >= '0' && t_[pos_] <= '9') ++pos_;
     bool is_float = false;
     if (pos_ < t_.size() && t_[pos_] == '.') {
       is_float = true;
@@ -315,7 +340,9 @@ class Parser {
 
 }  // namespace
 
-Value parse(const std::string& text, const Limits& limits) { return Parser(text, limits).document(); }
+Value parse(const std::string& text, const Limits& limits) {
+  return Parser(text, limits).document();
+}
 
 // ------------------------------------------------------------------ writer
 std::string python_float_repr(double d) {
@@ -377,13 +404,27 @@ void write_string(std::string& out, const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const uint32_t cp = next_code_point(s, i);
     switch (cp) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       default:
         if (cp < 0x20 || (cp > 0x7E && cp < 0x10000)) {
           u(cp);
@@ -401,11 +442,21 @@ void write_string(std::string& out, const std::string& s) {
 
 void write(std::string& out, const Value& v) {
   switch (v.kind()) {
-    case Value::Kind::kNull: out += "null"; break;
-    case Value::Kind::kBool: out += v.as_bool() ? "true" : "false"; break;
-    case Value::Kind::kInt: out += v.fits_int64() ? std::to_string(v.as_int()) : v.as_string(); break;
-    case Value::Kind::kFloat: out += python_float_repr(v.as_double()); break;
-    case Value::Kind::kString: write_string(out, v.as_string()); break;
+    case Value::Kind::kNull:
+      out += "null";
+      break;
+    case Value::Kind::kBool:
+      out += v.as_bool() ? "true" : "false";
+      break;
+    case Value::Kind::kInt:
+      out += v.fits_int64() ? std::to_string(v.as_int()) : v.as_string();
+      break;
+    case Value::Kind::kFloat:
+      out += python_float_repr(v.as_double());
+      break;
+    case Value::Kind::kString:
+      write_string(out, v.as_string());
+      break;
     case Value::Kind::kArray: {
       out += '[';
       bool first = true;

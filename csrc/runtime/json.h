@@ -27,7 +27,7 @@ class Value {
   static Value boolean(bool b);
   static Value integer(int64_t i);
   static Value big_integer(std::string digits);  // beyond int64: kept as its digits
-  static Value number(double d);  // a float (written with a decimal point or exponent)
+  static Value number(double d);                 // a float (written with a decimal point or exponent)
   static Value string(std::string s);
   static Value array(std::vector<Value> items);
   static Value object(std::map<std::string, Value> members);

@@ -17,10 +17,14 @@ int64_t TensorRef::numel() const {
 
 const char* layout_name(Layout layout) {
   switch (layout) {
-    case Layout::kNCHW: return "nchw";
-    case Layout::kNHWC: return "nhwc";
-    case Layout::kPacked: return "packed";
-    case Layout::kFlat: return "flat";
+    case Layout::kNCHW:
+      return "nchw";
+    case Layout::kNHWC:
+      return "nhwc";
+    case Layout::kPacked:
+      return "packed";
+    case Layout::kFlat:
+      return "flat";
   }
   return "?";
 }
@@ -96,16 +100,14 @@ std::array<int64_t, 2> Node::pair(const char* key, int64_t low,
   return out;
 }
 
-const TensorRef* Node::tensor(const char* key, int dims, DType dtype, bool optional,
-                              int64_t length) const {
+const TensorRef* Node::tensor(const char* key, int dims, DType dtype, bool optional, int64_t length) const {
   const json::Value* v = node_.find(key);
   if ((!v || v->is_null()) && optional) return nullptr;
   if (!v || !v->is_string()) fail(std::string(key) + " names no tensor of the file");
   auto it = tensors_.find(v->as_string());
   if (it == tensors_.end()) fail(std::string(key) + " names no tensor of the file: '" + v->as_string() + "'");
   const TensorRef& t = it->second;
-  if (t.dtype != dtype || static_cast<int>(t.shape.size()) != dims ||
-      (length >= 0 && t.shape[0] != length)) {
+  if (t.dtype != dtype || static_cast<int>(t.shape.size()) != dims || (length >= 0 && t.shape[0] != length)) {
     fail(std::string(key) + " (" + v->as_string() + ") has the wrong dtype or shape");
   }
   return &t;

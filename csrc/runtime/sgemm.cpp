@@ -44,8 +44,8 @@ void tile_scalar(const float* A, int64_t lda, const float* panel, int64_t K, con
 #if defined(CTMQ_SGEMM_X86)
 // ------------------------------------------------------------------ avx512
 template <int MR>
-CTMQ_AVX512_FN void tile_avx512(const float* A, int64_t lda, const float* panel, int64_t K,
-                                const float* bias, float* out) {
+CTMQ_AVX512_FN void tile_avx512(const float* A, int64_t lda, const float* panel, int64_t K, const float* bias,
+                                float* out) {
   __m512 acc[MR][2];
   const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
   for (int i = 0; i < MR; ++i) acc[i][0] = b0, acc[i][1] = b1;
@@ -66,8 +66,8 @@ CTMQ_AVX512_FN void tile_avx512(const float* A, int64_t lda, const float* panel,
 
 // ------------------------------------------------------------------ avx2
 template <int MR>
-CTMQ_AVX2_FN void half_avx2(const float* A, int64_t lda, const float* panel, int64_t K,
-                            const float* bias, float* out, int half) {
+CTMQ_AVX2_FN void half_avx2(const float* A, int64_t lda, const float* panel, int64_t K, const float* bias,
+                            float* out, int half) {
   __m256 acc[MR][2];
   const int off = half * 16;
   const __m256 b0 = _mm256_loadu_ps(bias + off), b1 = _mm256_loadu_ps(bias + off + 8);
@@ -160,8 +160,8 @@ PackedB pack_b(const float* B, int64_t K, int64_t N, int64_t ldb) {
   return p;
 }
 
-void sgemm(int64_t M, const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc,
-           const float* bias, bconv::Path which) {
+void sgemm(int64_t M, const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc, const float* bias,
+           bconv::Path which) {
   const Path path = tiles(which);
   const int64_t K = B.K, N = B.N;
   alignas(64) float b[kPanel];
@@ -173,7 +173,8 @@ void sgemm(int64_t M, const float* A, int64_t lda, const PackedB& B, float* C, i
     int64_t i = 0;
     for (; i + path.mr <= M; i += path.mr) {
       path.full(A + i * lda, lda, panel, K, b, out);
-      for (int r = 0; r < path.mr; ++r) std::memcpy(C + (i + r) * ldc + j0, out + r * kPanel, sizeof(float) * cols);
+      for (int r = 0; r < path.mr; ++r)
+        std::memcpy(C + (i + r) * ldc + j0, out + r * kPanel, sizeof(float) * cols);
     }
     for (; i < M; ++i) {
       path.one(A + i * lda, lda, panel, K, b, out);

@@ -26,8 +26,8 @@ PackedB pack_b(const float* B, int64_t K, int64_t N, int64_t ldb);
 // C rows [0, M) of bias + A B; lda, ldc: row strides. bias may be null (0).
 // path: the binary kernels' path, which names the vector width to use here
 // (the results are the same on every path).
-void sgemm(int64_t M, const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc,
-           const float* bias, bconv::Path path);
+void sgemm(int64_t M, const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc, const float* bias,
+           bconv::Path path);
 
 }  // namespace rt
 }  // namespace ctmq

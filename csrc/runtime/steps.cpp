@@ -13,8 +13,7 @@
 namespace ctmq {
 namespace rt {
 
-void for_range(const Context& ctx, int64_t n, int64_t cost,
-               const std::function<void(int64_t, int64_t)>& fn) {
+void for_range(const Context& ctx, int64_t n, int64_t cost, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   if (ctx.parallel.threads <= 1 || n * cost < 32768 || n == 1) {
     fn(0, n);
@@ -73,8 +72,8 @@ class PerChannel : public Step {
       : Step(node.op(), node.out()), channels_(channels), f_(f) {}
   Shape infer(const std::vector<Shape>& in) override {
     if (in[0].c != channels_ && channels_ != 1) {
-      rt::fail(op_, name_, "has " + std::to_string(channels_) + " values for " +
-                               std::to_string(in[0].c) + " channels");
+      rt::fail(op_, name_,
+               "has " + std::to_string(channels_) + " values for " + std::to_string(in[0].c) + " channels");
     }
     return in[0];
   }
@@ -260,9 +259,7 @@ class AdaptivePool : public Step {
   AdaptivePool(const Node& node, bool global) : Step(node.op(), node.out()), global_(global) {
     if (!global) oh_ = node.pair("output_size", 1);
   }
-  Layout writes(const std::vector<Layout>&) const override {
-    return global_ ? Layout::kFlat : Layout::kNHWC;
-  }
+  Layout writes(const std::vector<Layout>&) const override { return global_ ? Layout::kFlat : Layout::kNHWC; }
   Shape infer(const std::vector<Shape>& in) override {
     return global_ ? Shape{in[0].c, 1, 1} : Shape{in[0].c, oh_[0], oh_[1]};
   }
@@ -360,8 +357,10 @@ class Convert : public Step {
           const int64_t c1 = std::min(C, c0 + B);
           for (int64_t p = p0; p < p1; ++p) {
             for (int64_t c = c0; c < c1; ++c) {
-              if (to_nhwc) yb[p * C + c] = xb[c * hw + p];
-              else yb[c * hw + p] = xb[p * C + c];
+              if (to_nhwc)
+                yb[p * C + c] = xb[c * hw + p];
+              else
+                yb[c * hw + p] = xb[p * C + c];
             }
           }
         }
@@ -399,13 +398,15 @@ class Conv2d : public Step {
         for (int64_t c = 0; c < Cg_; ++c)
           for (int64_t kh = 0; kh < KH_; ++kh)
             for (int64_t kw = 0; kw < KW_; ++kw)
-              wt[((kh * KW_ + kw) * Cg_ + c) * Og + o] = w->f32()[(((g * Og + o) * Cg_ + c) * KH_ + kh) * KW_ + kw];
+              wt[((kh * KW_ + kw) * Cg_ + c) * Og + o] =
+                  w->f32()[(((g * Og + o) * Cg_ + c) * KH_ + kh) * KW_ + kw];
       packed_.push_back(pack_b(wt.data(), K, Og, Og));
     }
   }
   Shape infer(const std::vector<Shape>& in) override {
-    if (in[0].c != Cg_ * groups_) node_.fail("weight expects " + std::to_string(Cg_ * groups_) +
-                                             " input channels, got " + std::to_string(in[0].c));
+    if (in[0].c != Cg_ * groups_)
+      node_.fail("weight expects " + std::to_string(Cg_ * groups_) + " input channels, got " +
+                 std::to_string(in[0].c));
     return {O_, out_size(node_, in[0].h, KH_, s_[0], p_[0], d_[0]),
             out_size(node_, in[0].w, KW_, s_[1], p_[1], d_[1])};
   }
@@ -484,8 +485,9 @@ class BatchNorm : public Step {
   }
   Shape infer(const std::vector<Shape>& in) override {
     if (in[0].c != static_cast<int64_t>(alpha_.size())) {
-      rt::fail(op_, name_, "weight has " + std::to_string(alpha_.size()) + " values for " +
-                               std::to_string(in[0].c) + " channels");
+      rt::fail(op_, name_,
+               "weight has " + std::to_string(alpha_.size()) + " values for " + std::to_string(in[0].c) +
+                   " channels");
     }
     return in[0];
   }
@@ -605,9 +607,23 @@ std::unique_ptr<Step> make_convert(const std::string& name, Layout from, Layout 
 }
 
 std::vector<std::string> known_ops() {
-  return {"conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "binary_conv", "add", "concat",
-          "hardtanh", "relu", "prelu", "rprelu", "leaky_relu", "global_avg_pool",
-          "adaptive_avg_pool2d", "flatten", "linear", "output"};
+  return {"conv2d",
+          "batch_norm",
+          "max_pool2d",
+          "avg_pool2d",
+          "binary_conv",
+          "add",
+          "concat",
+          "hardtanh",
+          "relu",
+          "prelu",
+          "rprelu",
+          "leaky_relu",
+          "global_avg_pool",
+          "adaptive_avg_pool2d",
+          "flatten",
+          "linear",
+          "output"};
 }
 
 }  // namespace rt

@@ -20,8 +20,7 @@ std::unique_ptr<Step> make_pack(const std::string& name, const float* threshold)
 
 // Runs fn(i) for i in [0, n), split over the context's threads when the
 // work (n times `cost` elements) is worth it.
-void for_range(const Context& ctx, int64_t n, int64_t cost,
-               const std::function<void(int64_t, int64_t)>& fn);
+void for_range(const Context& ctx, int64_t n, int64_t cost, const std::function<void(int64_t, int64_t)>& fn);
 
 // The binary conv step and the hooks the planner calls on it (binary_step.cpp).
 std::unique_ptr<Step> make_binary_conv(const Node& node);

@@ -33,11 +33,14 @@ at::Tensor view(const Buffer& b, int64_t n) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
   float* p = static_cast<float*>(b.data);
   switch (b.layout) {
-    case Layout::kNCHW: return at::from_blob(p, {n, s.c, s.h, s.w}, opts);
+    case Layout::kNCHW:
+      return at::from_blob(p, {n, s.c, s.h, s.w}, opts);
     case Layout::kNHWC:
       return at::from_blob(p, {n, s.c, s.h, s.w}, {s.h * s.w * s.c, 1, s.w * s.c, s.c}, opts);
-    case Layout::kFlat: return at::from_blob(p, {n, s.c}, opts);
-    default: TORCH_CHECK(false, "no tensor view of packed bits");
+    case Layout::kFlat:
+      return at::from_blob(p, {n, s.c}, opts);
+    default:
+      TORCH_CHECK(false, "no tensor view of packed bits");
   }
 }
 
@@ -51,8 +54,12 @@ class AtenStep : public rt::Step {
  public:
   using Fn = std::function<at::Tensor(const at::Tensor&)>;
   AtenStep(const Node& node, Fn fn, Layout reads, Layout writes, std::function<Shape(Shape)> shape)
-      : Step(node.op(), node.out()), fn_(std::move(fn)), reads_(reads), writes_(writes),
-        shape_(std::move(shape)), node_(node) {}
+      : Step(node.op(), node.out()),
+        fn_(std::move(fn)),
+        reads_(reads),
+        writes_(writes),
+        shape_(std::move(shape)),
+        node_(node) {}
   // kNHWC for reads_ means "either layout, as it arrives" (per-channel ops)
   Layout reads(int, Layout arrives) const override {
     return reads_ == Layout::kNHWC && arrives == Layout::kNCHW ? arrives : reads_;
@@ -73,11 +80,14 @@ class AtenStep : public rt::Step {
     at::Tensor y = fn_(view(in[0], n));
     const Shape s = outs[0].shape;
     switch (outs[0].layout) {
-      case Layout::kNCHW: y = y.reshape({n, s.c, s.h, s.w}).contiguous(); break;
+      case Layout::kNCHW:
+        y = y.reshape({n, s.c, s.h, s.w}).contiguous();
+        break;
       case Layout::kNHWC:
         y = y.reshape({n, s.c, s.h, s.w}).contiguous(at::MemoryFormat::ChannelsLast);
         break;
-      default: y = y.reshape({n, s.c}).contiguous();
+      default:
+        y = y.reshape({n, s.c}).contiguous();
     }
     last_ = y;
     outs[0].data = y.data_ptr<float>();
@@ -93,7 +103,8 @@ class AtenStep : public rt::Step {
 
 int64_t window(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {
   const int64_t out = (size + 2 * p - d * (k - 1) - 1) / s + 1;
-  if (size + 2 * p - d * (k - 1) - 1 < 0 || out < 1) throw std::invalid_argument("the kernel does not fit the padded input");
+  if (size + 2 * p - d * (k - 1) - 1 < 0 || out < 1)
+    throw std::invalid_argument("the kernel does not fit the padded input");
   return out;
 }
 
@@ -110,8 +121,11 @@ class AtenFloatOps : public rt::FloatOps {
         return at::conv2d(x, w, b, {s[0], s[1]}, {p[0], p[1]}, {d[0], d[1]}, groups);
       };
       auto shape = [w, s, p, d, groups](Shape in) {
-        if (in.c != w.size(1) * groups) throw std::invalid_argument("weight expects " + std::to_string(w.size(1) * groups) + " input channels, got " + std::to_string(in.c));
-        return Shape{w.size(0), window(in.h, w.size(2), s[0], p[0], d[0]), window(in.w, w.size(3), s[1], p[1], d[1])};
+        if (in.c != w.size(1) * groups)
+          throw std::invalid_argument("weight expects " + std::to_string(w.size(1) * groups) +
+                                      " input channels, got " + std::to_string(in.c));
+        return Shape{w.size(0), window(in.h, w.size(2), s[0], p[0], d[0]),
+                     window(in.w, w.size(3), s[1], p[1], d[1])};
       };
       return std::make_unique<AtenStep>(node, fn, Layout::kNCHW, Layout::kNCHW, shape);
     }
@@ -122,9 +136,13 @@ class AtenFloatOps : public rt::FloatOps {
       at::Tensor mean = weight(node.tensor("mean", 1, rt::DType::kFloat32, false, c));
       at::Tensor var = weight(node.tensor("var", 1, rt::DType::kFloat32, false, c));
       const double eps = node.number("eps");
-      auto fn = [=](const at::Tensor& x) { return at::batch_norm(x, w, b, mean, var, false, 0.0, eps, true); };
+      auto fn = [=](const at::Tensor& x) {
+        return at::batch_norm(x, w, b, mean, var, false, 0.0, eps, true);
+      };
       auto shape = [c](Shape in) {
-        if (in.c != c) throw std::invalid_argument("weight has " + std::to_string(c) + " values for " + std::to_string(in.c) + " channels");
+        if (in.c != c)
+          throw std::invalid_argument("weight has " + std::to_string(c) + " values for " +
+                                      std::to_string(in.c) + " channels");
         return in;
       };
       // per channel, so its result does not depend on the layout: as it arrives
@@ -141,7 +159,8 @@ class AtenFloatOps : public rt::FloatOps {
         return at::mkldnn_max_pool2d(x.to_mkldnn(), {k[0], k[1]}, {st[0], st[1]}, {p[0], p[1]}).to_dense();
       };
       auto shape = [k, st, p](Shape in) {
-        if (2 * p[0] > k[0] || 2 * p[1] > k[1]) throw std::invalid_argument("padding must be at most half the kernel");
+        if (2 * p[0] > k[0] || 2 * p[1] > k[1])
+          throw std::invalid_argument("padding must be at most half the kernel");
         return Shape{in.c, window(in.h, k[0], st[0], p[0], 1), window(in.w, k[1], st[1], p[1], 1)};
       };
       return std::make_unique<AtenStep>(node, fn, Layout::kNHWC, Layout::kNHWC, shape);
@@ -151,7 +170,8 @@ class AtenFloatOps : public rt::FloatOps {
       at::Tensor b = weight(node.tensor("bias", 1, rt::DType::kFloat32, true, w.size(0)));
       auto fn = [w, b](const at::Tensor& x) { return at::linear(x, w, b); };
       auto shape = [w](Shape in) {
-        if (in.h * in.w != 1 || in.c != w.size(1)) throw std::invalid_argument("weight expects " + std::to_string(w.size(1)) + " features");
+        if (in.h * in.w != 1 || in.c != w.size(1))
+          throw std::invalid_argument("weight expects " + std::to_string(w.size(1)) + " features");
         return Shape{w.size(0), 1, 1};
       };
       return std::make_unique<AtenStep>(node, fn, Layout::kFlat, Layout::kFlat, shape);
@@ -191,8 +211,8 @@ class TorchExecutor {
       TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
                       (t.scalar_type() == at::kFloat || t.scalar_type() == at::kInt),
                   "tensor ", name, " must be a contiguous CPU float32 or int32 tensor");
-      refs_[name] = {t.scalar_type() == at::kFloat ? rt::DType::kFloat32 : rt::DType::kInt32,
-                     t.sizes().vec(), t.data_ptr()};
+      refs_[name] = {t.scalar_type() == at::kFloat ? rt::DType::kFloat32 : rt::DType::kInt32, t.sizes().vec(),
+                     t.data_ptr()};
     }
     std::shared_ptr<rt::FloatOps> ops;
     if (aten_float_ops) ops = std::make_shared<AtenFloatOps>();
@@ -221,7 +241,8 @@ class TorchExecutor {
   }
 
   // (logits, {op: seconds}, [(step, op, seconds)] in the order run)
-  std::tuple<at::Tensor, std::map<std::string, double>, std::vector<std::tuple<std::string, std::string, double>>>
+  std::tuple<at::Tensor, std::map<std::string, double>,
+             std::vector<std::tuple<std::string, std::string, double>>>
   profile(const at::Tensor& images) {
     rt::Profile profile;
     at::Tensor logits = run(images, &profile);

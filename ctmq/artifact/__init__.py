@@ -2,12 +2,22 @@
 (vocabulary.py) and its error type. Exported by ctmq.export, run by
 ctmq.deploy (and by the native runtime, which reads the same file). The
 error type loads without torch; the rest on first use."""
+
 import importlib
 
 from .errors import ArtifactError
 
-_FORMAT = ("FORMAT", "METADATA_KEY", "VERSION", "artifact_checksum", "check_artifact",
-           "check_graph", "check_header", "read_artifact", "write_artifact")
+_FORMAT = (
+    "FORMAT",
+    "METADATA_KEY",
+    "VERSION",
+    "artifact_checksum",
+    "check_artifact",
+    "check_graph",
+    "check_header",
+    "read_artifact",
+    "write_artifact",
+)
 _VOCABULARY = ("NODE_INPUTS", "OPS", "OpDef", "Value", "infer_shapes", "read_attrs")
 
 __all__ = ["ArtifactError", *_FORMAT, *_VOCABULARY]

@@ -17,6 +17,7 @@ a node's tensor attributes name tensors of the file. Writing and reading
 check the same things (check_artifact), so that no artifact is written that
 loading refuses.
 """
+
 import hashlib
 import json
 import math
@@ -64,6 +65,7 @@ def write_artifact(path, header, tensors):
     nothing (temp file + rename), after the checks that reading applies;
     returns the header with its checksum."""
     from safetensors.torch import save
+
     header = dict(header, format=FORMAT)
     header.pop("checksum", None)
     check_graph(header)
@@ -96,11 +98,16 @@ def check_graph(header):
         if not isinstance(out, str) or out in defined:
             raise ArtifactError(f"{where}: its output must be a new value name")
         if OPS[op].since > header.get("version", VERSION):
-            raise ArtifactError(f"{where}: {op} needs format version {OPS[op].since}, the file "
-                                f"says {header.get('version')}")
+            raise ArtifactError(
+                f"{where}: {op} needs format version {OPS[op].since}, the file "
+                f"says {header.get('version')}"
+            )
         low, high = OPS[op].inputs
-        if (not isinstance(inputs, list) or not low <= len(inputs) <= high
-                or not all(isinstance(v, str) for v in inputs)):
+        if (
+            not isinstance(inputs, list)
+            or not low <= len(inputs) <= high
+            or not all(isinstance(v, str) for v in inputs)
+        ):
             raise ArtifactError(f"{where}: needs {low}..{high} input names, got {inputs!r}")
         undefined = [v for v in inputs if v not in defined]
         if undefined:
@@ -118,7 +125,8 @@ def _count(v, high):
 
 def _numbers(v):
     return isinstance(v, list) and all(
-        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in v)
+        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in v
+    )
 
 
 def check_header(header):
@@ -128,20 +136,33 @@ def check_header(header):
     spec = header.get("input")
     try:
         channels, size, mean, std = spec["channels"], spec["size"], spec["mean"], spec["std"]
-        ok = (_count(channels, MAX_CHANNELS) and _count(size, MAX_SIDE) and _numbers(mean)
-              and _numbers(std) and len(mean) == len(std) == channels and all(v != 0 for v in std))
+        ok = (
+            _count(channels, MAX_CHANNELS)
+            and _count(size, MAX_SIDE)
+            and _numbers(mean)
+            and _numbers(std)
+            and len(mean) == len(std) == channels
+            and all(v != 0 for v in std)
+        )
     except (KeyError, TypeError):
         ok = False
     if not ok:
-        raise ArtifactError(f"input must give channels (1..{MAX_CHANNELS}), size (1..{MAX_SIDE}) "
-                            f"and one mean and one nonzero std per channel (finite numbers), got "
-                            f"{_short(spec)}")
+        raise ArtifactError(
+            f"input must give channels (1..{MAX_CHANNELS}), size (1..{MAX_SIDE}) "
+            f"and one mean and one nonzero std per channel (finite numbers), got "
+            f"{_short(spec)}"
+        )
     if channels * size * size > MAX_VALUE_ELEMENTS:
-        raise ArtifactError(f"input {channels}x{size}x{size} is not a plausible image size "
-                            f"(at most {MAX_VALUE_ELEMENTS} values)")
+        raise ArtifactError(
+            f"input {channels}x{size}x{size} is not a plausible image size "
+            f"(at most {MAX_VALUE_ELEMENTS} values)"
+        )
     names = header.get("class_names")
-    if (not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES
-            or not all(isinstance(c, str) for c in names)):
+    if (
+        not isinstance(names, list)
+        or not 1 <= len(names) <= MAX_CLASSES
+        or not all(isinstance(c, str) for c in names)
+    ):
         raise ArtifactError(f"class_names must be a list of strings, got {_short(names)}")
 
 
@@ -160,9 +181,11 @@ def check_artifact(header, tensors):
     values = infer_shapes(header, tensors)
     logits = values["output"]
     if logits.packed or logits.shape != (len(header["class_names"]),):
-        raise ArtifactError(f"the graph's output per image is {logits.shape}"
-                            f"{' (packed bits)' if logits.packed else ''}, expected "
-                            f"{len(header['class_names'])} logits (one per class name)")
+        raise ArtifactError(
+            f"the graph's output per image is {logits.shape}"
+            f"{' (packed bits)' if logits.packed else ''}, expected "
+            f"{len(header['class_names'])} logits (one per class name)"
+        )
     return values
 
 
@@ -178,28 +201,35 @@ def read_artifact(path):
         raise ArtifactError(f"{path}: truncated ({len(blob)} bytes): not a ctmq artifact")
     (n,) = struct.unpack("<Q", blob[:8])
     if n > len(blob) - 8:
-        raise ArtifactError(f"{path}: truncated: its header claims {n} bytes, the file has {len(blob) - 8}")
+        raise ArtifactError(
+            f"{path}: truncated: its header claims {n} bytes, the file has {len(blob) - 8}"
+        )
     try:
-        meta = json.loads(blob[8:8 + n]).get("__metadata__", {})
+        meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
         header = json.loads(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise TypeError("not an object")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # (RecursionError: a header nested deeper than Python's parser goes)
-        raise ArtifactError(f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)") from None
+        raise ArtifactError(
+            f"{path}: no readable ctmq header (corrupt, or not exported by ctmq)"
+        ) from None
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ArtifactError(f"{path}: format version {version!r} is not a version number")
     if version > VERSION:
-        raise ArtifactError(f"{path}: format version {version} is newer than this ctmq reads "
-                            f"({VERSION}); upgrade ctmq")
+        raise ArtifactError(
+            f"{path}: format version {version} is newer than this ctmq reads "
+            f"({VERSION}); upgrade ctmq"
+        )
     try:
         check_graph(header)
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
     from safetensors.torch import load as load_bytes
+
     try:
         tensors = load_bytes(blob)
     except Exception as e:  # safetensors raises its own error types

@@ -12,6 +12,7 @@ csrc/runtime); tests fail while one side lacks it.
 Shapes are per image: (C, H, W) for feature maps, (F,) for flat vectors;
 `packed` marks a binary conv's packed sign bits (C channels in 32-bit words).
 """
+
 import dataclasses
 import numbers
 from typing import Callable, Optional
@@ -21,7 +22,7 @@ import torch
 from .errors import ArtifactError
 
 REQUIRED = object()
-MAX_SIDE = 16384            # no image side or spatial size above this
+MAX_SIDE = 16384  # no image side or spatial size above this
 MAX_CHANNELS = 65536
 MAX_VALUE_ELEMENTS = 2**28  # one value of one image: 1 GiB of float32
 
@@ -30,15 +31,16 @@ MAX_VALUE_ELEMENTS = 2**28  # one value of one image: 1 GiB of float32
 class Attr:
     """A node attribute. kind: "int", "float", "bool", "str", "pair" (an int or a
     list of one or two ints), "tensor" (names a tensor of the file)."""
+
     name: str
     kind: str
     default: object = REQUIRED
     low: Optional[float] = None
     high: Optional[float] = None
     choices: tuple = ()
-    dims: int = 0                      # tensor rank
+    dims: int = 0  # tensor rank
     dtype: torch.dtype = torch.float32  # tensor dtype
-    length: object = None              # tensor length: ("attr", dim) or an int attr's name
+    length: object = None  # tensor length: ("attr", dim) or an int attr's name
     doc: str = ""
 
     @property
@@ -49,6 +51,7 @@ class Attr:
 @dataclasses.dataclass(frozen=True)
 class Value:
     """A value's shape per image; packed: sign bits of a binary conv."""
+
     shape: tuple
     packed: bool = False
 
@@ -60,14 +63,14 @@ class Value:
 @dataclasses.dataclass(frozen=True)
 class OpDef:
     name: str
-    inputs: tuple                # (min, max)
-    attrs: tuple                 # of Attr
-    runs: str                    # what the runtime computes (docs)
-    exports: str                 # the torch layers/functions that become it (docs, errors)
-    shape: Callable              # (attrs, [Value]) -> Value; raises ValueError if they do not fit
+    inputs: tuple  # (min, max)
+    attrs: tuple  # of Attr
+    runs: str  # what the runtime computes (docs)
+    exports: str  # the torch layers/functions that become it (docs, errors)
+    shape: Callable  # (attrs, [Value]) -> Value; raises ValueError if they do not fit
     check: Optional[Callable] = None  # (attrs) -> error message or None
-    since: int = 1               # the artifact version that introduced it
-    packed_input: bool = False   # reads a binary conv's packed bits
+    since: int = 1  # the artifact version that introduced it
+    packed_input: bool = False  # reads a binary conv's packed bits
 
 
 def _fail(op, node, message):
@@ -79,8 +82,11 @@ def _pair(value):
         value = value[0]
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
         return tuple(int(v) for v in value)
     return None
 
@@ -102,20 +108,29 @@ def read_attrs(op, node, tensors):
         if a.kind == "pair":
             pair = _pair(value)
             if pair is None:
-                _fail(op.name, node, f"{a.name} must be an int or a list of one or two ints, "
-                                     f"got {value!r}")
+                _fail(
+                    op.name,
+                    node,
+                    f"{a.name} must be an int or a list of one or two ints, got {value!r}",
+                )
             value = pair
-        ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-              "bool": isinstance(value, bool), "str": isinstance(value, str),
-              "pair": True}[a.kind]
+        ok = {
+            "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "pair": True,
+        }[a.kind]
         if not ok:
             article = "an" if a.kind == "int" else "a"
             _fail(op.name, node, f"{a.name} must be {article} {a.kind}, got {value!r}")
         if a.choices and value not in a.choices:
-            _fail(op.name, node, f"{a.name} must be {' or '.join(map(repr, a.choices))}, got "
-                                 f"{value!r}")
-        for v in (value if a.kind == "pair" else (value,)):
+            _fail(
+                op.name,
+                node,
+                f"{a.name} must be {' or '.join(map(repr, a.choices))}, got {value!r}",
+            )
+        for v in value if a.kind == "pair" else (value,):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             if a.low is not None and v < a.low:
@@ -165,8 +180,10 @@ def _window(size, kernel, stride, padding, dilation=1, ceil_mode=False):
     if ceil_mode and (out - 1) * stride >= size + padding:  # torch: the last window starts inside
         out -= 1
     if out < 1:
-        raise ValueError(f"the window ({kernel}, dilation {dilation}) does not fit the padded "
-                         f"input ({size} + 2 x {padding})")
+        raise ValueError(
+            f"the window ({kernel}, dilation {dilation}) does not fit the padded "
+            f"input ({size} + 2 x {padding})"
+        )
     return out
 
 
@@ -176,7 +193,12 @@ def _conv_shape(a, ins):
     weight = a["weight"]
     if c != weight.shape[1] * a["groups"]:
         raise ValueError(f"weight expects {weight.shape[1] * a['groups']} input channels, got {c}")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[2:], a["stride"], a["padding"], a["dilation"]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        weight.shape[2:],
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+    )
     return Value((weight.shape[0], _window(h, kh, sh, ph, dh), _window(w, kw, sw, pw, dw)))
 
 
@@ -187,6 +209,7 @@ def _per_channel_shape(key):
         if a[key].shape[0] not in (c,):
             raise ValueError(f"{key} has {a[key].shape[0]} values for {c} channels")
         return Value(ins[0].shape)
+
     return shape
 
 
@@ -207,13 +230,21 @@ def _binary_conv_shape(a, ins):
     if ins[0].packed and a["input_bias"] is not None:
         raise ValueError("has an input_bias, so it needs float input, got packed bits")
     bits = a["weight"]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = bits.shape[1:3], a["stride"], a["padding"], a["dilation"]
-    out = Value((bits.shape[0], _window(h, kh, sh, ph, dh), _window(w, kw, sw, pw, dw)),
-                packed=a["output"] == "packed")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        bits.shape[1:3],
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+    )
+    out = Value(
+        (bits.shape[0], _window(h, kh, sh, ph, dh), _window(w, kw, sw, pw, dw)),
+        packed=a["output"] == "packed",
+    )
     if len(ins) == 2:
         if ins[1].packed or ins[1].shape != out.shape:
-            raise ValueError(f"residual of shape {ins[1].shape} does not match the output "
-                             f"{out.shape}")
+            raise ValueError(
+                f"residual of shape {ins[1].shape} does not match the output {out.shape}"
+            )
         if out.packed:
             raise ValueError("a residual with packed output")
     return out
@@ -268,8 +299,9 @@ def _flatten_shape(a, ins):
 def _linear_shape(a, ins):
     _float(ins)
     if len(ins[0].shape) != 1 or ins[0].shape[0] != a["weight"].shape[1]:
-        raise ValueError(f"weight expects {a['weight'].shape[1]} features, got a value of shape "
-                         f"{ins[0].shape}")
+        raise ValueError(
+            f"weight expects {a['weight'].shape[1]} features, got a value of shape {ins[0].shape}"
+        )
     return Value((a["weight"].shape[0],))
 
 
@@ -286,73 +318,178 @@ def _conv_check(a):
 
 def _binary_conv_check(a):
     if a["weight"].shape[3] != (a["in_channels"] + 31) // 32:
-        return f"weight {tuple(a['weight'].shape)} is not packed for {a['in_channels']} input channels"
+        return (
+            f"weight {tuple(a['weight'].shape)} is not packed for {a['in_channels']} input channels"
+        )
     return None
 
 
 def _hardtanh_check(a):
-    return None if a["min_val"] < a["max_val"] else \
-        f"min_val ({a['min_val']}) must be below max_val ({a['max_val']})"
+    return (
+        None
+        if a["min_val"] < a["max_val"]
+        else f"min_val ({a['min_val']}) must be below max_val ({a['max_val']})"
+    )
 
 
 _WINDOW = (_pair_attr("kernel", 1), _pair_attr("stride", 1), _pair_attr("padding", 0, 0))
 _CONV_GEOMETRY = (_pair_attr("stride", 1), _pair_attr("padding", 0), _pair_attr("dilation", 1))
 
-OPS = {op.name: op for op in (
-    OpDef("conv2d", (1, 1),
-          (Attr("weight", "tensor", dims=4), Attr("bias", "tensor", None, dims=1, length=("weight", 0)),
-           *_CONV_GEOMETRY, Attr("groups", "int", 1, low=1, high=MAX_CHANNELS)),
-          "F.conv2d", "nn.Conv2d", _conv_shape, _conv_check),
-    OpDef("batch_norm", (1, 1),
-          (Attr("weight", "tensor", dims=1),
-           *(Attr(k, "tensor", dims=1, length=("weight", 0)) for k in ("bias", "mean", "var")),
-           Attr("eps", "float", low=0)),
-          "F.batch_norm, eval", "nn.BatchNorm2d (running statistics)",
-          _per_channel_shape("weight")),
-    OpDef("max_pool2d", (1, 1), _WINDOW,
-          "max pooling", "nn.MaxPool2d, F.max_pool2d, torch.max_pool2d", _pool_shape),
-    OpDef("avg_pool2d", (1, 1),
-          (*_WINDOW, Attr("ceil_mode", "bool", False), Attr("count_include_pad", "bool", False)),
-          "F.avg_pool2d", "nn.AvgPool2d, F.avg_pool2d", _pool_shape),
-    OpDef("binary_conv", (1, 2),
-          (Attr("weight", "tensor", dims=4, dtype=torch.int32),
-           Attr("in_channels", "int", low=1, high=MAX_CHANNELS),
-           Attr("scale", "tensor", dims=1, length=("weight", 0)),
-           Attr("bias", "tensor", dims=1, length=("weight", 0)),
-           *_CONV_GEOMETRY, Attr("output", "str", choices=("float", "packed")),
-           Attr("input_bias", "tensor", None, dims=1, length="in_channels")),
-          "packs its input (plus input_bias), XNOR-popcount conv, * scale + bias (+ the "
-          "residual), float or packed sign bits",
-          "a W1A1 ctmq.nn.QConv2d (+ BatchNorm2d, + RSign before, + a residual add after)",
-          _binary_conv_shape, _binary_conv_check, packed_input=True),
-    OpDef("add", (2, 2), (), "x + y", "+, torch.add, .add", _same_shapes),
-    OpDef("concat", (2, 1024), (), "torch.cat along channels", "torch.cat(dim=1)", _concat_shape,
-          since=2),
-    OpDef("hardtanh", (1, 1), (Attr("min_val", "float", -1.0), Attr("max_val", "float", 1.0)),
-          "F.hardtanh", "nn.Hardtanh, F.hardtanh, nn.ReLU6, F.relu6", _same, _hardtanh_check),
-    OpDef("relu", (1, 1), (), "F.relu", "nn.ReLU, F.relu, torch.relu", _same, since=2),
-    OpDef("prelu", (1, 1), (Attr("weight", "tensor", dims=1),), "F.prelu", "nn.PReLU",
-          _prelu_shape, since=2),
-    OpDef("rprelu", (1, 1),
-          (Attr("shift_in", "tensor", dims=1, length=("weight", 0)), Attr("weight", "tensor", dims=1),
-           Attr("shift_out", "tensor", dims=1, length=("weight", 0))),
-          "F.prelu(x + shift_in, weight) + shift_out, per channel", "ctmq.nn.RPReLU",
-          _per_channel_shape("weight"), since=2),
-    OpDef("leaky_relu", (1, 1), (Attr("negative_slope", "float", 0.01),), "F.leaky_relu",
-          "nn.LeakyReLU, F.leaky_relu", _same, since=3),
-    OpDef("global_avg_pool", (1, 1), (), "adaptive_avg_pool2d(x, 1), flattened",
-          "AdaptiveAvgPool2d(1) + flatten", _global_pool_shape),
-    OpDef("adaptive_avg_pool2d", (1, 1), (_pair_attr("output_size", 1, high=4096),),
-          "F.adaptive_avg_pool2d", "nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d",
-          _adaptive_shape, since=2),
-    OpDef("flatten", (1, 1), (), "torch.flatten(x, 1)",
-          "nn.Flatten, torch.flatten(x, 1), x.flatten(1), x.view/reshape(x.size(0), -1)",
-          _flatten_shape, since=2),
-    OpDef("linear", (1, 1),
-          (Attr("weight", "tensor", dims=2), Attr("bias", "tensor", None, dims=1, length=("weight", 0))),
-          "F.linear", "nn.Linear, F.linear", _linear_shape),
-    OpDef("output", (1, 1), (), "the logits", "the model's return value", _same),
-)}
+OPS = {
+    op.name: op
+    for op in (
+        OpDef(
+            "conv2d",
+            (1, 1),
+            (
+                Attr("weight", "tensor", dims=4),
+                Attr("bias", "tensor", None, dims=1, length=("weight", 0)),
+                *_CONV_GEOMETRY,
+                Attr("groups", "int", 1, low=1, high=MAX_CHANNELS),
+            ),
+            "F.conv2d",
+            "nn.Conv2d",
+            _conv_shape,
+            _conv_check,
+        ),
+        OpDef(
+            "batch_norm",
+            (1, 1),
+            (
+                Attr("weight", "tensor", dims=1),
+                *(Attr(k, "tensor", dims=1, length=("weight", 0)) for k in ("bias", "mean", "var")),
+                Attr("eps", "float", low=0),
+            ),
+            "F.batch_norm, eval",
+            "nn.BatchNorm2d (running statistics)",
+            _per_channel_shape("weight"),
+        ),
+        OpDef(
+            "max_pool2d",
+            (1, 1),
+            _WINDOW,
+            "max pooling",
+            "nn.MaxPool2d, F.max_pool2d, torch.max_pool2d",
+            _pool_shape,
+        ),
+        OpDef(
+            "avg_pool2d",
+            (1, 1),
+            (*_WINDOW, Attr("ceil_mode", "bool", False), Attr("count_include_pad", "bool", False)),
+            "F.avg_pool2d",
+            "nn.AvgPool2d, F.avg_pool2d",
+            _pool_shape,
+        ),
+        OpDef(
+            "binary_conv",
+            (1, 2),
+            (
+                Attr("weight", "tensor", dims=4, dtype=torch.int32),
+                Attr("in_channels", "int", low=1, high=MAX_CHANNELS),
+                Attr("scale", "tensor", dims=1, length=("weight", 0)),
+                Attr("bias", "tensor", dims=1, length=("weight", 0)),
+                *_CONV_GEOMETRY,
+                Attr("output", "str", choices=("float", "packed")),
+                Attr("input_bias", "tensor", None, dims=1, length="in_channels"),
+            ),
+            "packs its input (plus input_bias), XNOR-popcount conv, * scale + bias (+ the "
+            "residual), float or packed sign bits",
+            "a W1A1 ctmq.nn.QConv2d (+ BatchNorm2d, + RSign before, + a residual add after)",
+            _binary_conv_shape,
+            _binary_conv_check,
+            packed_input=True,
+        ),
+        OpDef("add", (2, 2), (), "x + y", "+, torch.add, .add", _same_shapes),
+        OpDef(
+            "concat",
+            (2, 1024),
+            (),
+            "torch.cat along channels",
+            "torch.cat(dim=1)",
+            _concat_shape,
+            since=2,
+        ),
+        OpDef(
+            "hardtanh",
+            (1, 1),
+            (Attr("min_val", "float", -1.0), Attr("max_val", "float", 1.0)),
+            "F.hardtanh",
+            "nn.Hardtanh, F.hardtanh, nn.ReLU6, F.relu6",
+            _same,
+            _hardtanh_check,
+        ),
+        OpDef("relu", (1, 1), (), "F.relu", "nn.ReLU, F.relu, torch.relu", _same, since=2),
+        OpDef(
+            "prelu",
+            (1, 1),
+            (Attr("weight", "tensor", dims=1),),
+            "F.prelu",
+            "nn.PReLU",
+            _prelu_shape,
+            since=2,
+        ),
+        OpDef(
+            "rprelu",
+            (1, 1),
+            (
+                Attr("shift_in", "tensor", dims=1, length=("weight", 0)),
+                Attr("weight", "tensor", dims=1),
+                Attr("shift_out", "tensor", dims=1, length=("weight", 0)),
+            ),
+            "F.prelu(x + shift_in, weight) + shift_out, per channel",
+            "ctmq.nn.RPReLU",
+            _per_channel_shape("weight"),
+            since=2,
+        ),
+        OpDef(
+            "leaky_relu",
+            (1, 1),
+            (Attr("negative_slope", "float", 0.01),),
+            "F.leaky_relu",
+            "nn.LeakyReLU, F.leaky_relu",
+            _same,
+            since=3,
+        ),
+        OpDef(
+            "global_avg_pool",
+            (1, 1),
+            (),
+            "adaptive_avg_pool2d(x, 1), flattened",
+            "AdaptiveAvgPool2d(1) + flatten",
+            _global_pool_shape,
+        ),
+        OpDef(
+            "adaptive_avg_pool2d",
+            (1, 1),
+            (_pair_attr("output_size", 1, high=4096),),
+            "F.adaptive_avg_pool2d",
+            "nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d",
+            _adaptive_shape,
+            since=2,
+        ),
+        OpDef(
+            "flatten",
+            (1, 1),
+            (),
+            "torch.flatten(x, 1)",
+            "nn.Flatten, torch.flatten(x, 1), x.flatten(1), x.view/reshape(x.size(0), -1)",
+            _flatten_shape,
+            since=2,
+        ),
+        OpDef(
+            "linear",
+            (1, 1),
+            (
+                Attr("weight", "tensor", dims=2),
+                Attr("bias", "tensor", None, dims=1, length=("weight", 0)),
+            ),
+            "F.linear",
+            "nn.Linear, F.linear",
+            _linear_shape,
+        ),
+        OpDef("output", (1, 1), (), "the logits", "the model's return value", _same),
+    )
+}
 
 # op -> (min, max) number of inputs
 NODE_INPUTS = {name: op.inputs for name, op in OPS.items()}
@@ -384,26 +521,40 @@ def infer_shapes(header, tensors, batch=1):
         for s in out.shape:
             elements *= s
         if elements > MAX_VALUE_ELEMENTS or any(s < 1 for s in out.shape):
-            _fail(op.name, node, f"its output {out.shape} per image is not a plausible size "
-                                 f"(at most {MAX_VALUE_ELEMENTS} elements)")
+            _fail(
+                op.name,
+                node,
+                f"its output {out.shape} per image is not a plausible size "
+                f"(at most {MAX_VALUE_ELEMENTS} elements)",
+            )
         values[node["out"]] = out
     return values
 
 
 def markdown_table():
     """The vocabulary as the docs' table (docs/design.md holds this text)."""
+
     def attr(a):
         kind = {"tensor": f"{a.dims}-D {str(a.dtype).removeprefix('torch.')}"}.get(a.kind, a.kind)
         bound = ""
         if a.low is not None:
-            bound = f" >= {a.low:g}" if a.high in (None, MAX_SIDE, MAX_CHANNELS) else \
-                f" in [{a.low:g}, {a.high:g}]"
+            bound = (
+                f" >= {a.low:g}"
+                if a.high in (None, MAX_SIDE, MAX_CHANNELS)
+                else f" in [{a.low:g}, {a.high:g}]"
+            )
         extra = f" ({'/'.join(a.choices)})" if a.choices else ""
-        default = "" if a.default is REQUIRED else (", optional" if a.default is None
-                                                    else f", default {a.default}")
+        default = (
+            ""
+            if a.default is REQUIRED
+            else (", optional" if a.default is None else f", default {a.default}")
+        )
         return f"`{a.name}` {kind}{bound}{extra}{default}"
-    lines = ["| op | inputs | attributes | runs | exported from | since |",
-             "|---|---|---|---|---|---|"]
+
+    lines = [
+        "| op | inputs | attributes | runs | exported from | since |",
+        "|---|---|---|---|---|---|",
+    ]
     for op in OPS.values():
         low, high = op.inputs
         n = str(low) if low == high else f"{low}-{high}"
@@ -416,24 +567,32 @@ def cpp_table():
     """The table as C++ (csrc/runtime/vocabulary.inc, which the native loader
     checks attributes with); `python -m ctmq.artifact.vocabulary` prints it,
     and a test keeps the file equal to it."""
-    kinds = {"int": "kInt", "float": "kFloat", "bool": "kBool", "str": "kStr", "pair": "kPair",
-             "tensor": "kTensor"}
-    lines = ["// The artifact's op vocabulary (ctmq/artifact/vocabulary.py, OPS), generated by",
-             "// `python -m ctmq.artifact.vocabulary`; a test keeps it equal. Do not edit.",
-             ""]
+    kinds = {
+        "int": "kInt",
+        "float": "kFloat",
+        "bool": "kBool",
+        "str": "kStr",
+        "pair": "kPair",
+        "tensor": "kTensor",
+    }
+    lines = [
+        "// The artifact's op vocabulary (ctmq/artifact/vocabulary.py, OPS), generated by",
+        "// `python -m ctmq.artifact.vocabulary`; a test keeps it equal. Do not edit.",
+        "",
+    ]
 
     def num(v):
         return "NAN" if v is None else repr(float(v))
 
     def default(a):
         if a.default is REQUIRED:
-            return "Default::kRequired, 0, \"\""
+            return 'Default::kRequired, 0, ""'
         if a.default is None:
-            return "Default::kNone, 0, \"\""
+            return 'Default::kNone, 0, ""'
         if isinstance(a.default, bool):
-            return f"Default::kValue, {int(a.default)}, \"\""
+            return f'Default::kValue, {int(a.default)}, ""'
         if isinstance(a.default, (int, float)):
-            return f"Default::kValue, {float(a.default)!r}, \"\""
+            return f'Default::kValue, {float(a.default)!r}, ""'
         return f"Default::kValue, 0, {a.default!r}"
 
     for op in OPS.values():
@@ -447,17 +606,23 @@ def cpp_table():
                 length = '"", 0'
             choices = "|".join(a.choices)
             dtype = "DType::kInt32" if a.dtype == torch.int32 else "DType::kFloat32"
-            lines.append(f'    {{"{a.name}", AttrKind::{kinds[a.kind]}, {default(a)}, {num(a.low)}, '
-                         f'{num(a.high)}, "{choices}", {a.dims}, {dtype}, {length}}},')
+            lines.append(
+                f'    {{"{a.name}", AttrKind::{kinds[a.kind]}, {default(a)}, {num(a.low)}, '
+                f'{num(a.high)}, "{choices}", {a.dims}, {dtype}, {length}}},'
+            )
         if not op.attrs:
-            lines.append('    {"", AttrKind::kNone, Default::kRequired, 0, "", NAN, NAN, "", 0, '
-                         'DType::kFloat32, "", 0},')
+            lines.append(
+                '    {"", AttrKind::kNone, Default::kRequired, 0, "", NAN, NAN, "", 0, '
+                'DType::kFloat32, "", 0},'
+            )
         lines.append("};")
     lines.append("")
     lines.append("static const OpSpec kOps[] = {")
     for op in OPS.values():
-        lines.append(f'    {{"{op.name}", {op.inputs[0]}, {op.inputs[1]}, k_{op.name}_attrs, '
-                     f'{len(op.attrs)}, {op.since}}},')
+        lines.append(
+            f'    {{"{op.name}", {op.inputs[0]}, {op.inputs[1]}, k_{op.name}_attrs, '
+            f"{len(op.attrs)}, {op.since}}},"
+        )
     lines.append("};")
     lines.append(f"static const int kMaxSide = {MAX_SIDE};")
     lines.append(f"static const int kMaxChannels = {MAX_CHANNELS};")

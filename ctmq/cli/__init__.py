@@ -5,6 +5,7 @@ does not fit) is one line on stderr, `ctmq <command>: error: ...`, and exit
 status 2; `ctmq infer` exits 1 when some of its inputs could not be read and
 the others were classified.
 """
+
 import argparse
 import sys
 
@@ -15,13 +16,18 @@ __all__ = ["CliError", "build_parser", "main"]
 
 def _version():
     from .. import __version__
+
     return __version__
 
 
 def build_parser():
     from . import bench, deploy, train
-    p = argparse.ArgumentParser(prog="ctmq", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = argparse.ArgumentParser(
+        prog="ctmq",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"ctmq {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add_commands(sub)

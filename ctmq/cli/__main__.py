@@ -1,4 +1,5 @@
 """python -m ctmq.cli (as torchrun runs it): the `ctmq` command."""
+
 import sys
 
 from . import main

@@ -1,4 +1,5 @@
 """What the commands share: the error type, argument types, the device choice."""
+
 import argparse
 
 
@@ -21,13 +22,18 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_device(parser, what="run on"):
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help=f"device to {what} (default: auto, cuda when available)")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help=f"device to {what} (default: auto, cuda when available)",
+    )
 
 
 def resolve_device(name):
     """'auto' -> cuda when available, else cpu; 'cuda' without one is a CliError."""
     import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

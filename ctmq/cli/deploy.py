@@ -1,4 +1,5 @@
 """`ctmq export` and `ctmq infer`: the deployment side of the command line."""
+
 import glob
 import json
 import os
@@ -21,6 +22,7 @@ def _run_schedules(run_dir):
         return None
     from ..engine import Schedule
     from ..engine.config import RunConfig, flag_names
+
     try:
         if "schedules" in config:
             return [Schedule.from_dict(d) for d in config["schedules"]]
@@ -32,6 +34,7 @@ def _run_schedules(run_dir):
 def _w1a1_stages(run_dir):
     """{key: path} of the run's W1A1 stage checkpoints."""
     from ..engine import CheckpointError, checkpoint_meta
+
     found = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "stages", "*.safetensors"))):
         try:
@@ -59,26 +62,41 @@ def find_checkpoint(source, stage=None):
     if stage is not None:
         path = os.path.join(source, "stages", stage + ".safetensors")
         if not os.path.isfile(path):
-            raise CliError(f"--stage {stage}: no such stage in {source}/stages; W1A1 stages: "
-                           f"{sorted(stages) or 'none'}")
+            raise CliError(
+                f"--stage {stage}: no such stage in {source}/stages; W1A1 stages: "
+                f"{sorted(stages) or 'none'}"
+            )
         return path, f"stage {stage}"
     if not stages:
-        raise CliError(f"{source}: no W1A1 stage checkpoint under stages/ "
-                       "(train with --target-bits 1 first)")
+        raise CliError(
+            f"{source}: no W1A1 stage checkpoint under stages/ (train with --target-bits 1 first)"
+        )
     newest = max(stages, key=lambda k: (k.startswith("ctmq-"), k))
     schedules = _run_schedules(source)
     if schedules is None:  # no readable config.json: the newest W1A1 stage, said so
-        return stages[newest], f"stage {newest} (the newest W1A1 stage; {source} has no config.json)"
+        return stages[
+            newest
+        ], f"stage {newest} (the newest W1A1 stage; {source} has no config.json)"
     ordered = sorted(schedules, key=lambda s: {"ctmq": 0, "direct": 1}.get(s.name, 2))
-    final = next((s.stage_key(len(s.stages) - 1) for s in ordered
-                  if (s.stages[-1].w_bits, s.stages[-1].a_bits) == (1, 1)), None)
+    final = next(
+        (
+            s.stage_key(len(s.stages) - 1)
+            for s in ordered
+            if (s.stages[-1].w_bits, s.stages[-1].a_bits) == (1, 1)
+        ),
+        None,
+    )
     if final is None:
-        raise CliError(f"{source}: no schedule of this run ends at W1A1; give --stage KEY "
-                       f"(W1A1 stages: {sorted(stages)})")
+        raise CliError(
+            f"{source}: no schedule of this run ends at W1A1; give --stage KEY "
+            f"(W1A1 stages: {sorted(stages)})"
+        )
     if final not in stages:
-        raise CliError(f"{source} is unfinished: its final W1A1 stage {final} is not trained yet; "
-                       f"finish the run, or export the newest finished W1A1 stage with "
-                       f"--stage {newest}")
+        raise CliError(
+            f"{source} is unfinished: its final W1A1 stage {final} is not trained yet; "
+            f"finish the run, or export the newest finished W1A1 stage with "
+            f"--stage {newest}"
+        )
     return stages[final], f"stage {final} (the final W1A1 stage)"
 
 
@@ -86,9 +104,11 @@ def _export(args):
     from ..engine import RunConfigError, model_from_checkpoint
     from ..engine.checkpoint import CheckpointError
     from ..export import ExportError, export_binary
+
     if os.path.isdir(args.output):
-        raise CliError(f"-o {args.output} is a directory; give the artifact's file name "
-                       "(e.g. model.ctmq)")
+        raise CliError(
+            f"-o {args.output} is a directory; give the artifact's file name (e.g. model.ctmq)"
+        )
     path, what = find_checkpoint(args.source, args.stage)
     try:
         model, meta = model_from_checkpoint(path)
@@ -97,14 +117,21 @@ def _export(args):
     except Exception as e:
         raise CliError(f"{path}: not a ctmq checkpoint ({type(e).__name__}: {e})") from e
     try:
-        header = export_binary(model, args.output, input_size=meta.get("image_size"),
-                               mean=meta.get("mean"), std=meta.get("std"),
-                               class_names=meta.get("class_names"))
+        header = export_binary(
+            model,
+            args.output,
+            input_size=meta.get("image_size"),
+            mean=meta.get("mean"),
+            std=meta.get("std"),
+            class_names=meta.get("class_names"),
+        )
     except ExportError as e:
         raise CliError(f"{path}: {e}") from e
     size, ckpt = os.path.getsize(args.output), os.path.getsize(path)
-    print(f"exported {what} -> {args.output}: {len(header['nodes'])} nodes, {size} bytes "
-          f"({ckpt / size:.1f}x smaller than the float32 checkpoint)")
+    print(
+        f"exported {what} -> {args.output}: {len(header['nodes'])} nodes, {size} bytes "
+        f"({ckpt / size:.1f}x smaller than the float32 checkpoint)"
+    )
 
 
 # ------------------------------------------------------------------- infer
@@ -118,11 +145,18 @@ def _expand(targets):
     files = []
     for target in targets:
         if os.path.isdir(target):
-            found = sorted(f for f in glob.glob(os.path.join(glob.escape(target), "*"))
-                           if f.lower().endswith(IMAGE_EXTS + TENSOR_EXTS))
+            found = sorted(
+                f
+                for f in glob.glob(os.path.join(glob.escape(target), "*"))
+                if f.lower().endswith(IMAGE_EXTS + TENSOR_EXTS)
+            )
             if not found:
-                files.append(_Unreadable(f"{target}: no images ({', '.join(IMAGE_EXTS)}) or "
-                                         f"tensors ({', '.join(TENSOR_EXTS)}) in this folder"))
+                files.append(
+                    _Unreadable(
+                        f"{target}: no images ({', '.join(IMAGE_EXTS)}) or "
+                        f"tensors ({', '.join(TENSOR_EXTS)}) in this folder"
+                    )
+                )
             files += found
         elif os.path.isfile(target):
             files.append(target)
@@ -136,15 +170,20 @@ def _expand(targets):
 def _read_tensor(path):
     import numpy as np
     import torch
+
     if path.lower().endswith(".pt"):
         try:
             x = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch errors alike
-            raise _Unreadable(f"{path}: not a readable tensor file ({type(e).__name__}: {e})") from e
+            raise _Unreadable(
+                f"{path}: not a readable tensor file ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(x, torch.Tensor):
             raise _Unreadable(f"{path}: holds a {type(x).__name__}, not a tensor")
-        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16,
-                                                     torch.int32, torch.int64)):
+        if not (
+            x.is_floating_point()
+            or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        ):
             raise _Unreadable(f"{path}: holds {x.dtype} values, expected numbers")
         return x.float()
     try:
@@ -160,9 +199,12 @@ def _load_image(path, runtime):
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
+
     if runtime.input_channels not in (1, 3):
-        raise _Unreadable(f"{path}: the model takes {runtime.input_channels} channels; give it "
-                          "a tensor file instead of an image")
+        raise _Unreadable(
+            f"{path}: the model takes {runtime.input_channels} channels; give it "
+            "a tensor file instead of an image"
+        )
     size = runtime.input_size
     try:
         with Image.open(path) as img:
@@ -170,7 +212,9 @@ def _load_image(path, runtime):
             # the width, then the height: Pillow 13 picks the order of its two passes
             # by the image's shape, older releases always width first; one pass at
             # a time gives the same pixels on every release (and in ctmq-run)
-            img = img.resize((size, img.height), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+            img = img.resize((size, img.height), Image.BILINEAR).resize(
+                (size, size), Image.BILINEAR
+            )
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise _Unreadable(f"{path}: not a readable image ({e})") from e
     a = np.asarray(img, dtype=np.float32) / 255.0
@@ -181,14 +225,17 @@ def _load_image(path, runtime):
 def _input(path, runtime):
     """The normalized (N, C, H, W) batch of one file, checked."""
     import torch
+
     low = path.lower()
     if low.endswith(TENSOR_EXTS):
         x = _read_tensor(path)
     elif low.endswith(IMAGE_EXTS):
         x = _load_image(path, runtime)
     else:
-        raise _Unreadable(f"{path}: expected an image ({', '.join(IMAGE_EXTS)}) or a tensor "
-                          f"({', '.join(TENSOR_EXTS)})")
+        raise _Unreadable(
+            f"{path}: expected an image ({', '.join(IMAGE_EXTS)}) or a tensor "
+            f"({', '.join(TENSOR_EXTS)})"
+        )
     if x.dim() == 3:
         x = x[None]
     if getattr(runtime, "engine", None) == "native":
@@ -204,6 +251,7 @@ def _input(path, runtime):
 
 def load_runtime(path, device, engine="auto"):
     from ..deploy import ArtifactError, load
+
     try:
         return load(path, device=device, engine=engine)
     except (ArtifactError, ValueError) as e:
@@ -214,11 +262,16 @@ def load_runtime(path, device, engine="auto"):
 
 def add_engine(parser):
     from ..deploy import ENGINES
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="CPU runtime: executor (the compiled executor on torch: the trained "
-                        "model's logits bit for bit), native (the torch-free runtime, the "
-                        "fastest; logits equal to float rounding), python (node by node); "
-                        "default auto: executor")
+
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="CPU runtime: executor (the compiled executor on torch: the trained "
+        "model's logits bit for bit), native (the torch-free runtime, the "
+        "fastest; logits equal to float rounding), python (node by node); "
+        "default auto: executor",
+    )
 
 
 def _infer(args):
@@ -235,46 +288,68 @@ def _infer(args):
             continue
         for row, (idx, prob) in enumerate(zip(*rt.predict(x, args.topk), strict=True)):
             label = item if x.shape[0] == 1 else f"{item}[{row}]"
-            top = [(rt.class_names[i], float(p)) for i, p in zip(idx.tolist(), prob.tolist(),
-                                                                 strict=True)]
+            top = [
+                (rt.class_names[i], float(p))
+                for i, p in zip(idx.tolist(), prob.tolist(), strict=True)
+            ]
             results.append({"input": label, "top": top})
             print(f"{label}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
     if args.json:
         from ..files import atomic_open
+
         with atomic_open(args.json) as f:
             json.dump(results, f, indent=1)
     if failed and not results:
         raise CliError(f"no input could be classified ({len(failed)} failed)")
     if failed:
-        print(f"ctmq infer: {len(failed)} of {len(failed) + len(results)} inputs failed",
-              file=sys.stderr)
+        print(
+            f"ctmq infer: {len(failed)} of {len(failed) + len(results)} inputs failed",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def add_commands(sub):
-    e = sub.add_parser("export", help="export a W1A1 run or checkpoint for deployment",
-                       description="Write the final W1A1 stage of a run (or a stage checkpoint) "
-                       "as a deployable artifact. An unfinished run is refused; --stage "
-                       "exports a stage of your choice.")
-    e.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a run directory (its final W1A1 stage) or a stage checkpoint")
+    e = sub.add_parser(
+        "export",
+        help="export a W1A1 run or checkpoint for deployment",
+        description="Write the final W1A1 stage of a run (or a stage checkpoint) "
+        "as a deployable artifact. An unfinished run is refused; --stage "
+        "exports a stage of your choice.",
+    )
+    e.add_argument(
+        "source",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run directory (its final W1A1 stage) or a stage checkpoint",
+    )
     e.add_argument("-o", "--output", required=True, help="the artifact to write (e.g. model.ctmq)")
-    e.add_argument("--stage", metavar="KEY", help="the stage of the run directory to export (its "
-                   "key, e.g. ctmq-04-c1-W1A1)")
+    e.add_argument(
+        "--stage",
+        metavar="KEY",
+        help="the stage of the run directory to export (its key, e.g. ctmq-04-c1-W1A1)",
+    )
     e.set_defaults(func=_export)
 
-    i = sub.add_parser("infer", help="classify images or tensors with an exported model",
-                       description="Classify each input; an input that cannot be read is "
-                       "reported and the others go on (exit status 1 if any failed).")
+    i = sub.add_parser(
+        "infer",
+        help="classify images or tensors with an exported model",
+        description="Classify each input; an input that cannot be read is "
+        "reported and the others go on (exit status 1 if any failed).",
+    )
     i.add_argument("model", metavar="MODEL.ctmq")
-    i.add_argument("inputs", metavar="INPUT", nargs="+",
-                   help="images (PNG/JPEG/...; resized and normalized per the model), tensor "
-                   "files (.pt/.npy, normalized (N, C, H, W) or (C, H, W)), folders of them, "
-                   "or glob patterns")
+    i.add_argument(
+        "inputs",
+        metavar="INPUT",
+        nargs="+",
+        help="images (PNG/JPEG/...; resized and normalized per the model), tensor "
+        "files (.pt/.npy, normalized (N, C, H, W) or (C, H, W)), folders of them, "
+        "or glob patterns",
+    )
     add_device(i)
     add_engine(i)
-    i.add_argument("--topk", type=positive_int, default=5, help="classes shown per input "
-                   "(default 5)")
+    i.add_argument(
+        "--topk", type=positive_int, default=5, help="classes shown per input (default 5)"
+    )
     i.add_argument("--json", help="also write the predictions to this JSON file")
     i.set_defaults(func=_infer)

@@ -1,5 +1,6 @@
 """`ctmq train` and `ctmq study`: options from the config dataclasses
 (ctmq.engine.config), overriding a --config file's values."""
+
 import argparse
 import json
 import os
@@ -20,15 +21,17 @@ def read_config_file(path, extra=()):
         try:
             import yaml
         except ImportError as e:
-            raise CliError("--config: YAML files need PyYAML (pip install pyyaml); "
-                           "or use a .json file") from e
+            raise CliError(
+                "--config: YAML files need PyYAML (pip install pyyaml); or use a .json file"
+            ) from e
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-            raise CliError(f"--config {path}: not valid YAML{at}: "
-                           f"{getattr(e, 'problem', None) or e}") from None
+            raise CliError(
+                f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"
+            ) from None
     elif path.endswith(".json"):
         try:
             values = json.loads(text)
@@ -40,6 +43,7 @@ def read_config_file(path, extra=()):
         raise CliError(f"--config {path}: expected a mapping of option names to values")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     from ..engine.config import flag_names
+
     known = set(flag_names()) | set(extra)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -49,6 +53,7 @@ def read_config_file(path, extra=()):
 
 def _check_train_extras():
     import importlib.util
+
     missing = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is None]
     if missing:
         raise CliError(f"training needs {', '.join(missing)}: pip install 'ctmq[train]'")
@@ -57,13 +62,19 @@ def _check_train_extras():
 def _options(args, extra=()):
     """The config file's values, overridden by the flags given."""
     values = read_config_file(args.config, extra) if args.config else {}
-    values.update({k: v for k, v in vars(args).items()
-                   if k not in ("command", "func", "config", "restart") and v is not None})
+    values.update(
+        {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("command", "func", "config", "restart") and v is not None
+        }
+    )
     return values
 
 
 def _run_config(values):
     from ..engine import RunConfig
+
     try:
         return RunConfig(**values)
     except (TypeError, ValueError) as e:
@@ -118,8 +129,14 @@ def _study(args):
     cfg = _run_config(values)
     try:
         rep = study(cfg, seeds, arms, custom, restart=args.restart)
-    except (RunConfigError, CheckpointError, data_mod.DataError, StageDiverged, ValueError,
-            TypeError) as e:
+    except (
+        RunConfigError,
+        CheckpointError,
+        data_mod.DataError,
+        StageDiverged,
+        ValueError,
+        TypeError,
+    ) as e:
         raise CliError(str(e)) from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_table(rep))
@@ -130,34 +147,50 @@ def _training_options(parser, skip=()):
     from ..data import DATASETS
     from ..engine.config import add_arguments
     from ..models import MODELS
-    parser.add_argument("--config", help="a .json or .yaml file of options (flag names with _ or "
-                        "-); flags given override it")
+
+    parser.add_argument(
+        "--config",
+        help="a .json or .yaml file of options (flag names with _ or -); flags given override it",
+    )
     add_arguments(parser, choices={"dataset": DATASETS, "model": list(MODELS)}, skip=skip)
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the run already in --out and train from the start")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run already in --out and train from the start",
+    )
 
 
 def add_commands(sub):
-    t = sub.add_parser("train", help="train with CTMQ and the direct baseline; resumable",
-                       description="Train a binarizable CNN with CTMQ (and the direct "
-                       "baseline). Flags override --config; running the same command again "
-                       "resumes from the last completed stage.")
+    t = sub.add_parser(
+        "train",
+        help="train with CTMQ and the direct baseline; resumable",
+        description="Train a binarizable CNN with CTMQ (and the direct "
+        "baseline). Flags override --config; running the same command again "
+        "resumes from the last completed stage.",
+    )
     _training_options(t)
     t.set_defaults(func=_train)
-    s = sub.add_parser("study", help="several schedules x seeds: mean ± sd and paired "
-                       "differences against direct with 95% confidence intervals",
-                       description="Train each arm (schedule) for each seed from a shared FP "
-                       "stage and report per arm mean ± sd and, against direct, the paired "
-                       "difference per seed with a 95% CI (paired t). Takes train's options "
-                       "but --seed and --schedule; resumable. Default --out: runs/study.")
+    s = sub.add_parser(
+        "study",
+        help="several schedules x seeds: mean ± sd and paired "
+        "differences against direct with 95% confidence intervals",
+        description="Train each arm (schedule) for each seed from a shared FP "
+        "stage and report per arm mean ± sd and, against direct, the paired "
+        "difference per seed with a 95% CI (paired t). Takes train's options "
+        "but --seed and --schedule; resumable. Default --out: runs/study.",
+    )
     _training_options(s, skip=("seed", "schedule"))
     s.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default 0,1,2)")
-    s.add_argument("--arms", help="comma-separated arms: direct, direct-final, ladder, ctmq, or "
-                   "a schedule named in the config file's 'schedules' (default: the four; "
-                   "direct, the baseline of the paired differences, is always run)")
+    s.add_argument(
+        "--arms",
+        help="comma-separated arms: direct, direct-final, ladder, ctmq, or "
+        "a schedule named in the config file's 'schedules' (default: the four; "
+        "direct, the baseline of the paired differences, is always run)",
+    )
     s.set_defaults(func=_study)
 
 
 def _seed_list(text):
     from ..engine.config import int_list
+
     return int_list(text)

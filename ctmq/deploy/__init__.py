@@ -7,6 +7,7 @@ engine "executor" (the compiled executor of ctmq._C, the CPU default) and
 "python" (node by node) run on torch and give the trained model's logits bit
 for bit; "native" runs the torch-free native runtime (ctmq/_native, the same
 library as the C API and ctmq-run) on NumPy arrays, and imports no torch."""
+
 from ..artifact import ArtifactError
 
 ENGINES = ("auto", "executor", "python", "native")
@@ -24,18 +25,22 @@ def load(path, device="cpu", engine="auto", **options):
         if str(device) != "cpu":
             raise ValueError(f"engine 'native' runs on the CPU, got device {device!r}")
         from .native import NativeRuntime
+
         return NativeRuntime(path, **options)
     if options:
         raise TypeError(f"options {sorted(options)} apply to engine 'native' only")
     from .runtime import load as load_torch
+
     return load_torch(path, device, engine)
 
 
 def __getattr__(name):
     if name == "Runtime":
         from .runtime import Runtime
+
         return Runtime
     if name == "read_artifact":
         from ..artifact import read_artifact
+
         return read_artifact
     raise AttributeError(f"module 'ctmq.deploy' has no attribute {name!r}")

@@ -4,6 +4,7 @@ through ctypes, on NumPy arrays, without torch.
 The library is ctmq/_native (built with the package), or the file that the
 environment variable CTMQ_NATIVE_LIBRARY names (a libctmq_runtime.so built
 with CMake, see the README)."""
+
 import ctypes
 import importlib.util
 import os
@@ -28,19 +29,26 @@ def _library():
     if not path:
         spec = importlib.util.find_spec("ctmq._native")
         if spec is None or not spec.origin:
-            raise RuntimeError("ctmq's native runtime is not built: reinstall ctmq (it builds "
-                               f"ctmq/_native), or set {LIBRARY_ENV} to a libctmq_runtime.so")
+            raise RuntimeError(
+                "ctmq's native runtime is not built: reinstall ctmq (it builds "
+                f"ctmq/_native), or set {LIBRARY_ENV} to a libctmq_runtime.so"
+            )
         path = spec.origin
     lib = ctypes.CDLL(path)
     p, i, f, c = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_char_p
-    sigs = {"ctmq_version": (c, []),
-            "ctmq_open": (p, [c, ctypes.POINTER(_Options), ctypes.c_char_p, ctypes.c_size_t]),
-            "ctmq_close": (None, [p]),
-            "ctmq_input_channels": (i, [p]), "ctmq_input_size": (i, [p]),
-            "ctmq_input_mean": (f, [p]), "ctmq_input_std": (f, [p]),
-            "ctmq_num_classes": (i, [p]), "ctmq_class_name": (c, [p, i]),
-            "ctmq_cpu_path": (c, [p]),
-            "ctmq_run": (i, [p, f, i, f, ctypes.c_char_p, ctypes.c_size_t])}
+    sigs = {
+        "ctmq_version": (c, []),
+        "ctmq_open": (p, [c, ctypes.POINTER(_Options), ctypes.c_char_p, ctypes.c_size_t]),
+        "ctmq_close": (None, [p]),
+        "ctmq_input_channels": (i, [p]),
+        "ctmq_input_size": (i, [p]),
+        "ctmq_input_mean": (f, [p]),
+        "ctmq_input_std": (f, [p]),
+        "ctmq_num_classes": (i, [p]),
+        "ctmq_class_name": (c, [p, i]),
+        "ctmq_cpu_path": (c, [p]),
+        "ctmq_run": (i, [p, f, i, f, ctypes.c_char_p, ctypes.c_size_t]),
+    }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
@@ -69,11 +77,16 @@ class NativeRuntime:
         lib = self._lib
         self.input_channels = lib.ctmq_input_channels(handle)
         self.input_size = lib.ctmq_input_size(handle)
-        self.class_names = [lib.ctmq_class_name(handle, k).decode()
-                            for k in range(lib.ctmq_num_classes(handle))]
+        self.class_names = [
+            lib.ctmq_class_name(handle, k).decode() for k in range(lib.ctmq_num_classes(handle))
+        ]
         c = self.input_channels
-        self.mean = np.ctypeslib.as_array(lib.ctmq_input_mean(handle), (c,)).copy().reshape(1, c, 1, 1)
-        self.std = np.ctypeslib.as_array(lib.ctmq_input_std(handle), (c,)).copy().reshape(1, c, 1, 1)
+        self.mean = (
+            np.ctypeslib.as_array(lib.ctmq_input_mean(handle), (c,)).copy().reshape(1, c, 1, 1)
+        )
+        self.std = (
+            np.ctypeslib.as_array(lib.ctmq_input_std(handle), (c,)).copy().reshape(1, c, 1, 1)
+        )
         self.cpu_path = lib.ctmq_cpu_path(handle).decode()
         self.device = "cpu"
         self.engine = "native"
@@ -85,13 +98,17 @@ class NativeRuntime:
 
     def check_images(self, images):
         if not isinstance(images, np.ndarray) or not np.issubdtype(images.dtype, np.floating):
-            raise TypeError(f"images must be a float NumPy array (N, C, H, W), got "
-                            f"{getattr(images, 'dtype', type(images).__name__)}")
+            raise TypeError(
+                f"images must be a float NumPy array (N, C, H, W), got "
+                f"{getattr(images, 'dtype', type(images).__name__)}"
+            )
         want = (self.input_channels, self.input_size, self.input_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
-                             f"(channels, height, width of the exported model), got "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
+                f"(channels, height, width of the exported model), got "
+                f"{tuple(images.shape)}"
+            )
 
     def __call__(self, images):
         self.check_images(images)

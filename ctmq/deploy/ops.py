@@ -7,6 +7,7 @@ CUDA the kernel chosen with ctmq.binary.use_kernel) with the folded scale/bias
 and the residual in their epilogue; every other op is the torch function the
 trained model calls, so the logits equal the model's eval logits.
 """
+
 from typing import Callable
 
 import torch
@@ -21,6 +22,7 @@ def lowering(name):
     def register(fn):
         LOWER[name] = fn
         return fn
+
     return register
 
 
@@ -34,10 +36,12 @@ def max_pool2d(x, kernel, stride, padding):
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.max_pool2d(x, kernel, stride, padding)
     if torch.backends.mkldnn.is_available():
-        return torch.mkldnn_max_pool2d(x.to_mkldnn(), list(kernel), list(stride),
-                                       list(padding)).to_dense()
-    return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride,
-                        padding).contiguous()
+        return torch.mkldnn_max_pool2d(
+            x.to_mkldnn(), list(kernel), list(stride), list(padding)
+        ).to_dense()
+    return F.max_pool2d(
+        x.contiguous(memory_format=torch.channels_last), kernel, stride, padding
+    ).contiguous()
 
 
 @lowering("conv2d")
@@ -85,15 +89,29 @@ def _binary_conv(a, name):
     def run(x, residual=None):
         channels = x.channels if isinstance(x, binary.PackedActivation) else x.shape[1]
         if channels != in_channels:  # same word count, other channels: wrong values otherwise
-            raise ValueError(f"binary_conv node {name!r} expects {in_channels} input channels, "
-                             f"got {channels}")
+            raise ValueError(
+                f"binary_conv node {name!r} expects {in_channels} input channels, got {channels}"
+            )
         if input_bias is not None:  # RSign: the sign of x + bias (the model's own expression)
             x = x + input_bias
         xb = x.bits if isinstance(x, binary.PackedActivation) else pack_bits(x)
         gemm, tap_popc = weight.layout_for(bits, ops.binary_backend(xb))
-        y = conv(xb, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                 residual, packed)
+        y = conv(
+            xb,
+            in_channels,
+            bits,
+            gemm,
+            tap_popc,
+            stride,
+            padding,
+            dilation,
+            scale,
+            bias,
+            residual,
+            packed,
+        )
         return binary.PackedActivation(y, weight.out_channels) if packed else y
+
     return run
 
 

@@ -11,6 +11,7 @@ run as the same torch functions the trained model calls, so the logits agree
 with the model's eval-mode logits. On CUDA, each (batch size, binary kernel)
 is captured once as a CUDA graph so that small batches are not launch-bound.
 """
+
 import contextlib
 import json
 import time
@@ -79,9 +80,15 @@ class Runtime:
         self.mean = torch.tensor(header["input"]["mean"]).view(1, -1, 1, 1)
         self.std = torch.tensor(header["input"]["std"]).view(1, -1, 1, 1)
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
-        self.steps = [_Step(node["op"], LOWER[node["op"]](read_attrs(OPS[node["op"]], node, self.t),
-                                                          node["out"]),
-                            list(node["in"]), node["out"]) for node in header["nodes"]]
+        self.steps = [
+            _Step(
+                node["op"],
+                LOWER[node["op"]](read_attrs(OPS[node["op"]], node, self.t), node["out"]),
+                list(node["in"]),
+                node["out"],
+            )
+            for node in header["nodes"]
+        ]
         self._graphs = {}
         self._dry_run()
         self.executor = self._make_executor(header, tensors, engine)
@@ -98,7 +105,9 @@ class Runtime:
                 raise RuntimeError("ctmq._C has no Executor: rebuild ctmq")
             return None
         try:
-            return module.Executor(json.dumps(header), {k: v.contiguous() for k, v in tensors.items()})
+            return module.Executor(
+                json.dumps(header), {k: v.contiguous() for k, v in tensors.items()}
+            )
         except ValueError as e:
             raise ArtifactError(str(e)) from e
 
@@ -109,30 +118,40 @@ class Runtime:
         and not at the first call."""
         shape = (1, self.input_channels, self.input_size, self.input_size)
         env = {"input": torch.zeros(shape, device=self.device)}
-        with torch.inference_mode(), \
-                _ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext():
+        with (
+            torch.inference_mode(),
+            _ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext(),
+        ):
             for step in self.steps:
                 try:
                     env[step.out] = step.fn(*[env[i] for i in step.inputs])
                 except Exception as e:  # any op's own error, with the node named
-                    raise ArtifactError(f"{step.op} node {step.out!r} fails on a {shape} input: "
-                                        f"{type(e).__name__}: {e}") from e
+                    raise ArtifactError(
+                        f"{step.op} node {step.out!r} fails on a {shape} input: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
         out = env["output"]
         want = (1, len(self.class_names))
         if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != want:
-            raise ArtifactError(f"the graph's output on a {shape} input is "
-                                f"{getattr(out, 'shape', type(out).__name__)}, expected float "
-                                f"logits of shape {want} (one per class name)")
+            raise ArtifactError(
+                f"the graph's output on a {shape} input is "
+                f"{getattr(out, 'shape', type(out).__name__)}, expected float "
+                f"logits of shape {want} (one per class name)"
+            )
 
     # -------------------------------------------------------------- running
     def check_images(self, images):
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor (N, C, H, W), got "
-                            f"{getattr(images, 'dtype', type(images).__name__)}")
+            raise TypeError(
+                f"images must be a float tensor (N, C, H, W), got "
+                f"{getattr(images, 'dtype', type(images).__name__)}"
+            )
         want = (self.input_channels, self.input_size, self.input_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
-                             f"(channels, height, width of the exported model), got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
+                f"(channels, height, width of the exported model), got {tuple(images.shape)}"
+            )
 
     def run(self, images, trace=False, timings=None):
         """Logits of normalized images; with trace=True also every node's value;

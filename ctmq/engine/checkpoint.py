@@ -5,6 +5,7 @@ before its weights are used.
 
 Reading never unpickles. Every error names the file (CheckpointError).
 """
+
 import hashlib
 import json
 import os
@@ -28,11 +29,12 @@ def _digest(data: bytes) -> str:
 def save_checkpoint(path, model, meta):
     """Write model's state dict and `meta` (JSON-able) to `path`, all or nothing."""
     from safetensors.torch import save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # the digest covers the tensor data, which the header's metadata does not
     # change: serialize once to hash it, once more with the digest in the header
     blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
-    data = blob[8 + struct.unpack("<Q", blob[:8])[0]:]
+    data = blob[8 + struct.unpack("<Q", blob[:8])[0] :]
     blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta), DIGEST_KEY: _digest(data)})
     with atomic_open(path, "wb") as f:
         f.write(blob)
@@ -50,20 +52,26 @@ def _read(path):
         raise CheckpointError(f"{path}: truncated ({len(blob)} bytes): not a checkpoint")
     (n,) = struct.unpack("<Q", blob[:8])
     if n > len(blob) - 8:
-        raise CheckpointError(f"{path}: truncated: its header claims {n} bytes, the file has "
-                              f"{len(blob) - 8}")
+        raise CheckpointError(
+            f"{path}: truncated: its header claims {n} bytes, the file has {len(blob) - 8}"
+        )
     try:
-        header = json.loads(blob[8:8 + n])
+        header = json.loads(blob[8 : 8 + n])
         if not isinstance(header, dict):
             raise TypeError("not an object")
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable header (not a safetensors checkpoint)") from e
-    data = blob[8 + n:]
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict)]
+    data = blob[8 + n :]
+    ends = [
+        v.get("data_offsets", [0, 0])[1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict)
+    ]
     if ends and max(ends) != len(data):
-        raise CheckpointError(f"{path}: truncated or padded: its tensors need {max(ends)} bytes, "
-                              f"the file holds {len(data)}")
+        raise CheckpointError(
+            f"{path}: truncated or padded: its tensors need {max(ends)} bytes, "
+            f"the file holds {len(data)}"
+        )
     return header, blob, data
 
 
@@ -86,7 +94,9 @@ def verify_checkpoint(path):
     header, _, data = _read(path)
     digest = (header.get("__metadata__") or {}).get(DIGEST_KEY)
     if digest is not None and digest != _digest(data):
-        raise CheckpointError(f"{os.fspath(path)}: checksum mismatch: the file was changed or damaged")
+        raise CheckpointError(
+            f"{os.fspath(path)}: checksum mismatch: the file was changed or damaged"
+        )
     return checkpoint_meta(path)
 
 
@@ -94,6 +104,7 @@ def load_checkpoint(path, model=None):
     """(state dict, metadata) of a stage checkpoint, verified; loads it into
     model if given, and sets the model's bit depths to the stage's."""
     from safetensors.torch import load
+
     path = os.fspath(path)
     verify_checkpoint(path)
     _, blob, _ = _read(path)

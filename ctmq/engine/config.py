@@ -6,6 +6,7 @@ the Python API cannot drift apart. Every value is checked for its type where
 a config is made: `lr: [0.1, 0.2]` or `distill: "yes"` is a ValueError
 naming the option.
 """
+
 import argparse
 import dataclasses
 import os
@@ -20,12 +21,14 @@ STEMS = ("auto", "imagenet", "cifar")
 BLOCKS = ("bireal", "basic")
 
 
-def option(default=None, help="", *, choices=None, runtime=False, parse=None, metavar=None,
-           flag=True):
+def option(
+    default=None, help="", *, choices=None, runtime=False, parse=None, metavar=None, flag=True
+):
     """A config field: `runtime` options do not change what is trained (they may
     differ on resume); `parse` reads the flag's text; flag=False: no CLI flag."""
-    meta = dict(help=help, choices=choices, runtime=runtime, parse=parse, metavar=metavar,
-                flag=flag)
+    meta = dict(
+        help=help, choices=choices, runtime=runtime, parse=parse, metavar=metavar, flag=flag
+    )
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -36,7 +39,9 @@ def int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def int_or_list(text):
@@ -72,7 +77,8 @@ def _describe(kind):
     if origin in (list, List):
         return f"a list of {_PLURAL.get(args[0], 'values')}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        kind, getattr(kind, "__name__", str(kind)))
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 _PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
@@ -106,15 +112,17 @@ class TrainConfig:
     amp: bool = option(True, "bf16 autocast on CUDA")
     channels_last: bool = option(True, "channels_last memory format on CUDA")
     compile: bool = option(False, "torch.compile the model", runtime=True)
-    progress: bool = option(True, "progress bars on a terminal, else a line per epoch",
-                            runtime=True)
-    lr_schedule: str = option("cosine", "LR decay to zero within each stage",
-                              choices=LR_SCHEDULES)
+    progress: bool = option(
+        True, "progress bars on a terminal, else a line per epoch", runtime=True
+    )
+    lr_schedule: str = option("cosine", "LR decay to zero within each stage", choices=LR_SCHEDULES)
     warmup_epochs: float = option(0.0, "linear LR warm-up at the start of each stage")
-    weight_decay_binary: bool = option(True, "weight decay on the latent weights of quantized "
-                                             "layers too")
-    distill: bool = option(False, "low-bit stages also match the logits of their cycle's FP "
-                                  "model (KL)")
+    weight_decay_binary: bool = option(
+        True, "weight decay on the latent weights of quantized layers too"
+    )
+    distill: bool = option(
+        False, "low-bit stages also match the logits of their cycle's FP model (KL)"
+    )
     distill_temperature: float = option(1.0, "softmax temperature of --distill")
     distill_weight: float = option(1.0, "weight of the --distill term")
 
@@ -123,8 +131,14 @@ class TrainConfig:
         for name in ("lr", "batch_size", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "distill_weight", "workers",
-                     "label_smoothing", "momentum"):
+        for name in (
+            "weight_decay",
+            "warmup_epochs",
+            "distill_weight",
+            "workers",
+            "label_smoothing",
+            "momentum",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -143,8 +157,12 @@ class RunConfig:
     dataset: str = option("digits", "dataset (digits is embedded: 8x8 images, no download)")
     data_root: Optional[str] = option(None, "folder of the dataset files (all but digits)")
     model: str = option("resnet18", "a zoo model")
-    stem: str = option("auto", "first layers: imagenet (7x7/2 conv + max pool) or cifar "
-                               "(3x3/1 conv); auto: imagenet for --dataset imagenet", choices=STEMS)
+    stem: str = option(
+        "auto",
+        "first layers: imagenet (7x7/2 conv + max pool) or cifar "
+        "(3x3/1 conv); auto: imagenet for --dataset imagenet",
+        choices=STEMS,
+    )
     block: str = option("bireal", "resnet blocks", choices=BLOCKS)
     width: float = option(1.0, "channel width multiplier")
     schedule: str = option("both", "which schedules to train", choices=SCHEDULES)
@@ -152,14 +170,22 @@ class RunConfig:
     target_bits: int = option(1, "last stage of the ladder")
     cycles: int = option(2, "CTMQ cycles")
     epochs_per_stage: Union[int, List[int]] = option(
-        2, "epochs of each low-bit stage, or one per step of the ladder, start bits first "
-           "(e.g. 2,2,2,4 for W4A4..W1A1)", parse=int_or_list, metavar="N[,N...]")
-    fp_epochs: Optional[int] = option(None, "epochs of FP stages (default: the first of "
-                                            "--epochs-per-stage; 0 with --fp-checkpoint)")
-    final_epochs: Optional[int] = option(None, "epochs of each cycle's last (target-bit) stage "
-                                               "(default: --epochs-per-stage)")
-    fp_checkpoint: Optional[str] = option(None, "FP starting point: a torchvision resnet18/34 "
-                                                "state dict or a ctmq stage checkpoint")
+        2,
+        "epochs of each low-bit stage, or one per step of the ladder, start bits first "
+        "(e.g. 2,2,2,4 for W4A4..W1A1)",
+        parse=int_or_list,
+        metavar="N[,N...]",
+    )
+    fp_epochs: Optional[int] = option(
+        None,
+        "epochs of FP stages (default: the first of --epochs-per-stage; 0 with --fp-checkpoint)",
+    )
+    final_epochs: Optional[int] = option(
+        None, "epochs of each cycle's last (target-bit) stage (default: --epochs-per-stage)"
+    )
+    fp_checkpoint: Optional[str] = option(
+        None, "FP starting point: a torchvision resnet18/34 state dict or a ctmq stage checkpoint"
+    )
     seed: int = option(0, "random seed")
     out: str = option("runs/ctmq", "run directory", runtime=True)
     device: str = option("auto", "auto: cuda when available", choices=DEVICES, runtime=True)
@@ -170,8 +196,9 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(self)} - {"train"}
         unknown = sorted(set(values) - names - set(TRAIN_FIELDS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; known: "
-                             f"{sorted(names | set(TRAIN_FIELDS))}")
+            raise ValueError(
+                f"unknown option(s) {unknown}; known: {sorted(names | set(TRAIN_FIELDS))}"
+            )
         for f in dataclasses.fields(self):
             if f.name != "train":
                 object.__setattr__(self, f.name, values.get(f.name, f.default))
@@ -188,14 +215,19 @@ class RunConfig:
 
     def flat(self):
         """Every option as one flat dict (the config file's and config.json's form)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        values = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"
+        }
         return {**values, **dataclasses.asdict(self.train)}
 
     @classmethod
     def runtime_keys(cls):
         """Options that may differ when a run directory is resumed."""
-        return tuple(f.name for f in (*dataclasses.fields(cls), *dataclasses.fields(TrainConfig))
-                     if f.metadata.get("runtime"))
+        return tuple(
+            f.name
+            for f in (*dataclasses.fields(cls), *dataclasses.fields(TrainConfig))
+            if f.metadata.get("runtime")
+        )
 
     def semantic(self):
         """What is trained: the options config.json records and checks on resume."""
@@ -210,13 +242,18 @@ class RunConfig:
         from .. import data as data_mod
         from ..models import MODELS
         from .rundir import RunConfigError
+
         if self.dataset not in data_mod.DATASETS:
-            raise RunConfigError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+            raise RunConfigError(
+                f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}"
+            )
         if self.model not in MODELS:
             raise RunConfigError(f"model must be one of {tuple(MODELS)}, got {self.model!r}")
         if self.dataset == "digits" and self.data_root is not None:
-            raise RunConfigError("data_root does not apply to the embedded digits data set "
-                                 "(drop --data-root, or choose --dataset)")
+            raise RunConfigError(
+                "data_root does not apply to the embedded digits data set "
+                "(drop --data-root, or choose --dataset)"
+            )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise RunConfigError("device cuda: no CUDA device is available here")
         if self.sync_bn and self.torch_device().type != "cuda":
@@ -229,12 +266,16 @@ class RunConfig:
             raise RunConfigError(str(e)) from e
         shortest = min(st.epochs for s in schedules for st in s.stages)
         if self.warmup_epochs >= shortest:
-            raise RunConfigError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than the "
-                                 f"shortest stage ({shortest} epochs): the LR would never decay")
+            raise RunConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) must be shorter than the "
+                f"shortest stage ({shortest} epochs): the LR would never decay"
+            )
         if self.distill and not self.fp_checkpoint and not schedules[0].stages[0].is_fp:
-            raise RunConfigError("distill: the first cycle has no FP stage (fp_epochs 0) and no "
-                                 "fp_checkpoint, so its teacher would be the random starting "
-                                 "weights; give --fp-checkpoint or --fp-epochs")
+            raise RunConfigError(
+                "distill: the first cycle has no FP stage (fp_epochs 0) and no "
+                "fp_checkpoint, so its teacher would be the random starting "
+                "weights; give --fp-checkpoint or --fp-epochs"
+            )
         return self
 
     # -------------------------------------------------------- derived values
@@ -248,8 +289,15 @@ class RunConfig:
 
     def schedules(self):
         from .schedule import Schedule
-        ctmq = Schedule.ctmq(self.start_bits, self.target_bits, self.cycles,
-                             self.epochs_per_stage, self.resolved_fp_epochs(), self.final_epochs)
+
+        ctmq = Schedule.ctmq(
+            self.start_bits,
+            self.target_bits,
+            self.cycles,
+            self.epochs_per_stage,
+            self.resolved_fp_epochs(),
+            self.final_epochs,
+        )
         direct = Schedule.direct_matching(ctmq)
         return {"both": [ctmq, direct], "ctmq": [ctmq], "direct": [direct]}[self.schedule]
 
@@ -258,6 +306,7 @@ class RunConfig:
 
     def torch_device(self):
         import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -283,8 +332,7 @@ def add_arguments(parser, choices=None, skip=()):
         meta = f.metadata
         default = f.default
         shown = "" if default is None else f" (default: {_shown(default)})"
-        kwargs = dict(help=(meta["help"] + shown).replace("%", "%%"), default=None,
-                      dest=f.name)
+        kwargs = dict(help=(meta["help"] + shown).replace("%", "%%"), default=None, dest=f.name)
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

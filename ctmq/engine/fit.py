@@ -22,6 +22,7 @@ QLinear (ctmq.nn.convert, or built with them); set_bits switches their bit
 depths between stages. A checkpoint holds the state dict and the stage; the
 model's code is the caller's (rebuild it, then load_checkpoint(path, model)).
 """
+
 import contextlib
 import copy
 import dataclasses
@@ -49,8 +50,14 @@ from .rundir import RunConfigError
 from .schedule import Schedule
 from .trainer import evaluate, init_distributed, train_stage
 
-__all__ = ["CheckpointError", "RunConfigError", "checkpoint_meta", "fit", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "RunConfigError",
+    "checkpoint_meta",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 # ---------------------------------------------------------------- the loop
@@ -101,6 +108,7 @@ def seed_stage(seed, key, train_loader):
     random.seed(s)
     with contextlib.suppress(ImportError):
         import numpy as np
+
         np.random.seed(s)
     generator = getattr(train_loader, "generator", None)
     if isinstance(generator, torch.Generator):
@@ -128,7 +136,9 @@ def _complete_metrics(sched, index, stage, ckpt, metrics_path, log, label):
         trained = verify_checkpoint(ckpt).get("stage")
         with open(metrics_path) as f:
             metrics = json.load(f)
-        if not isinstance(metrics, dict) or not {"top1", "top5", "train_loss", "seconds"} <= set(metrics):
+        if not isinstance(metrics, dict) or not {"top1", "top5", "train_loss", "seconds"} <= set(
+            metrics
+        ):
             raise ValueError("its metrics file lacks top1/top5/train_loss/seconds")
     except (CheckpointError, OSError, ValueError) as e:
         log(f"{label}: {e}; training the stage again")
@@ -140,7 +150,8 @@ def _complete_metrics(sched, index, stage, ckpt, metrics_path, log, label):
         raise RunConfigError(
             f"{ckpt} holds stage {trained}, but schedule {sched.name!r} now asks for "
             f"{dataclasses.asdict(stage)} there; use another --out, or --restart to discard "
-            "the run")
+            "the run"
+        )
     return metrics
 
 
@@ -148,8 +159,22 @@ class _Run:
     """What fit() trains with: the model and its forward (DDP, compiled), the
     loaders, the run directory, and the process's part (rank)."""
 
-    def __init__(self, model, forward, loaders, out, tcfg, device, info, seed, meta, augment,
-                 log, callback, init_state):
+    def __init__(
+        self,
+        model,
+        forward,
+        loaders,
+        out,
+        tcfg,
+        device,
+        info,
+        seed,
+        meta,
+        augment,
+        log,
+        callback,
+        init_state,
+    ):
         self.model, self.forward, self.loaders, self.out = model, forward, loaders, out
         self.tcfg, self.device, self.info, self.seed, self.meta = tcfg, device, info, seed, meta
         self.augment, self.log, self.callback = augment, log, callback
@@ -167,16 +192,32 @@ class _Run:
         teacher = self.teachers.get(sched, i, self.tcfg.distill)  # before seeding
         seed_stage(self.seed, key, self.loaders[0])
         _notify(self.callback, "stage_start", sched, i, self.model)
-        metrics = train_stage(self.model, stage, label, self.loaders, self.tcfg, self.device,
-                              self.info, augment=self.augment, forward=self.forward,
-                              teacher=teacher, log=self.log)
-        metrics["top1"], metrics["top5"] = evaluate(self.model, self.loaders[1], self.device,
-                                                    self.tcfg)
-        self.log(f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-                 f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")
+        metrics = train_stage(
+            self.model,
+            stage,
+            label,
+            self.loaders,
+            self.tcfg,
+            self.device,
+            self.info,
+            augment=self.augment,
+            forward=self.forward,
+            teacher=teacher,
+            log=self.log,
+        )
+        metrics["top1"], metrics["top5"] = evaluate(
+            self.model, self.loaders[1], self.device, self.tcfg
+        )
+        self.log(
+            f"{label}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+            f"loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)"
+        )
         if self.info.is_main:
-            save_checkpoint(ckpt, self.model, dict(self.meta, stage=dataclasses.asdict(stage),
-                                                   schedule=sched.name, key=key))
+            save_checkpoint(
+                ckpt,
+                self.model,
+                dict(self.meta, stage=dataclasses.asdict(stage), schedule=sched.name, key=key),
+            )
             rundir.write_json(metrics_path, metrics)
         self.info.barrier()
         _notify(self.callback, "stage_end", sched, i, self.model, metrics)
@@ -201,10 +242,22 @@ class _Run:
                     load_checkpoint(pending, self.model)
                     pending = None
                 metrics = self.train(sched, i, key, label)
-            rows.append(dict(schedule=sched.name, index=i, key=key, cycle=stage.cycle,
-                             label=stage.label, w_bits=stage.w_bits, a_bits=stage.a_bits,
-                             epochs=stage.epochs, top1=metrics["top1"], top5=metrics["top5"],
-                             train_loss=metrics["train_loss"], seconds=metrics["seconds"]))
+            rows.append(
+                dict(
+                    schedule=sched.name,
+                    index=i,
+                    key=key,
+                    cycle=stage.cycle,
+                    label=stage.label,
+                    w_bits=stage.w_bits,
+                    a_bits=stage.a_bits,
+                    epochs=stage.epochs,
+                    top1=metrics["top1"],
+                    top5=metrics["top5"],
+                    train_loss=metrics["train_loss"],
+                    seconds=metrics["seconds"],
+                )
+            )
         if pending:
             load_checkpoint(pending, self.model)
         return rows
@@ -214,8 +267,10 @@ def _check_arguments(model, schedules, config) -> tuple[list[Schedule], TrainCon
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not quantized_layers(model):
-        raise ValueError("model has no QConv2d/QLinear layers to quantize: build it with them, "
-                         "or call ctmq.nn.convert(model) first")
+        raise ValueError(
+            "model has no QConv2d/QLinear layers to quantize: build it with them, "
+            "or call ctmq.nn.convert(model) first"
+        )
     schedules = _check_schedules(schedules)
     tcfg = config if config is not None else TrainConfig()
     if not isinstance(tcfg, TrainConfig):
@@ -225,10 +280,16 @@ def _check_arguments(model, schedules, config) -> tuple[list[Schedule], TrainCon
 
 def _default_run_config(schedules, tcfg, seed, train_loader):
     # batch_size and workers are the loaders', recorded as such
-    return {"seed": seed, "schedules": [s.to_dict() for s in schedules],
-            "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
-                      if k not in ("batch_size", "workers", "progress", "compile")},
-            "batch_size": getattr(train_loader, "batch_size", None)}
+    return {
+        "seed": seed,
+        "schedules": [s.to_dict() for s in schedules],
+        "train": {
+            k: v
+            for k, v in dataclasses.asdict(tcfg).items()
+            if k not in ("batch_size", "workers", "progress", "compile")
+        },
+        "batch_size": getattr(train_loader, "batch_size", None),
+    }
 
 
 def _place(model, tcfg, device, info):
@@ -239,18 +300,31 @@ def _place(model, tcfg, device, info):
     forward = model
     if info.enabled:  # (DDP's constructor gives every rank rank 0's parameters and buffers)
         forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
     if tcfg.compile:
         forward = torch.compile(forward)
     return model, forward
 
 
-def fit(model: nn.Module, train_loader, val_loader,
-        schedules: Union[Schedule, Sequence[Schedule]], out: str, *,
-        config: Optional[TrainConfig] = None, seed: int = 0, device=None,
-        restart: bool = False, augment: Optional[Callable] = None,
-        meta: Optional[dict] = None, log: Callable = print, callback=None,
-        run_config: Optional[dict] = None, run_defaults: Optional[dict] = None) -> dict:
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    schedules: Union[Schedule, Sequence[Schedule]],
+    out: str,
+    *,
+    config: Optional[TrainConfig] = None,
+    seed: int = 0,
+    device=None,
+    restart: bool = False,
+    augment: Optional[Callable] = None,
+    meta: Optional[dict] = None,
+    log: Callable = print,
+    callback=None,
+    run_config: Optional[dict] = None,
+    run_defaults: Optional[dict] = None,
+) -> dict:
     """Train `model` through each schedule (Schedule.ctmq(...), .direct(...),
     .custom(...), or a list of them with distinct names), writing checkpoints
     and reports to `out`; returns the report dict. Every schedule starts from
@@ -272,8 +346,9 @@ def fit(model: nn.Module, train_loader, val_loader,
     checked, tcfg = _check_arguments(model, schedules, config)
     out = os.fspath(out)
     rundir.check_out_dir(out)
-    device = torch.device(device if device is not None else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     info = init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
@@ -291,8 +366,21 @@ def fit(model: nn.Module, train_loader, val_loader,
         info.barrier()
         model, forward = _place(model, tcfg, device, info)
         init_state = {k: v.clone() for k, v in model.state_dict().items()}
-        run = _Run(model, forward, (train_loader, val_loader), out, tcfg, device, info, seed,
-                   dict(meta or {}), augment, log, callback, init_state)
+        run = _Run(
+            model,
+            forward,
+            (train_loader, val_loader),
+            out,
+            tcfg,
+            device,
+            info,
+            seed,
+            dict(meta or {}),
+            augment,
+            log,
+            callback,
+            init_state,
+        )
         rows = [row for sched in checked for row in run.schedule(sched, init_state)]
         rep = report_mod.build(checked, rows, run_config)
         if info.is_main:

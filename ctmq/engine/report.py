@@ -1,4 +1,5 @@
 """Run reports: report.json, report.csv, report.png (CTMQ vs direct per stage)."""
+
 import csv
 import io
 import json
@@ -6,8 +7,20 @@ import os
 
 from ..files import atomic_open
 
-COLUMNS = ["schedule", "index", "key", "cycle", "label", "w_bits", "a_bits", "epochs",
-           "top1", "top5", "train_loss", "seconds"]
+COLUMNS = [
+    "schedule",
+    "index",
+    "key",
+    "cycle",
+    "label",
+    "w_bits",
+    "a_bits",
+    "epochs",
+    "top1",
+    "top5",
+    "train_loss",
+    "seconds",
+]
 
 
 def build(schedules, rows, config):
@@ -18,8 +31,12 @@ def build(schedules, rows, config):
         if len(mine) == len(s.stages):
             last = mine[-1]
             final[s.name] = {k: last[k] for k in ("label", "top1", "top5")}
-    return {"config": config, "schedules": [s.to_dict() for s in schedules],
-            "stages": rows, "final": final}
+    return {
+        "config": config,
+        "schedules": [s.to_dict() for s in schedules],
+        "stages": rows,
+        "final": final,
+    }
 
 
 def write(out_dir, report):
@@ -44,6 +61,7 @@ def write_files(out_dir, stem, report, columns, rows, plot):
 
 def _plot(path, report):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -60,16 +78,25 @@ def _plot(path, report):
         color, marker = styles.get(sched["name"], ("tab:gray", "^"))
         ax.plot(x, [r["top1"] for r in rows], marker=marker, color=color, label=sched["name"])
         for xi, r in zip(x, rows, strict=True):
-            ax.annotate(r["label"], (xi, r["top1"]), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=7, color=color)
+            ax.annotate(
+                r["label"],
+                (xi, r["top1"]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=7,
+                color=color,
+            )
     cfg = report.get("config", {})
-    save_top1_figure(fig, ax, path,
-                     f"{cfg.get('dataset', '')} {cfg.get('model', '')}: top-1 after each stage")
+    save_top1_figure(
+        fig, ax, path, f"{cfg.get('dataset', '')} {cfg.get('model', '')}: top-1 after each stage"
+    )
 
 
 def save_top1_figure(fig, ax, path, title):
     """Title, axes of top-1 against epochs, legend; written as a PNG, all or nothing."""
     import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.set_xlabel("epochs trained")
     ax.set_ylabel("top-1 (%)")
@@ -82,12 +109,18 @@ def save_top1_figure(fig, ax, path, title):
 
 
 def format_table(report):
-    lines = [f"{'schedule':8s} {'#':>2s} {'cycle':>5s} {'stage':6s} {'epochs':>6s} "
-             f"{'top1':>6s} {'top5':>6s} {'loss':>7s} {'sec':>6s}"]
+    lines = [
+        f"{'schedule':8s} {'#':>2s} {'cycle':>5s} {'stage':6s} {'epochs':>6s} "
+        f"{'top1':>6s} {'top5':>6s} {'loss':>7s} {'sec':>6s}"
+    ]
     for r in report["stages"]:
-        lines.append(f"{r['schedule']:8s} {r['index']:2d} {r['cycle']:5d} {r['label']:6s} "
-                     f"{r['epochs']:6d} {r['top1']:6.2f} {r['top5']:6.2f} "
-                     f"{r['train_loss']:7.4f} {r['seconds']:6.1f}")
+        lines.append(
+            f"{r['schedule']:8s} {r['index']:2d} {r['cycle']:5d} {r['label']:6s} "
+            f"{r['epochs']:6d} {r['top1']:6.2f} {r['top5']:6.2f} "
+            f"{r['train_loss']:7.4f} {r['seconds']:6.1f}"
+        )
     for name, f in report["final"].items():
-        lines.append(f"final {name:6s} {f['label']}: top-1 {f['top1']:.2f}%  top-5 {f['top5']:.2f}%")
+        lines.append(
+            f"final {name:6s} {f['label']}: top-1 {f['top1']:.2f}%  top-5 {f['top5']:.2f}%"
+        )
     return "\n".join(lines)

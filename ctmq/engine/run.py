@@ -3,6 +3,7 @@ schedules) trained by ctmq.engine.fit into one run directory (its layout,
 resume and reports: see ctmq.engine.fit). config.json holds the RunConfig;
 a run directory made with another configuration is refused.
 """
+
 import torch
 
 from .. import data as data_mod
@@ -15,11 +16,14 @@ from .trainer import init_distributed, make_loaders
 
 
 def build_model(cfg, data):
-    stem = cfg.stem if cfg.stem != "auto" else ("imagenet" if cfg.dataset == "imagenet" else "cifar")
+    stem = (
+        cfg.stem if cfg.stem != "auto" else ("imagenet" if cfg.dataset == "imagenet" else "cifar")
+    )
     block = cfg.block if cfg.model.startswith("resnet") else None  # the others have one kind
     try:
-        return MODELS[cfg.model](data.num_classes, stem=stem, block=block, width=cfg.width,
-                                 in_channels=data.in_channels)
+        return MODELS[cfg.model](
+            data.num_classes, stem=stem, block=block, width=cfg.width, in_channels=data.in_channels
+        )
     except ValueError as e:  # e.g. vgg_small with the imagenet stem
         raise RunConfigError(f"model {cfg.model}: {e}") from e
 
@@ -31,8 +35,10 @@ def model_from_checkpoint(path):
     cfg = dict(meta.get("model") or {})
     name = cfg.pop("name", None)
     if name not in MODELS:
-        raise RunConfigError(f"{path}: its metadata names no zoo model ({name!r}); rebuild "
-                             "the model in code and load it with load_checkpoint(path, model)")
+        raise RunConfigError(
+            f"{path}: its metadata names no zoo model ({name!r}); rebuild "
+            "the model in code and load it with load_checkpoint(path, model)"
+        )
     model = MODELS[name](**cfg)
     load_checkpoint(path, model)
     return model, meta
@@ -61,16 +67,36 @@ def run(cfg, restart=False, log=print, callback=None, schedules=None):
     if cfg.fp_checkpoint:
         skipped = _load_fp_checkpoint(model, cfg.fp_checkpoint)
         if skipped and info.is_main:
-            log(f"fp checkpoint: {len(skipped)} tensors not loaded (shape or name differs), "
-                f"e.g. {skipped[:3]}")
+            log(
+                f"fp checkpoint: {len(skipped)} tensors not loaded (shape or name differs), "
+                f"e.g. {skipped[:3]}"
+            )
     if cfg.sync_bn and info.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loaders = make_loaders(data, tcfg.batch_size, info, cfg.seed, tcfg.workers,
-                           pin_memory=device.type == "cuda")
-    meta = {"model": dict(model.config, name=cfg.model), "dataset": cfg.dataset,
-            "mean": data.mean, "std": data.std, "image_size": data.image_size,
-            "class_names": data.class_names}
-    return fit(model, *loaders, schedules or cfg.schedules(), cfg.out, config=tcfg,
-               seed=cfg.seed, device=device, restart=restart,
-               augment=data_mod.augment_batch if data.augment else None, meta=meta, log=log,
-               callback=callback, run_config=cfg.semantic(), run_defaults=RunConfig().semantic())
+    loaders = make_loaders(
+        data, tcfg.batch_size, info, cfg.seed, tcfg.workers, pin_memory=device.type == "cuda"
+    )
+    meta = {
+        "model": dict(model.config, name=cfg.model),
+        "dataset": cfg.dataset,
+        "mean": data.mean,
+        "std": data.std,
+        "image_size": data.image_size,
+        "class_names": data.class_names,
+    }
+    return fit(
+        model,
+        *loaders,
+        schedules or cfg.schedules(),
+        cfg.out,
+        config=tcfg,
+        seed=cfg.seed,
+        device=device,
+        restart=restart,
+        augment=data_mod.augment_batch if data.augment else None,
+        meta=meta,
+        log=log,
+        callback=callback,
+        run_config=cfg.semantic(),
+        run_defaults=RunConfig().semantic(),
+    )

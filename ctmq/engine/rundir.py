@@ -11,6 +11,7 @@ model). A mismatch is a RunConfigError naming what differs and saying to use
 another directory or --restart. Temp files of a process killed mid-write are
 removed under the lock.
 """
+
 import contextlib
 import hashlib
 import json
@@ -35,11 +36,17 @@ def model_structure(model):
     """{"modules": [[name, type]], "tensors": [[name, shape, dtype]]} of a
     model: what a checkpoint of it needs to fit (names and shapes), and the
     layer types, so that swapping a layer counts too."""
+
     def kind(m):  # SyncBatchNorm (--sync-bn) is the same layer as the BatchNorm it replaces
         return "BatchNorm2d" if isinstance(m, nn.SyncBatchNorm) else type(m).__name__
-    return {"modules": [[name, kind(m)] for name, m in model.named_modules() if name],
-            "tensors": [[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
-                        for k, v in model.state_dict().items()]}
+
+    return {
+        "modules": [[name, kind(m)] for name, m in model.named_modules() if name],
+        "tensors": [
+            [k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+            for k, v in model.state_dict().items()
+        ],
+    }
 
 
 def fingerprint(structure):
@@ -80,8 +87,10 @@ class RunLock:
             holder = self.file.read().strip() or "unknown"
             self.file.close()
             self.file = None
-            raise RunConfigError(f"{os.path.dirname(self.path)} is in use by another ctmq process "
-                                 f"(pid {holder}); wait for it to finish, or use another --out") from None
+            raise RunConfigError(
+                f"{os.path.dirname(self.path)} is in use by another ctmq process "
+                f"(pid {holder}); wait for it to finish, or use another --out"
+            ) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -102,8 +111,9 @@ class RunLock:
 
 def check_out_dir(out):
     if os.path.exists(out) and not os.path.isdir(out):
-        raise RunConfigError(f"out {out} is a file; expected a run directory (a new or "
-                             "existing folder)")
+        raise RunConfigError(
+            f"out {out} is a file; expected a run directory (a new or existing folder)"
+        )
 
 
 def remove_stale_temps(out):
@@ -119,8 +129,9 @@ def _read_json(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise RunConfigError(f"{path} is unreadable ({e}); use another --out, or --restart "
-                             "to discard the run") from e
+        raise RunConfigError(
+            f"{path} is unreadable ({e}); use another --out, or --restart to discard the run"
+        ) from e
 
 
 def write_json(path, obj):
@@ -142,18 +153,27 @@ def prepare(out, config, restart, structure=None, defaults=None):
         if not isinstance(old, dict):
             raise RunConfigError(f"{path} is not a configuration; use another --out, or --restart")
         old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
-        old.setdefault("model_fingerprint", config.get("model_fingerprint"))  # made before fingerprints
+        old.setdefault(
+            "model_fingerprint", config.get("model_fingerprint")
+        )  # made before fingerprints
         if old.get("model_fingerprint") != config.get("model_fingerprint"):
             before = os.path.join(out, "model.json")
-            where = (_first_difference(_read_json(before), structure) if os.path.exists(before)
-                     else "its layers or tensor shapes differ")
-            raise RunConfigError(f"{out} holds a run of another model ({where}); use another "
-                                 "--out, or --restart to discard that run")
+            where = (
+                _first_difference(_read_json(before), structure)
+                if os.path.exists(before)
+                else "its layers or tensor shapes differ"
+            )
+            raise RunConfigError(
+                f"{out} holds a run of another model ({where}); use another "
+                "--out, or --restart to discard that run"
+            )
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise RunConfigError(f"{out} holds a run with another configuration ({details}); "
-                                 "use another --out, or --restart to discard it")
+            raise RunConfigError(
+                f"{out} holds a run with another configuration ({details}); "
+                "use another --out, or --restart to discard it"
+            )
     if restart:  # the old run's stages and reports
         shutil.rmtree(os.path.join(out, "stages"), ignore_errors=True)
         for name in ("report.json", "report.csv", "report.png", "model.json"):

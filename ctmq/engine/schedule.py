@@ -7,6 +7,7 @@
 The first FP stage (cycle 1) is the shared starting point: a run trains it once
 for both schedules, or skips it when an FP checkpoint is given (epochs = 0).
 """
+
 import dataclasses
 
 from ..quant import FULL_PRECISION
@@ -45,15 +46,18 @@ def per_step_epochs(epochs_per_stage, steps):
     `steps` epochs."""
     if isinstance(epochs_per_stage, (list, tuple)):
         if len(epochs_per_stage) != steps:
-            raise ValueError(f"epochs_per_stage: {len(epochs_per_stage)} values given for a ladder "
-                             f"of {steps} steps (one per bit depth, start_bits first), "
-                             f"got {list(epochs_per_stage)}")
+            raise ValueError(
+                f"epochs_per_stage: {len(epochs_per_stage)} values given for a ladder "
+                f"of {steps} steps (one per bit depth, start_bits first), "
+                f"got {list(epochs_per_stage)}"
+            )
         for i, e in enumerate(epochs_per_stage):
             _check_int(f"epochs_per_stage[{i}]", e, 1)
         return list(epochs_per_stage)
     if isinstance(epochs_per_stage, bool) or not isinstance(epochs_per_stage, int):
-        raise TypeError(f"epochs_per_stage must be an int or a list of {steps} ints, "
-                        f"got {epochs_per_stage!r}")
+        raise TypeError(
+            f"epochs_per_stage must be an int or a list of {steps} ints, got {epochs_per_stage!r}"
+        )
     _check_int("epochs_per_stage", epochs_per_stage, 1)
     return [epochs_per_stage] * steps
 
@@ -64,8 +68,15 @@ class Schedule:
     stages: list
 
     @classmethod
-    def ctmq(cls, start_bits=4, target_bits=1, cycles=2, epochs_per_stage=1, fp_epochs=None,
-             final_epochs=None):
+    def ctmq(
+        cls,
+        start_bits=4,
+        target_bits=1,
+        cycles=2,
+        epochs_per_stage=1,
+        fp_epochs=None,
+        final_epochs=None,
+    ):
         """Cyclic multi-step schedule. epochs_per_stage: one int for every
         low-bit stage, or a list with one entry per step of the ladder
         (start_bits first: [4, 2, 2, 6] for W4A4, W3A3, W2A2, W1A1), the same
@@ -77,8 +88,10 @@ class Schedule:
         _check_int("start_bits", start_bits, 1, 8)
         _check_int("target_bits", target_bits, 1, 8)
         if start_bits < target_bits:
-            raise ValueError(f"start_bits ({start_bits}) must be >= target_bits ({target_bits}): "
-                             "each step lowers the bit depth by one")
+            raise ValueError(
+                f"start_bits ({start_bits}) must be >= target_bits ({target_bits}): "
+                "each step lowers the bit depth by one"
+            )
         _check_int("cycles", cycles, 1)
         per_step = per_step_epochs(epochs_per_stage, start_bits - target_bits + 1)
         fp_epochs = per_step[0] if fp_epochs is None else fp_epochs
@@ -91,8 +104,10 @@ class Schedule:
             fp = fp_epochs if cycle == 1 else (fp_epochs or per_step[0])
             if fp:
                 stages.append(Stage(cycle, FULL_PRECISION, FULL_PRECISION, fp))
-            stages += [Stage(cycle, b, b, e)
-                       for b, e in zip(range(start_bits, target_bits - 1, -1), per_step, strict=True)]
+            stages += [
+                Stage(cycle, b, b, e)
+                for b, e in zip(range(start_bits, target_bits - 1, -1), per_step, strict=True)
+            ]
         return cls("ctmq", stages)
 
     @classmethod
@@ -115,7 +130,10 @@ class Schedule:
         each = [low_epochs // steps] * steps
         each[-1] += low_epochs - sum(each)
         stages = [Stage(1, FULL_PRECISION, FULL_PRECISION, fp_epochs)] if fp_epochs else []
-        stages += [Stage(1, b, b, e) for b, e in zip(range(start_bits, target_bits - 1, -1), each, strict=True)]
+        stages += [
+            Stage(1, b, b, e)
+            for b, e in zip(range(start_bits, target_bits - 1, -1), each, strict=True)
+        ]
         return cls(name, stages)
 
     @classmethod
@@ -128,10 +146,15 @@ class Schedule:
         if not isinstance(stages, list) or not stages:
             raise ValueError(f"schedule {name!r}: a non-empty list of stages expected")
         for i, st in enumerate(stages):
-            if not isinstance(st, dict) or "epochs" not in st or not ({"bits"} & set(st) or
-                                                                       {"w_bits", "a_bits"} <= set(st)):
-                raise ValueError(f"schedule {name!r}, stage {i}: expected {{'bits': k, 'epochs': e}} "
-                                 f"or {{'w_bits', 'a_bits', 'epochs'}}, got {st!r}")
+            if (
+                not isinstance(st, dict)
+                or "epochs" not in st
+                or not ({"bits"} & set(st) or {"w_bits", "a_bits"} <= set(st))
+            ):
+                raise ValueError(
+                    f"schedule {name!r}, stage {i}: expected {{'bits': k, 'epochs': e}} "
+                    f"or {{'w_bits', 'a_bits', 'epochs'}}, got {st!r}"
+                )
             w, a = (st["bits"], st["bits"]) if "bits" in st else (st["w_bits"], st["a_bits"])
             for key, v in (("bits", w), ("bits", a)):
                 if v != FULL_PRECISION:
@@ -183,6 +206,8 @@ class Schedule:
 
     def __str__(self):
         lines = [f"{self.name} schedule, {self.total_epochs} epochs:"]
-        lines += [f"  {i:2d}  cycle {s.cycle}  {s.label:6s} {s.epochs} epoch(s)"
-                  for i, s in enumerate(self.stages)]
+        lines += [
+            f"  {i:2d}  cycle {s.cycle}  {s.label:6s} {s.epochs} epoch(s)"
+            for i, s in enumerate(self.stages)
+        ]
         return "\n".join(lines)

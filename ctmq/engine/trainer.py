@@ -1,4 +1,5 @@
 """Training and evaluation of one stage, on one process or under torchrun (DDP)."""
+
 import contextlib
 import dataclasses
 import math
@@ -61,15 +62,27 @@ def make_loaders(data, batch_size, info, seed, workers=0, pin_memory=False):
     one does. pin_memory for CUDA (asynchronous host-to-device copies)."""
     sampler = None
     if info.enabled:
-        sampler = torch.utils.data.DistributedSampler(data.train, info.world_size, info.rank,
-                                                      shuffle=True, seed=seed)
+        sampler = torch.utils.data.DistributedSampler(
+            data.train, info.world_size, info.rank, shuffle=True, seed=seed
+        )
     g = torch.Generator().manual_seed(seed)
-    train = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=sampler is None,
-                                        sampler=sampler, generator=g, num_workers=workers,
-                                        drop_last=len(data.train) > batch_size * info.world_size,
-                                        pin_memory=pin_memory)
-    test = torch.utils.data.DataLoader(data.test, batch_size=max(batch_size, 256), shuffle=False,
-                                       num_workers=workers, pin_memory=pin_memory)
+    train = torch.utils.data.DataLoader(
+        data.train,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=g,
+        num_workers=workers,
+        drop_last=len(data.train) > batch_size * info.world_size,
+        pin_memory=pin_memory,
+    )
+    test = torch.utils.data.DataLoader(
+        data.test,
+        batch_size=max(batch_size, 256),
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
     return train, test
 
 
@@ -84,15 +97,18 @@ def param_groups(model, cfg):
     binary = {id(m.weight) for m in quantized_layers(model) if m.w_bits < 32}
     if not binary:  # an FP stage
         return [{"params": params}]
-    return [{"params": [p for p in params if id(p) not in binary]},
-            {"params": [p for p in params if id(p) in binary], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if id(p) not in binary]},
+        {"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
+    ]
 
 
 def _optimizer(model, cfg):
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -146,8 +162,13 @@ class _Progress:
         self.images = 0
 
     def bar(self, loader, epoch):
-        return _tqdm()(loader, desc=f"{self.label} epoch {epoch + 1}/{self.epochs}", leave=False,
-                       disable=not self.tty, dynamic_ncols=True)
+        return _tqdm()(
+            loader,
+            desc=f"{self.label} epoch {epoch + 1}/{self.epochs}",
+            leave=False,
+            disable=not self.tty,
+            dynamic_ncols=True,
+        )
 
     def line(self, epoch, step, loss, correct, seen_images, epoch_done):
         """step: steps of this stage done; loss: mean so far in the epoch."""
@@ -160,11 +181,15 @@ class _Progress:
         rate = self.images / max(now - self.t0, 1e-9)
         left = (now - self.t0) / max(step, 1) * (self.steps - step)
         where = f"epoch {epoch + 1}/{self.epochs}" + (
-            "" if epoch_done else f" step {step - epoch * (self.steps // self.epochs)}"
-                                  f"/{self.steps // self.epochs}")
-        self.log(f"{self.label} {where}: loss {loss:.4f}, train top-1 "
-                 f"{100.0 * correct / max(seen_images, 1):.2f}%, {rate:.0f} img/s, "
-                 f"stage ETA {_clock(left)}")
+            ""
+            if epoch_done
+            else f" step {step - epoch * (self.steps // self.epochs)}/{self.steps // self.epochs}"
+        )
+        self.log(
+            f"{self.label} {where}: loss {loss:.4f}, train top-1 "
+            f"{100.0 * correct / max(seen_images, 1):.2f}%, {rate:.0f} img/s, "
+            f"stage ETA {_clock(left)}"
+        )
 
 
 def _clock(seconds):
@@ -172,8 +197,19 @@ def _clock(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, forward=None,
-                teacher=None, log=print):
+def train_stage(
+    model,
+    stage,
+    label,
+    loaders,
+    cfg,
+    device,
+    info,
+    augment=None,
+    forward=None,
+    teacher=None,
+    log=print,
+):
     """Train `model` (already at the stage's weights) for stage.epochs with a
     fresh optimizer and cfg's LR schedule; `forward` is the (DDP/compiled)
     callable; `augment`: a function of each training batch (on the device);
@@ -189,7 +225,8 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, f
     total = max(1, stage.epochs * len(train_loader))
     warmup = min(total, round(cfg.warmup_epochs * len(train_loader)))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule))
+        opt, lambda s: lr_factor(s, total, warmup, cfg.lr_schedule)
+    )
     progress = _Progress(label, stage.epochs, total, cfg.progress and info.is_main, log)
     t0 = time.time()
     step = 0
@@ -214,7 +251,8 @@ def train_stage(model, stage, label, loaders, cfg, device, info, augment=None, f
                     with torch.no_grad():
                         target = teacher(x)
                     loss = loss + cfg.distill_weight * distillation_loss(
-                        logits, target, cfg.distill_temperature)
+                        logits, target, cfg.distill_temperature
+                    )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -252,8 +290,10 @@ def _check_finite(window, step, label):
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         at = step - len(window) + 1 + int(bad[0])
-        raise StageDiverged(f"stage {label}: loss is {losses[int(bad[0])].item()} at step {at}; "
-                            "lower --lr or check the data")
+        raise StageDiverged(
+            f"stage {label}: loss is {losses[int(bad[0])].item()} at step {at}; "
+            "lower --lr or check the data"
+        )
 
 
 @torch.no_grad()

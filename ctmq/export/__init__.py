@@ -11,6 +11,7 @@ The pipeline, one module each:
     here       the header (input, class names, architecture), checked as
                loading checks it, and the file (ctmq.artifact.write_artifact)
 """
+
 import torch
 from torch import nn
 
@@ -28,19 +29,27 @@ def _check_binarized(model):
     quantized = quantized_layers(model)
     if not quantized:
         raise ExportError("the model has no quantized layers (QConv2d); nothing is binarized")
-    wrong = [f"{n} (W{m.w_bits}A{m.a_bits})" for n, m in model.named_modules()
-             if m in quantized and (m.w_bits, m.a_bits) != (1, 1)]
+    wrong = [
+        f"{n} (W{m.w_bits}A{m.a_bits})"
+        for n, m in model.named_modules()
+        if m in quantized and (m.w_bits, m.a_bits) != (1, 1)
+    ]
     if wrong:
-        raise ExportError("the model is not binarized: these layers are not W1A1: " + ", ".join(wrong)
-                          + " (ctmq.nn.set_bits(model, 1, 1), or export a W1A1 stage checkpoint)")
+        raise ExportError(
+            "the model is not binarized: these layers are not W1A1: "
+            + ", ".join(wrong)
+            + " (ctmq.nn.set_bits(model, 1, 1), or export a W1A1 stage checkpoint)"
+        )
 
 
 def _input_size(model, input_size):
     if input_size is None:
         stem = (getattr(model, "config", None) or {}).get("stem")
         if stem is None:
-            raise ExportError("input_size: give the image side the model expects (a model "
-                              "outside the zoo does not say)")
+            raise ExportError(
+                "input_size: give the image side the model expects (a model "
+                "outside the zoo does not say)"
+            )
         input_size = 224 if stem == "imagenet" else 32
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise ExportError(f"input_size must be a positive int, got {input_size!r}")
@@ -67,15 +76,17 @@ def _numbers(name, values, count):
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise ExportError(f"{name} must be {count} numbers (one per input channel), got "
-                          f"{values!r}") from None
+        raise ExportError(
+            f"{name} must be {count} numbers (one per input channel), got {values!r}"
+        ) from None
     if len(values) != count:
         raise ExportError(f"{name} needs {count} values (one per input channel), got {len(values)}")
     return values
 
 
-def export_binary(model, path, input_size=None, mean=None, std=None, class_names=None,
-                  architecture=None):
+def export_binary(
+    model, path, input_size=None, mean=None, std=None, class_names=None, architecture=None
+):
     """Write the W1A1 model to `path` (temp file + rename); returns the header.
 
     input_size: the image side the model expects (default: 224 for a zoo
@@ -101,15 +112,19 @@ def export_binary(model, path, input_size=None, mean=None, std=None, class_names
     num_classes = logits.shape[-1]
     mean = _numbers("mean", mean, channels) if mean is not None else [0.0] * channels
     std = _numbers("std", std, channels) if std is not None else [1.0] * channels
-    class_names = (list(class_names) if class_names is not None
-                   else [str(i) for i in range(num_classes)])
+    class_names = (
+        list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    )
     if len(class_names) != num_classes:
         raise ExportError(f"class_names has {len(class_names)} names for {num_classes} classes")
     if architecture is None:
         architecture = getattr(model, "architecture", None) or {"name": type(model).__name__}
-    header = {"architecture": dict(architecture),
-              "input": {"channels": channels, "size": int(input_size), "mean": mean, "std": std},
-              "class_names": class_names, "nodes": nodes}
+    header = {
+        "architecture": dict(architecture),
+        "input": {"channels": channels, "size": int(input_size), "mean": mean, "std": std},
+        "class_names": class_names,
+        "nodes": nodes,
+    }
     try:
         return write_artifact(path, header, tensors)
     except ArtifactError as e:

@@ -12,6 +12,7 @@ become one binary_conv node, and the checks on in-place ops.
   writes packed bits and those hardtanh nodes vanish;
 * a conv module called more than once gets its folded tensors per call.
 """
+
 import inspect
 import operator
 
@@ -54,11 +55,16 @@ def is_hardtanh(node, modules):
 
 def add_operands(node, one):
     """The other operand of `node` if it is a two-tensor sum with `one`."""
-    if not ((node.op == "call_function" and node.target in ADD) or
-            (node.op == "call_method" and node.target in ("add", "add_"))):
+    if not (
+        (node.op == "call_function" and node.target in ADD)
+        or (node.op == "call_method" and node.target in ("add", "add_"))
+    ):
         return None
-    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, torch.fx.Node)
-                                                     for a in node.args):
+    if (
+        len(node.args) != 2
+        or node.kwargs
+        or not all(isinstance(a, torch.fx.Node) for a in node.args)
+    ):
         return None
     a, b = node.args
     if a is one and b is not one:
@@ -85,8 +91,9 @@ def alias_of(node, modules):
     """The tensor that node returns itself or a view of, in eval mode, else None."""
     if node.op == "call_module" and isinstance(modules[node.target], ALIAS_MODULES):
         return node.args[0]
-    if ((node.op == "call_function" and node.target is torch.flatten)
-            or (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))):
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target in ("flatten", "view", "reshape")
+    ):
         return node.args[0]
     return in_place_operand(node, modules)
 
@@ -113,9 +120,12 @@ def check_in_place(lw, nodes):
             stack += [u for u in value.users if alias_of(u, lw.modules) is value]
         late = [u for v in group for u in v.users if u is not node and order[u] > order[node]]
         if late:
-            lw.fail(node, f"writes in place into a tensor that {what(late[0], lw.modules)}"
-                          f"{where(late[0])} reads later; the runtime does not write in "
-                          "place: use out = out + y, or inplace=False")
+            lw.fail(
+                node,
+                f"writes in place into a tensor that {what(late[0], lw.modules)}"
+                f"{where(late[0])} reads later; the runtime does not write in "
+                "place: use out = out + y, or inplace=False",
+            )
 
 
 def is_binary_conv(lw, node):
@@ -144,8 +154,11 @@ def plan_binary_conv(lw, conv_node):
     if conv.groups != 1:
         lw.fail(conv_node, f"groups={conv.groups}: binary convs run with groups=1 only")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        lw.fail(conv_node, f"padding {conv.padding!r} ({conv.padding_mode}): binary convs "
-                           "take zero padding given as numbers")
+        lw.fail(
+            conv_node,
+            f"padding {conv.padding!r} ({conv.padding_mode}): binary convs "
+            "take zero padding given as numbers",
+        )
     source = conv_node.args[0]
     input_bias = None
     if isinstance(source, torch.fx.Node) and isinstance(lw.module(source), RSign):
@@ -159,10 +172,21 @@ def plan_binary_conv(lw, conv_node):
                 lw.fail(reader, "BatchNorm without running statistics (track_running_stats=False)")
             lw.plan[reader] = ("skip",)
     # a conv module called more than once folds differently per call
-    name = conv_node.target if lw.calls[conv_node.target] == 1 else \
-        f"{conv_node.target}.{conv_node.name}"
-    plan = {"conv": conv, "name": name, "source": source, "input_bias": input_bias, "bn": bn,
-            "residual": None, "output": "float", "node": conv_node}
+    name = (
+        conv_node.target
+        if lw.calls[conv_node.target] == 1
+        else f"{conv_node.target}.{conv_node.name}"
+    )
+    plan = {
+        "conv": conv,
+        "name": name,
+        "source": source,
+        "input_bias": input_bias,
+        "bn": bn,
+        "residual": None,
+        "output": "float",
+        "node": conv_node,
+    }
     emit_at = tail
     if len(tail.users) == 1:
         (reader,) = tail.users
@@ -191,11 +215,15 @@ def emit_binary_conv(lw, node, plan):
         scale, bias = fold_binary_conv_bn(conv, bn)
     else:
         scale = weight_scale(conv.weight.detach().float(), 1)
-        bias = (conv.bias.detach().float() if conv.bias is not None
-                else torch.zeros(conv.out_channels))
+        bias = (
+            conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        )
     pw = binary.pack_weight(conv.weight.detach().float().cpu())
-    x = lw.float_arg(node, plan["source"]) if plan["input_bias"] is not None else \
-        lw.arg(node, plan["source"])
+    x = (
+        lw.float_arg(node, plan["source"])
+        if plan["input_bias"] is not None
+        else lw.arg(node, plan["source"])
+    )
     inputs = [x]
     if plan["residual"] is not None:
         inputs.append(lw.float_arg(node, plan["residual"]))
@@ -204,11 +232,19 @@ def emit_binary_conv(lw, node, plan):
     if rsign is not None:
         rsign_name = next(n for n, m in lw.modules.items() if m is rsign)
         attrs["input_bias"] = lw.tensor(f"{rsign_name}.bias", rsign.bias)
-    out = lw.add("binary_conv", inputs, weight=lw.tensor(f"{name}.bits", pw.bits),
-                 scale=lw.tensor(f"{name}.scale", scale), bias=lw.tensor(f"{name}.bias", bias),
-                 in_channels=conv.in_channels, stride=list(conv.stride),
-                 padding=list(conv.padding), dilation=list(conv.dilation),
-                 output=plan["output"], **attrs)
+    out = lw.add(
+        "binary_conv",
+        inputs,
+        weight=lw.tensor(f"{name}.bits", pw.bits),
+        scale=lw.tensor(f"{name}.scale", scale),
+        bias=lw.tensor(f"{name}.bias", bias),
+        in_channels=conv.in_channels,
+        stride=list(conv.stride),
+        padding=list(conv.padding),
+        dilation=list(conv.dilation),
+        output=plan["output"],
+        **attrs,
+    )
     if plan["output"] == "packed":
         lw.packed.add(out)
     return out

@@ -7,6 +7,7 @@ are ctmq.export.fuse's.
 Anything else is an ExportError naming the layer or function and the line of
 the model's source that calls it.
 """
+
 import collections
 import operator
 
@@ -28,12 +29,14 @@ PASS = (nn.Identity, nn.Dropout, nn.Dropout2d)
 def exports(*ops, modules=(), functions=(), methods=()):
     """Register an export function fn(lw, node) -> value name for the layers,
     functions and methods that become `ops`."""
+
     def register(fn):
         EXPORT_OPS.update(ops)
         MODULE_RULES.update(dict.fromkeys(modules, fn))
         FUNCTION_RULES.update(dict.fromkeys(functions, fn))
         METHOD_RULES.update(dict.fromkeys(methods, fn))
         return fn
+
     return register
 
 
@@ -66,11 +69,16 @@ def _conv2d(lw, node):
     m = lw.module(node)
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         lw.fail(node, f"padding {m.padding!r} ({m.padding_mode}): give zero padding as numbers")
-    return lw.add("conv2d", [lw.float_arg(node, _one_input(lw, node))],
-                  weight=lw.tensor(f"{node.target}.weight", m.weight),
-                  bias=lw.tensor(f"{node.target}.bias", m.bias) if m.bias is not None else None,
-                  stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation),
-                  groups=m.groups)
+    return lw.add(
+        "conv2d",
+        [lw.float_arg(node, _one_input(lw, node))],
+        weight=lw.tensor(f"{node.target}.weight", m.weight),
+        bias=lw.tensor(f"{node.target}.bias", m.bias) if m.bias is not None else None,
+        stride=list(m.stride),
+        padding=list(m.padding),
+        dilation=list(m.dilation),
+        groups=m.groups,
+    )
 
 
 def _affine(bn, key):
@@ -85,11 +93,15 @@ def _batch_norm(lw, node):
     m, name = lw.module(node), node.target
     if not m.track_running_stats or m.running_mean is None:
         lw.fail(node, "BatchNorm without running statistics (track_running_stats=False)")
-    return lw.add("batch_norm", [lw.float_arg(node, _one_input(lw, node))],
-                  weight=lw.tensor(f"{name}.weight", _affine(m, "weight")),
-                  bias=lw.tensor(f"{name}.bias", _affine(m, "bias")),
-                  mean=lw.tensor(f"{name}.running_mean", m.running_mean),
-                  var=lw.tensor(f"{name}.running_var", m.running_var), eps=m.eps)
+    return lw.add(
+        "batch_norm",
+        [lw.float_arg(node, _one_input(lw, node))],
+        weight=lw.tensor(f"{name}.weight", _affine(m, "weight")),
+        bias=lw.tensor(f"{name}.bias", _affine(m, "bias")),
+        mean=lw.tensor(f"{name}.running_mean", m.running_mean),
+        var=lw.tensor(f"{name}.running_var", m.running_var),
+        eps=m.eps,
+    )
 
 
 def _max_pool_args(lw, node):
@@ -97,10 +109,10 @@ def _max_pool_args(lw, node):
     m = lw.module(node)
     if m is not None:
         return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
-    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-             "return_indices")
-    got = _call_args(node, names, dict(stride=None, padding=0, dilation=1, ceil_mode=False,
-                                       return_indices=False))
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    got = _call_args(
+        node, names, dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
+    )
     if got is None:
         lw.fail(node, "max pool arguments not understood")
     return got[1:]
@@ -112,8 +124,13 @@ def _max_pool2d(lw, node):
     if indices or ceil_mode or _pair(dilation) != [1, 1]:
         lw.fail(node, "max pool with indices, ceil_mode or dilation")
     stride = kernel if stride in (None, [], ()) else stride
-    return lw.add("max_pool2d", [lw.float_arg(node, _one_input(lw, node))], kernel=_pair(kernel),
-                  stride=_pair(stride), padding=_pair(padding))
+    return lw.add(
+        "max_pool2d",
+        [lw.float_arg(node, _one_input(lw, node))],
+        kernel=_pair(kernel),
+        stride=_pair(stride),
+        padding=_pair(padding),
+    )
 
 
 @exports("avg_pool2d", modules=(nn.AvgPool2d,), functions=(F.avg_pool2d,))
@@ -121,20 +138,42 @@ def _avg_pool2d(lw, node):
     m = lw.module(node)
     if m is not None:
         kernel, stride, padding, ceil, include, divisor = (
-            m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.ceil_mode,
+            m.count_include_pad,
+            m.divisor_override,
+        )
     else:
-        got = _call_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode",
-                                "count_include_pad", "divisor_override"),
-                         dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True))
+        got = _call_args(
+            node,
+            (
+                "input",
+                "kernel_size",
+                "stride",
+                "padding",
+                "ceil_mode",
+                "count_include_pad",
+                "divisor_override",
+            ),
+            dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True),
+        )
         if got is None:
             lw.fail(node, "average pool arguments not understood")
         kernel, stride, padding, ceil, include, divisor = got[1:]
     if divisor is not None:
         lw.fail(node, "average pool with divisor_override")
     stride = kernel if stride in (None, [], ()) else stride
-    return lw.add("avg_pool2d", [lw.float_arg(node, _one_input(lw, node))], kernel=_pair(kernel),
-                  stride=_pair(stride), padding=_pair(padding), ceil_mode=bool(ceil),
-                  count_include_pad=bool(include))
+    return lw.add(
+        "avg_pool2d",
+        [lw.float_arg(node, _one_input(lw, node))],
+        kernel=_pair(kernel),
+        stride=_pair(stride),
+        padding=_pair(padding),
+        ceil_mode=bool(ceil),
+        count_include_pad=bool(include),
+    )
 
 
 @exports("add", functions=fuse.ADD, methods=("add", "add_"))
@@ -169,25 +208,34 @@ def _hardtanh(lw, node):
 
 @exports("relu", modules=(nn.ReLU,), functions=(F.relu, torch.relu), methods=("relu",))
 def _relu(lw, node):
-    if node.op == "call_function" and node.target is torch.relu and (len(node.args) != 1
-                                                                      or node.kwargs):
+    if (
+        node.op == "call_function"
+        and node.target is torch.relu
+        and (len(node.args) != 1 or node.kwargs)
+    ):
         lw.fail(node, "torch.relu takes one tensor")
     return lw.add("relu", [lw.float_arg(node, _one_input(lw, node))])
 
 
 @exports("prelu", modules=(nn.PReLU,))
 def _prelu(lw, node):
-    return lw.add("prelu", [lw.float_arg(node, _one_input(lw, node))],
-                  weight=lw.tensor(f"{node.target}.weight", lw.module(node).weight))
+    return lw.add(
+        "prelu",
+        [lw.float_arg(node, _one_input(lw, node))],
+        weight=lw.tensor(f"{node.target}.weight", lw.module(node).weight),
+    )
 
 
 @exports("rprelu", modules=(RPReLU,))
 def _rprelu(lw, node):
     m, name = lw.module(node), node.target
-    return lw.add("rprelu", [lw.float_arg(node, _one_input(lw, node))],
-                  shift_in=lw.tensor(f"{name}.shift_in", m.shift_in),
-                  weight=lw.tensor(f"{name}.weight", m.weight),
-                  shift_out=lw.tensor(f"{name}.shift_out", m.shift_out))
+    return lw.add(
+        "rprelu",
+        [lw.float_arg(node, _one_input(lw, node))],
+        shift_in=lw.tensor(f"{name}.shift_in", m.shift_in),
+        weight=lw.tensor(f"{name}.weight", m.weight),
+        shift_out=lw.tensor(f"{name}.shift_out", m.shift_out),
+    )
 
 
 @exports("leaky_relu", modules=(nn.LeakyReLU,), functions=(F.leaky_relu,))
@@ -202,14 +250,19 @@ def _leaky_relu(lw, node):
 
 def _is_flatten(node):
     if node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
-        args = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim")
-                                      if k in node.kwargs]
+        args = list(node.args[1:]) + [
+            node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs
+        ]
         return args in ([1], [1, -1])
     return False
 
 
-@exports("global_avg_pool", "adaptive_avg_pool2d", modules=(nn.AdaptiveAvgPool2d,),
-         functions=(F.adaptive_avg_pool2d,))
+@exports(
+    "global_avg_pool",
+    "adaptive_avg_pool2d",
+    modules=(nn.AdaptiveAvgPool2d,),
+    functions=(F.adaptive_avg_pool2d,),
+)
 def _adaptive_avg_pool2d(lw, node):
     """Adaptive average pool; a global one whose one reader is a flatten is one
     global_avg_pool node with it."""
@@ -237,8 +290,12 @@ def _is_batch_size(lw, node, x):
         return node.args[:1] == (x,) and (node.args[1:] == (0,) or node.kwargs == {"dim": 0})
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
         src = node.args[0]
-        return (isinstance(src, torch.fx.Node) and src.op == "call_function"
-                and src.target is getattr and src.args == (x, "shape"))
+        return (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_function"
+            and src.target is getattr
+            and src.args == (x, "shape")
+        )
     return False
 
 
@@ -252,8 +309,12 @@ def _is_batch_view(lw, node):
     return len(args) == 2 and args[1] == -1 and _is_batch_size(lw, args[0], node.args[0])
 
 
-@exports("flatten", modules=(nn.Flatten,), functions=(torch.flatten,),
-         methods=("flatten", "view", "reshape"))
+@exports(
+    "flatten",
+    modules=(nn.Flatten,),
+    functions=(torch.flatten,),
+    methods=("flatten", "view", "reshape"),
+)
 def _flatten(lw, node):
     m = lw.module(node)
     if m is not None:
@@ -261,8 +322,11 @@ def _flatten(lw, node):
             lw.fail(node, "flatten other than from dim 1 to the end")
     elif node.target in ("view", "reshape"):
         if not _is_batch_view(lw, node):
-            lw.fail(node, f"only x.{node.target}(x.size(0), -1) runs (a flatten from dim 1; "
-                          "or use x.flatten(1))")
+            lw.fail(
+                node,
+                f"only x.{node.target}(x.size(0), -1) runs (a flatten from dim 1; "
+                "or use x.flatten(1))",
+            )
     elif not _is_flatten(node):
         lw.fail(node, "flatten other than from dim 1 to the end")
     return lw.add("flatten", [lw.float_arg(node, node.args[0])])
@@ -271,9 +335,12 @@ def _flatten(lw, node):
 @exports("linear", modules=(nn.Linear,))
 def _linear(lw, node):
     m, name = lw.module(node), node.target
-    return lw.add("linear", [lw.float_arg(node, _one_input(lw, node))],
-                  weight=lw.tensor(f"{name}.weight", m.weight),
-                  bias=lw.tensor(f"{name}.bias", m.bias) if m.bias is not None else None)
+    return lw.add(
+        "linear",
+        [lw.float_arg(node, _one_input(lw, node))],
+        weight=lw.tensor(f"{name}.weight", m.weight),
+        bias=lw.tensor(f"{name}.bias", m.bias) if m.bias is not None else None,
+    )
 
 
 # ------------------------------------------------------------ the walk
@@ -283,8 +350,12 @@ def _is_shape_value(node):
         return True
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
         return True
-    return (node.op == "call_function" and node.target is operator.getitem
-            and isinstance(node.args[0], torch.fx.Node) and _is_shape_value(node.args[0]))
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and isinstance(node.args[0], torch.fx.Node)
+        and _is_shape_value(node.args[0])
+    )
 
 
 class Lowering:
@@ -295,9 +366,9 @@ class Lowering:
         self.model, self.graph = model, graph
         self.modules = dict(model.named_modules())
         self.nodes, self.tensors = [], {}
-        self.env = {}      # fx node -> artifact value name
+        self.env = {}  # fx node -> artifact value name
         self.packed = set()
-        self.plan = {}     # fx node -> what to do there instead of lowering it alone
+        self.plan = {}  # fx node -> what to do there instead of lowering it alone
         self._n = 0
 
     def fail(self, node, why):
@@ -316,8 +387,9 @@ class Lowering:
         return out
 
     def tensor(self, name, t):
-        self.tensors[name] = t.detach().to("cpu", torch.float32 if t.is_floating_point()
-                                           else t.dtype).contiguous()
+        self.tensors[name] = (
+            t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous()
+        )
         return name
 
     def arg(self, node, a):
@@ -345,15 +417,20 @@ class Lowering:
                 fuse.plan_binary_conv(self, node)
             elif isinstance(m, RSign):
                 fuse.plan_rsign(self, node)
-            elif (fuse.is_hardtanh(node, self.modules) and node.users
-                  and all(fuse.is_binary_conv(self, u) for u in node.users)):
+            elif (
+                fuse.is_hardtanh(node, self.modules)
+                and node.users
+                and all(fuse.is_binary_conv(self, u) for u in node.users)
+            ):
                 # only signs are read: sign(hardtanh(y)) == sign(y)
                 self.plan.setdefault(node, ("alias", node.args[0]))
             elif _is_shape_value(node):
                 self.plan[node] = ("shape",)
         if len([n for n in nodes if n.op == "placeholder"]) != 1:
-            raise ExportError(f"the model's forward must take one input (the images), takes "
-                              f"{len([n for n in nodes if n.op == 'placeholder'])}")
+            raise ExportError(
+                f"the model's forward must take one input (the images), takes "
+                f"{len([n for n in nodes if n.op == 'placeholder'])}"
+            )
         for node in nodes:
             action = self.plan.get(node)
             if action is None:
@@ -373,8 +450,9 @@ class Lowering:
             result = node.args[0]
             if not isinstance(result, torch.fx.Node):
                 self.fail(node, "the model must return one tensor (the logits)")
-            self.nodes.append({"op": "output", "in": [self.float_arg(node, result)],
-                               "out": "output"})
+            self.nodes.append(
+                {"op": "output", "in": [self.float_arg(node, result)], "out": "output"}
+            )
             return "output"
         if node.op == "call_module":
             m = self.module(node)
@@ -383,8 +461,11 @@ class Lowering:
                     self.fail(node, "layers must take one tensor")
                 return self.arg(node, node.args[0])
             if isinstance(m, QLinear):
-                self.fail(node, "binary linear layers do not run in the runtime: keep the last "
-                                "linear full precision (ctmq.nn.convert(keep_last=True))")
+                self.fail(
+                    node,
+                    "binary linear layers do not run in the runtime: keep the last "
+                    "linear full precision (ctmq.nn.convert(keep_last=True))",
+                )
             rule = MODULE_RULES.get(type(m))
         elif node.op == "call_function":
             rule = FUNCTION_RULES.get(node.target)
@@ -393,6 +474,7 @@ class Lowering:
         else:
             self.fail(node, "a tensor used outside a layer: the runtime cannot execute it")
         if rule is None:
-            self.fail(node, f"not in the runtime's vocabulary ({EXPORTS}; Identity and "
-                            "Dropout vanish)")
+            self.fail(
+                node, f"not in the runtime's vocabulary ({EXPORTS}; Identity and Dropout vanish)"
+            )
         return rule(self, node)

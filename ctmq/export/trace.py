@@ -6,6 +6,7 @@ QConv2d's bit depths and weights, a BatchNorm's running statistics), which fx
 keeps as leaf call_module nodes; torch.export traces through them into aten
 ops that would have to be matched back into layers.
 """
+
 import operator
 import os
 
@@ -48,9 +49,11 @@ def trace(model):
     try:
         return _Tracer().trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, ... on what it cannot follow
-        raise ExportError(f"cannot capture {type(model).__name__}'s forward with torch.fx "
-                          f"({type(e).__name__}: {e}); the forward must not branch on tensor "
-                          "values or shapes") from e
+        raise ExportError(
+            f"cannot capture {type(model).__name__}'s forward with torch.fx "
+            f"({type(e).__name__}: {e}); the forward must not branch on tensor "
+            "values or shapes"
+        ) from e
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -1,5 +1,6 @@
 """What the zoo's models share: argument checks, channel scaling, the FP
 activation of a quantized conv's input, weight init."""
+
 import torch.nn.functional as F
 from torch import nn
 

@@ -23,6 +23,7 @@ round(32 width) * (c / 32), at least 1, so doubling stays exact. The shortcut
 pool is AvgPool2d(2, ceil_mode=True): the official AvgPool2d(2, 2) on even sizes,
 and the strided conv's output size on odd ones.
 """
+
 import torch
 from torch import nn
 
@@ -44,8 +45,9 @@ class ReActBlock(nn.Module):
         self.move11 = RSign(cin)
         self.binary_3x3 = QConv2d(cin, cin, 3, stride=stride, padding=1, bias=False, **qkw)
         self.bn1 = nn.BatchNorm2d(cin)
-        self.pooling = (nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
-                        if stride == 2 else None)
+        self.pooling = (
+            nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False) if stride == 2 else None
+        )
         self.prelu1 = RPReLU(cin)
         self.move21 = RSign(cin)
         if self.down:
@@ -65,8 +67,13 @@ class ReActBlock(nn.Module):
         out1 = self.prelu1(x + out1)
         if self.down:
             y = act_input(self.move21(out1), self.binary_pw_down1)
-            out2 = torch.cat([conv_bn(self.binary_pw_down1, self.bn2_1, y) + out1,
-                              conv_bn(self.binary_pw_down2, self.bn2_2, y) + out1], dim=1)
+            out2 = torch.cat(
+                [
+                    conv_bn(self.binary_pw_down1, self.bn2_1, y) + out1,
+                    conv_bn(self.binary_pw_down2, self.bn2_2, y) + out1,
+                ],
+                dim=1,
+            )
         else:
             y = act_input(self.move21(out1), self.binary_pw)
             out2 = conv_bn(self.binary_pw, self.bn2, y) + out1
@@ -76,17 +83,30 @@ class ReActBlock(nn.Module):
 class ReActNetA(nn.Module):
     """ReActNet-A; config holds the constructor arguments that rebuild it."""
 
-    def __init__(self, num_classes=1000, stem="imagenet", block=None, width=1.0, in_channels=3,
-                 w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, act_ste="approx_sign"):
+    def __init__(
+        self,
+        num_classes=1000,
+        stem="imagenet",
+        block=None,
+        width=1.0,
+        in_channels=3,
+        w_bits=FULL_PRECISION,
+        a_bits=FULL_PRECISION,
+        act_ste="approx_sign",
+    ):
         super().__init__()
         check_args("reactnet_a", num_classes, stem, STEMS, block, (None,), width)
-        self.config = dict(num_classes=num_classes, stem=stem, block=block, width=width,
-                           in_channels=in_channels)
+        self.config = dict(
+            num_classes=num_classes, stem=stem, block=block, width=width, in_channels=in_channels
+        )
         base = scaled(CHANNELS[0], width)
         chans = [base * (c // CHANNELS[0]) for c in CHANNELS]
         stride = 2 if stem == "imagenet" else 1
-        layers = [nn.Sequential(nn.Conv2d(in_channels, chans[0], 3, stride, 1, bias=False),
-                                nn.BatchNorm2d(chans[0]))]
+        layers = [
+            nn.Sequential(
+                nn.Conv2d(in_channels, chans[0], 3, stride, 1, bias=False), nn.BatchNorm2d(chans[0])
+            )
+        ]
         qkw = dict(w_bits=w_bits, a_bits=a_bits, act_ste=act_ste)
         for i in range(1, len(CHANNELS)):
             strided = CHANNELS[i] != CHANNELS[i - 1] and CHANNELS[i] != 64
@@ -108,5 +128,6 @@ class ReActNetA(nn.Module):
 def reactnet_a(num_classes=1000, stem="imagenet", block=None, width=1.0, in_channels=3, **qkw):
     """ReActNet-A: FP first conv and fc, 31 quantized convs (13 3x3, 18 1x1).
     block must be None. qkw: w_bits, a_bits, act_ste."""
-    return ReActNetA(num_classes, stem=stem, block=block, width=width, in_channels=in_channels,
-                     **qkw)
+    return ReActNetA(
+        num_classes, stem=stem, block=block, width=width, in_channels=in_channels, **qkw
+    )

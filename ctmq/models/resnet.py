@@ -17,6 +17,7 @@
   does (ctmq.nn.conv_bn), so deployed and trained predictions agree.
 Module names follow torchvision's resnet18/resnet34 so their state dicts load.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +35,9 @@ DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 def _shortcut(cin, cout, stride):
     if stride == 1 and cin == cout:
         return None
-    pool = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False) if stride == 2 else nn.Identity()
+    pool = (
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False) if stride == 2 else nn.Identity()
+    )
     return nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
 
@@ -76,15 +79,30 @@ class ResNet(nn.Module):
     """ResNet-18/34 (depth) of Bi-Real or basic blocks; see the module docstring.
     config holds the constructor arguments that rebuild it (bit depths aside)."""
 
-    def __init__(self, num_classes=1000, stem="imagenet", block="bireal", width=1.0,
-                 in_channels=3, w_bits=FULL_PRECISION, a_bits=FULL_PRECISION,
-                 act_ste="approx_sign", depth=18):
+    def __init__(
+        self,
+        num_classes=1000,
+        stem="imagenet",
+        block="bireal",
+        width=1.0,
+        in_channels=3,
+        w_bits=FULL_PRECISION,
+        a_bits=FULL_PRECISION,
+        act_ste="approx_sign",
+        depth=18,
+    ):
         super().__init__()
         check_args("resnet", num_classes, stem, STEMS, block, BLOCKS, width)
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}")
-        self.config = dict(num_classes=num_classes, stem=stem, block=block, width=width,
-                           in_channels=in_channels, depth=depth)
+        self.config = dict(
+            num_classes=num_classes,
+            stem=stem,
+            block=block,
+            width=width,
+            in_channels=in_channels,
+            depth=depth,
+        )
         chans = [scaled(c, width) for c in (64, 128, 256, 512)]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, chans[0], 7, stride=2, padding=3, bias=False)
@@ -162,10 +180,15 @@ def load_torchvision_weights(model, source):
         path = str(source)
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if (
+            isinstance(state, dict)
+            and "state_dict" in state
+            and isinstance(state["state_dict"], dict)
+        ):
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{source!r}: expected a state dict of tensors (torchvision resnet)")

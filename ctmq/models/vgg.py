@@ -21,6 +21,7 @@ The fc sees an adaptive average pool to 4 x 4 first: the identity on the 4 x 4
 maps of a 32 x 32 input (the literature's model), and a resampling for other
 sizes (28 x 28 MNIST: 3 x 3, 8 x 8 digits: 1 x 1). width scales every conv.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,12 +37,22 @@ POOL_AFTER = (1, 3, 5)  # the convs whose BN output is max-pooled
 class VGGSmall(nn.Module):
     """VGG-Small (CIFAR, 32 x 32 input); config holds the arguments that rebuild it."""
 
-    def __init__(self, num_classes=10, stem="cifar", block=None, width=1.0, in_channels=3,
-                 w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, act_ste="approx_sign"):
+    def __init__(
+        self,
+        num_classes=10,
+        stem="cifar",
+        block=None,
+        width=1.0,
+        in_channels=3,
+        w_bits=FULL_PRECISION,
+        a_bits=FULL_PRECISION,
+        act_ste="approx_sign",
+    ):
         super().__init__()
         check_args("vgg_small", num_classes, stem, ("cifar",), block, (None,), width)
-        self.config = dict(num_classes=num_classes, stem=stem, block=block, width=width,
-                           in_channels=in_channels)
+        self.config = dict(
+            num_classes=num_classes, stem=stem, block=block, width=width, in_channels=in_channels
+        )
         chans = [scaled(c, width) for c in CHANNELS]
         self.conv0 = nn.Conv2d(in_channels, chans[0], 3, padding=1, bias=False)
         self.bn0 = nn.BatchNorm2d(chans[0])
@@ -74,5 +85,6 @@ def vgg_small(num_classes=10, stem="cifar", block=None, width=1.0, in_channels=3
     """VGG-Small: FP first conv and fc, five quantized 3x3 convs. stem must be
     "cifar" and block None (accepted for the engine's uniform call).
     qkw: w_bits, a_bits, act_ste."""
-    return VGGSmall(num_classes, stem=stem, block=block, width=width, in_channels=in_channels,
-                    **qkw)
+    return VGGSmall(
+        num_classes, stem=stem, block=block, width=width, in_channels=in_channels, **qkw
+    )

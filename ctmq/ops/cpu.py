@@ -5,6 +5,7 @@ extension (csrc/cpu) has kernels for quantize_act and its STE backward
 float64 and a CPU without ctmq._C (the binary ops then raise: they have no
 slow fallback). Inside ctmq.force_triton() (thread-local) the Triton kernels
 run instead, in the interpreter."""
+
 import torch
 
 from .. import backend
@@ -27,8 +28,9 @@ def check_qparams(x, scale, zero_point, qmin, qmax, axis):
     if not bool((torch.isfinite(scale) & (scale > 0)).all()):
         raise ValueError(f"scale must be finite and > 0, got {scale.tolist()}")
     if not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
-        raise ValueError(f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], "
-                         f"got {zero_point.tolist()}")
+        raise ValueError(
+            f"zero_point must lie in [qmin, qmax] = [{qmin}, {qmax}], got {zero_point.tolist()}"
+        )
 
 
 @kernel(schemas.fake_quant_affine, "cpu", check_values=check_qparams)
@@ -85,14 +87,50 @@ def pack_bits(x):
 
 
 @kernel(schemas.binary_conv2d, "cpu")
-def binary_conv2d(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                  residual, packed_out):
+def binary_conv2d(
+    x,
+    in_channels,
+    bits,
+    gemm,
+    tap_popc,
+    stride,
+    padding,
+    dilation,
+    scale,
+    bias,
+    residual,
+    packed_out,
+):
     if binary_backend(x) == "triton":
-        return triton_kernels.binary_conv2d(x, in_channels, bits, gemm, tap_popc, stride, padding,
-                                            dilation, scale, bias, residual, packed_out)
+        return triton_kernels.binary_conv2d(
+            x,
+            in_channels,
+            bits,
+            gemm,
+            tap_popc,
+            stride,
+            padding,
+            dilation,
+            scale,
+            bias,
+            residual,
+            packed_out,
+        )
     check_cpu_taps(bits)
     if gemm is None or tap_popc is None:
         gemm, tap_popc = binary_weight_layout(bits, "cpp")
-    return torch.ops.ctmq.binary_conv2d_cpu(x, in_channels, gemm, tap_popc, bits.shape[0],
-                                            list(bits.shape[1:3]), stride, padding, dilation,
-                                            scale, bias, residual, packed_out)
+    return torch.ops.ctmq.binary_conv2d_cpu(
+        x,
+        in_channels,
+        gemm,
+        tap_popc,
+        bits.shape[0],
+        list(bits.shape[1:3]),
+        stride,
+        padding,
+        dilation,
+        scale,
+        bias,
+        residual,
+        packed_out,
+    )

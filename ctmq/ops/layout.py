@@ -1,5 +1,6 @@
 """Memory layouts the ops rely on: dense tensors, strides kept across
 backward, and the bit-packed STE masks (1 bit per element, memory order)."""
+
 import torch
 from torch import Tensor
 
@@ -9,7 +10,9 @@ def is_dense(t: Tensor) -> bool:
     if t.is_contiguous():
         return True
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
         if stride != expected:
             return False
         expected *= size

@@ -3,6 +3,7 @@ the semantics (docs/design.md) and the kernels are tested against them (bit
 for bit, except the 1-bit weight scale mean|w|, whose summation order
 differs: within a few ulps). The quantizer references also run where no
 kernel applies (float64; CPU quantizer ops without a C++ kernel)."""
+
 from typing import Optional
 
 import torch
@@ -41,18 +42,22 @@ def weight_scale_shape(w: Tensor):
     return (w.shape[0],) + (1,) * (w.dim() - 1)
 
 
-def fake_quant_affine_ref(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                          axis: Optional[int]) -> tuple[Tensor, Tensor]:
+def fake_quant_affine_ref(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: Optional[int]
+) -> tuple[Tensor, Tensor]:
     """torch's own fake quantization with its STE mask, packed (x dense)."""
     if axis is None:
         out, mask = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(
-            x, float(scale.item()), int(zero_point.item()), qmin, qmax)
+            x, float(scale.item()), int(zero_point.item()), qmin, qmax
+        )
     else:
         out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
-            x, scale.to(torch.float32), zero_point.to(torch.int32), axis, qmin, qmax)
+            x, scale.to(torch.float32), zero_point.to(torch.int32), axis, qmin, qmax
+        )
     if tuple(mask.stride()) != tuple(out.stride()):
-        mask = torch.empty_strided(out.shape, out.stride(), dtype=mask.dtype,
-                                   device=mask.device).copy_(mask)
+        mask = torch.empty_strided(
+            out.shape, out.stride(), dtype=mask.dtype, device=mask.device
+        ).copy_(mask)
     return out, pack_mask(mask)
 
 
@@ -124,16 +129,26 @@ def tap_popcounts(bits: Tensor) -> Tensor:
     return v.sum(-1).flatten(1).to(torch.int32).contiguous()
 
 
-def binary_conv2d_ref(x: Tensor, in_channels: int, bits: Tensor, stride, padding, dilation,
-                      scale: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                      packed_out: bool) -> Tensor:
+def binary_conv2d_ref(
+    x: Tensor,
+    in_channels: int,
+    bits: Tensor,
+    stride,
+    padding,
+    dilation,
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    packed_out: bool,
+) -> Tensor:
     """The binary conv as a float64 conv of +-1 values with zero padding (a
     tap outside the image adds nothing), then the float32 epilogue
     ((conv * scale) + bias) + residual; packed_out packs its signs."""
     xs = unpack_signs(x, in_channels).permute(0, 3, 1, 2)
     ws = unpack_signs(bits, in_channels).permute(0, 3, 1, 2)
-    y = torch.nn.functional.conv2d(xs, ws, stride=tuple(stride), padding=tuple(padding),
-                                   dilation=tuple(dilation)).to(torch.float32)
+    y = torch.nn.functional.conv2d(
+        xs, ws, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation)
+    ).to(torch.float32)
     if scale is not None:
         y = y * scale.view(1, -1, 1, 1)
     if bias is not None:

@@ -9,6 +9,7 @@ tensor) for backward instead of a float tensor: it is what the gradient
 needs, 1/16 of a bf16 activation. approx_sign needs |x| itself, so it saves x.
 The binary ops (pack_bits, binary_conv2d) are inference only.
 """
+
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -27,8 +28,8 @@ from .shapes import (
 
 
 class _Spec(NamedTuple):
-    prepare: Callable   # args -> checked args in the kernels' layout
-    outputs: Callable   # args -> uninitialized outputs (the fake; the result of an empty input)
+    prepare: Callable  # args -> checked args in the kernels' layout
+    outputs: Callable  # args -> uninitialized outputs (the fake; the result of an empty input)
     is_empty: Callable  # args -> True when there is nothing to compute
 
 
@@ -55,11 +56,13 @@ def kernel(op, device: str, check_values: Optional[Callable] = None):
             if check_values is not None:
                 check_values(*args)
             return spec.outputs(*args) if spec.is_empty(*args) else fn(*args)
+
         run.__name__ = run.__qualname__ = fn.__name__
         run.__module__ = fn.__module__
         op.register_kernel(device, run)
         _KERNELS[op, device] = run
         return fn
+
     return register
 
 
@@ -71,7 +74,9 @@ def device_kernel(op, device_type: str):
     try:
         return _KERNELS[op, device_type]
     except KeyError:
-        raise NotImplementedError(f"{op._qualname} has no kernel for {device_type} tensors") from None
+        raise NotImplementedError(
+            f"{op._qualname} has no kernel for {device_type} tensors"
+        ) from None
 
 
 def _first_empty(t, *_):
@@ -85,8 +90,9 @@ _NO_DEVICES = ()
 
 # ------------------------------------------------------------ fake_quant_affine
 @custom_op("ctmq::fake_quant_affine", mutates_args=(), device_types=_NO_DEVICES)
-def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                      axis: Optional[int]) -> tuple[Tensor, Tensor]:
+def fake_quant_affine(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: Optional[int]
+) -> tuple[Tensor, Tensor]:
     """(out, packed STE mask) of affine fake quantization; axis=None: scale
     and zero_point have one element, else one per channel of dim `axis`."""
     raise NotImplementedError
@@ -96,8 +102,12 @@ def _affine_prepare(x, scale, zero_point, qmin, qmax, axis):
     return dense(x), scale, zero_point, qmin, qmax, axis
 
 
-_define(fake_quant_affine, _affine_prepare,
-        lambda x, *_: (torch.empty_like(x), mask_bytes(x)), _first_empty)
+_define(
+    fake_quant_affine,
+    _affine_prepare,
+    lambda x, *_: (torch.empty_like(x), mask_bytes(x)),
+    _first_empty,
+)
 
 
 @custom_op("ctmq::ste_masked_grad", mutates_args=(), device_types=_NO_DEVICES)
@@ -106,8 +116,12 @@ def ste_masked_grad(grad: Tensor, mask: Tensor) -> Tensor:
     raise NotImplementedError
 
 
-_define(ste_masked_grad, lambda grad, mask: (grad, mask),
-        lambda grad, mask: torch.empty_like(grad), _first_empty)
+_define(
+    ste_masked_grad,
+    lambda grad, mask: (grad, mask),
+    lambda grad, mask: torch.empty_like(grad),
+    _first_empty,
+)
 
 
 def _masked_grad_setup(ctx, inputs, output):
@@ -150,8 +164,9 @@ def _act_prepare(x, bits, ste):
     return dense(x), bits, ste
 
 
-_define(quantize_act, _act_prepare, lambda x, *_: (torch.empty_like(x), mask_bytes(x)),
-        _first_empty)
+_define(
+    quantize_act, _act_prepare, lambda x, *_: (torch.empty_like(x), mask_bytes(x)), _first_empty
+)
 
 
 @custom_op("ctmq::approx_sign_grad", mutates_args=(), device_types=_NO_DEVICES)
@@ -160,8 +175,12 @@ def approx_sign_grad(grad: Tensor, x: Tensor) -> Tensor:
     raise NotImplementedError
 
 
-_define(approx_sign_grad, lambda grad, x: (grad, x), lambda grad, x: torch.empty_like(grad),
-        _first_empty)
+_define(
+    approx_sign_grad,
+    lambda grad, x: (grad, x),
+    lambda grad, x: torch.empty_like(grad),
+    _first_empty,
+)
 
 
 def _approx_sign_grad_setup(ctx, inputs, output):
@@ -174,8 +193,9 @@ def _approx_sign_grad_backward(ctx, grad_grad):
     return approx_sign_grad(restride(grad_grad, ctx.shape, ctx.stride), x), None
 
 
-approx_sign_grad.register_autograd(_approx_sign_grad_backward,
-                                   setup_context=_approx_sign_grad_setup)
+approx_sign_grad.register_autograd(
+    _approx_sign_grad_backward, setup_context=_approx_sign_grad_setup
+)
 
 
 def _act_setup(ctx, inputs, output):
@@ -212,9 +232,12 @@ def _weight_prepare(w, bits, ste):
     return rows_dense(w), bits, ste
 
 
-_define(quantize_weight, _weight_prepare,
-        lambda w, *_: (torch.empty_like(w), w.new_zeros((w.shape[0],), dtype=torch.float32)),
-        _first_empty)
+_define(
+    quantize_weight,
+    _weight_prepare,
+    lambda w, *_: (torch.empty_like(w), w.new_zeros((w.shape[0],), dtype=torch.float32)),
+    _first_empty,
+)
 
 
 @custom_op("ctmq::quantize_weight_grad", mutates_args=(), device_types=_NO_DEVICES)
@@ -223,8 +246,12 @@ def quantize_weight_grad(grad: Tensor, w: Tensor, alpha: Tensor, ste: str) -> Te
     raise NotImplementedError
 
 
-_define(quantize_weight_grad, lambda grad, w, alpha, ste: (grad, w, alpha, ste),
-        lambda grad, *_: torch.empty_like(grad), _first_empty)
+_define(
+    quantize_weight_grad,
+    lambda grad, w, alpha, ste: (grad, w, alpha, ste),
+    lambda grad, *_: torch.empty_like(grad),
+    _first_empty,
+)
 
 
 def _weight_grad_setup(ctx, inputs, output):
@@ -272,20 +299,35 @@ def pack_bits(x: Tensor) -> Tensor:
 
 def _pack_prepare(x):
     if not x.is_floating_point() or x.dim() != 4:
-        raise ValueError(f"x must be a float 4-D (N, C, H, W) tensor, got {x.dtype} "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x must be a float 4-D (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}"
+        )
     return (x,)
 
 
-_define(pack_bits, _pack_prepare,
-        lambda x: x.new_empty(pack_bits_output_shape(x.shape), dtype=torch.int32), _first_empty)
+_define(
+    pack_bits,
+    _pack_prepare,
+    lambda x: x.new_empty(pack_bits_output_shape(x.shape), dtype=torch.int32),
+    _first_empty,
+)
 
 
 @custom_op("ctmq::binary_conv2d", mutates_args=(), device_types=_NO_DEVICES)
-def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tensor],
-                  tap_popc: Optional[Tensor], stride: list[int], padding: list[int],
-                  dilation: list[int], scale: Optional[Tensor], bias: Optional[Tensor],
-                  residual: Optional[Tensor], packed_out: bool) -> Tensor:
+def binary_conv2d(
+    x: Tensor,
+    in_channels: int,
+    bits: Tensor,
+    gemm: Optional[Tensor],
+    tap_popc: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    packed_out: bool,
+) -> Tensor:
     """XNOR-popcount conv of packed x (N, H, W, words) with packed weight bits
     (O, KH, KW, words); epilogue ((conv * scale) + bias) + residual; float32
     (N, O, OH, OW), or packed (N, OH, OW, ceil(O/32)). gemm/tap_popc: the
@@ -294,24 +336,72 @@ def binary_conv2d(x: Tensor, in_channels: int, bits: Tensor, gemm: Optional[Tens
     raise NotImplementedError
 
 
-def _conv_prepare(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                  residual, packed_out):
+def _conv_prepare(
+    x,
+    in_channels,
+    bits,
+    gemm,
+    tap_popc,
+    stride,
+    padding,
+    dilation,
+    scale,
+    bias,
+    residual,
+    packed_out,
+):
     check_binary_conv2d(x, in_channels, bits, stride, padding, dilation, scale, bias, residual)
 
     def contiguous(t):
         return None if t is None else t.contiguous()
-    return (x.contiguous(), in_channels, bits.contiguous(), gemm, tap_popc, list(stride),
-            list(padding), list(dilation), contiguous(scale), contiguous(bias),
-            contiguous(residual), packed_out)
+
+    return (
+        x.contiguous(),
+        in_channels,
+        bits.contiguous(),
+        gemm,
+        tap_popc,
+        list(stride),
+        list(padding),
+        list(dilation),
+        contiguous(scale),
+        contiguous(bias),
+        contiguous(residual),
+        packed_out,
+    )
 
 
-def _conv_shape(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                residual, packed_out):
+def _conv_shape(
+    x,
+    in_channels,
+    bits,
+    gemm,
+    tap_popc,
+    stride,
+    padding,
+    dilation,
+    scale,
+    bias,
+    residual,
+    packed_out,
+):
     return binary_conv2d_output_shape(x.shape, bits.shape, stride, padding, dilation, packed_out)
 
 
-def _conv_outputs(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                  residual, packed_out):
+def _conv_outputs(
+    x,
+    in_channels,
+    bits,
+    gemm,
+    tap_popc,
+    stride,
+    padding,
+    dilation,
+    scale,
+    bias,
+    residual,
+    packed_out,
+):
     return binary_conv2d_empty(x, bits.shape, stride, padding, dilation, packed_out)
 
 

@@ -2,6 +2,7 @@
 thread-local choices of ctmq.backend: ctmq.force_triton() (CPU tensors run
 the Triton kernels under the interpreter) and ctmq.binary.use_kernel()
 (CUDA tensors run the Triton kernel or the binary tensor-core one)."""
+
 from typing import Optional
 
 import torch
@@ -20,9 +21,11 @@ def bmma_built() -> bool:
     with nvcc against a CUDA build of torch)."""
     global _bmma_built
     if _bmma_built is None:
-        _bmma_built = (backend.has_extension() and hasattr(torch.ops.ctmq, "binary_conv2d_bmma")
-                       and torch._C._dispatch_has_kernel_for_dispatch_key(
-                           "ctmq::binary_conv2d_bmma", "CUDA"))
+        _bmma_built = (
+            backend.has_extension()
+            and hasattr(torch.ops.ctmq, "binary_conv2d_bmma")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("ctmq::binary_conv2d_bmma", "CUDA")
+        )
     return _bmma_built
 
 
@@ -37,19 +40,23 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 def check_bmma(device: torch.device):
     """A clear RuntimeError when the tensor-core kernel cannot run on device."""
     if not bmma_built():
-        raise RuntimeError("ctmq binary kernel 'bmma' was chosen, but ctmq._C was built without its "
-                           "CUDA kernels: rebuild with nvcc and a CUDA build of torch (and "
-                           "CTMQ_SKIP_CUDA_BUILD unset), or use ctmq.binary.use_kernel('triton')")
+        raise RuntimeError(
+            "ctmq binary kernel 'bmma' was chosen, but ctmq._C was built without its "
+            "CUDA kernels: rebuild with nvcc and a CUDA build of torch (and "
+            "CTMQ_SKIP_CUDA_BUILD unset), or use ctmq.binary.use_kernel('triton')"
+        )
     capability = cuda_capability(device)
     if capability < BMMA_MIN_CAPABILITY:
-        raise RuntimeError(f"ctmq binary kernel 'bmma' needs a GPU of compute capability "
-                           f"{BMMA_MIN_CAPABILITY[0]}.{BMMA_MIN_CAPABILITY[1]} or newer (binary "
-                           f"tensor cores); {device} is {capability[0]}.{capability[1]}: use "
-                           f"ctmq.binary.use_kernel('triton')")
+        raise RuntimeError(
+            f"ctmq binary kernel 'bmma' needs a GPU of compute capability "
+            f"{BMMA_MIN_CAPABILITY[0]}.{BMMA_MIN_CAPABILITY[1]} or newer (binary "
+            f"tensor cores); {device} is {capability[0]}.{capability[1]}: use "
+            f"ctmq.binary.use_kernel('triton')"
+        )
 
 
 def binary_backend(t: Tensor) -> str:
-    """"bmma", "triton" or "cpp": which binary conv kernel runs for tensors on
+    """ "bmma", "triton" or "cpp": which binary conv kernel runs for tensors on
     t's device. CUDA: the kernel chosen by ctmq.binary.use_kernel (default
     CTMQ_BINARY_KERNEL, else "triton"), checked to run on this device."""
     if t.device.type == "cuda":
@@ -60,8 +67,9 @@ def binary_backend(t: Tensor) -> str:
     if t.device.type == "cpu" and backend.triton_forced():
         return "triton"
     if t.device.type != "cpu":
-        raise NotImplementedError(f"ctmq's binary kernels run on CPU and CUDA tensors, "
-                                  f"got a {t.device.type} tensor")
+        raise NotImplementedError(
+            f"ctmq's binary kernels run on CPU and CUDA tensors, got a {t.device.type} tensor"
+        )
     backend.extension()  # a clear error when ctmq._C is not built
     return "cpp"
 

@@ -1,6 +1,7 @@
 """The Triton kernels (ctmq_kernels) as implementations of ctmq's ops, for
 CUDA tensors and, under ctmq.force_triton(), CPU tensors in the interpreter.
 Arguments arrive checked and dense (schemas.kernel)."""
+
 import torch
 
 from .. import backend
@@ -21,8 +22,16 @@ def fake_quant_affine(x, scale, zero_point, qmin, qmax, axis):
     scale = scale.to(torch.float32)
     per_channel = axis is not None
     return _quant().fake_quant_affine(
-        x, scale, 1.0 / scale, zero_point.to(torch.int32), qmin, qmax,
-        x.stride(axis) if per_channel else 1, x.shape[axis] if per_channel else 1, per_channel)
+        x,
+        scale,
+        1.0 / scale,
+        zero_point.to(torch.int32),
+        qmin,
+        qmax,
+        x.stride(axis) if per_channel else 1,
+        x.shape[axis] if per_channel else 1,
+        per_channel,
+    )
 
 
 def ste_masked_grad(grad, mask):
@@ -49,7 +58,20 @@ def pack_bits(x):
     return _binary().pack_bits(x)
 
 
-def binary_conv2d(x, in_channels, bits, gemm, tap_popc, stride, padding, dilation, scale, bias,
-                  residual, packed_out):
-    return _binary().binary_conv2d(x, in_channels, bits, stride, padding, dilation, scale, bias,
-                                   residual, packed_out)
+def binary_conv2d(
+    x,
+    in_channels,
+    bits,
+    gemm,
+    tap_popc,
+    stride,
+    padding,
+    dilation,
+    scale,
+    bias,
+    residual,
+    packed_out,
+):
+    return _binary().binary_conv2d(
+        x, in_channels, bits, stride, padding, dilation, scale, bias, residual, packed_out
+    )

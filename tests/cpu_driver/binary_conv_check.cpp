@@ -42,15 +42,14 @@ struct Case {
 // Which outputs and epilogue steps a run asks for.
 struct Outputs {
   bool scale, bias;
-  int residual;   // 0 none, 1 NCHW, 2 NHWC
-  int out;        // 0 none, 1 NCHW, 2 NHWC
-  int packed;     // 0 none, 1 y >= 0, 2 y + threshold >= 0
+  int residual;  // 0 none, 1 NCHW, 2 NHWC
+  int out;       // 0 none, 1 NCHW, 2 NHWC
+  int packed;    // 0 none, 1 y >= 0, 2 y + threshold >= 0
 };
 const Outputs kOutputs[] = {
-    {false, false, 0, 1, 0}, {false, false, 0, 2, 0}, {true, true, 0, 1, 0},
-    {true, true, 2, 2, 0},   {true, false, 1, 1, 0},  {false, false, 0, 0, 1},
-    {true, true, 0, 0, 2},   {false, true, 1, 0, 1},  {false, false, 2, 0, 2},
-    {true, true, 1, 2, 2},   {true, true, 2, 1, 1},
+    {false, false, 0, 1, 0}, {false, false, 0, 2, 0}, {true, true, 0, 1, 0}, {true, true, 2, 2, 0},
+    {true, false, 1, 1, 0},  {false, false, 0, 0, 1}, {true, true, 0, 0, 2}, {false, true, 1, 0, 1},
+    {false, false, 2, 0, 2}, {true, true, 1, 2, 2},   {true, true, 2, 1, 1},
 };
 
 // Random bits (or all ones) with the channel padding bits 0, as ctmq packs them.
@@ -148,8 +147,15 @@ int run(const Problem& pb, const Outputs& e, Path path, const Parallel& par, con
       }
   ConvParams p;
   p.x = pb.x.data();
-  p.N = c.N; p.H = c.H; p.W = c.W;
-  p.sh = c.sh; p.sw = c.sw; p.ph = c.ph; p.pw = c.pw; p.dh = c.dh; p.dw = c.dw;
+  p.N = c.N;
+  p.H = c.H;
+  p.W = c.W;
+  p.sh = c.sh;
+  p.sw = c.sw;
+  p.ph = c.ph;
+  p.pw = c.pw;
+  p.dh = c.dh;
+  p.dw = c.dw;
   p.scale = e.scale ? pb.scale.data() : nullptr;
   p.bias = e.bias ? pb.bias.data() : nullptr;
   p.residual = e.residual == 1 ? pb.res_nchw.data() : e.residual == 2 ? pb.res_nhwc.data() : nullptr;
@@ -165,12 +171,12 @@ int run(const Problem& pb, const Outputs& e, Path path, const Parallel& par, con
   if (e.packed) same &= std::memcmp(packed.data(), expect_packed.data(), words * 4) == 0;
   for (int g = 0; g < kGuard; ++g) same &= out[elems + g] == kSentinel && packed[words + g] == 0xDEADBEEFu;
   if (same) return 0;
-  std::printf("MISMATCH path %s %s: N=%lld C=%lld H=%lld W=%lld O=%lld k=%lldx%lld s=%lld,%lld "
-              "p=%lld,%lld d=%lld,%lld outputs{scale %d bias %d residual %d out %d packed %d}\n",
-              path_name(path), what, (long long)c.N, (long long)c.C, (long long)c.H, (long long)c.W,
-              (long long)c.O, (long long)c.KH, (long long)c.KW, (long long)c.sh, (long long)c.sw,
-              (long long)c.ph, (long long)c.pw, (long long)c.dh, (long long)c.dw, e.scale, e.bias,
-              e.residual, e.out, e.packed);
+  std::printf(
+      "MISMATCH path %s %s: N=%lld C=%lld H=%lld W=%lld O=%lld k=%lldx%lld s=%lld,%lld "
+      "p=%lld,%lld d=%lld,%lld outputs{scale %d bias %d residual %d out %d packed %d}\n",
+      path_name(path), what, (long long)c.N, (long long)c.C, (long long)c.H, (long long)c.W, (long long)c.O,
+      (long long)c.KH, (long long)c.KW, (long long)c.sh, (long long)c.sw, (long long)c.ph, (long long)c.pw,
+      (long long)c.dh, (long long)c.dw, e.scale, e.bias, e.residual, e.out, e.packed);
   for (int64_t i = 0; e.out && i < elems + kGuard; ++i) {
     const float want = i < elems ? expect[i] : kSentinel;
     if (std::memcmp(&out[i], &want, 4) != 0) {
@@ -206,28 +212,28 @@ Parallel reversed_chunks(int64_t threads) {
 // 64-channel tile widths; pixels across images, borders, stride, dilation.
 const Case kCases[] = {
     // N  C     H   W   O    KH KW sh sw ph pw dh dw
-    {2, 1, 5, 4, 1, 1, 1, 1, 1, 0, 0, 1, 1},       // K = 1, O = 1
-    {2, 33, 7, 5, 7, 1, 1, 2, 1, 1, 1, 1, 1},      // K = 2, zero-padded border pixels
-    {1, 65, 6, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1},      // K = 27 (3 words a tap)
-    {1, 100, 5, 6, 33, 3, 3, 2, 2, 1, 1, 1, 1},    // K = 36, stride 2
-    {3, 64, 4, 5, 65, 3, 3, 1, 1, 1, 1, 1, 1},     // K = 18, 20 pixels an image
-    {1, 960, 3, 4, 20, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 30
-    {1, 992, 2, 5, 20, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 31
-    {1, 1000, 3, 4, 24, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 32
-    {1, 1025, 3, 3, 17, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 33
-    {1, 2000, 2, 3, 16, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 63
-    {1, 2048, 2, 2, 48, 1, 1, 1, 1, 0, 0, 1, 1},   // K = 64
-    {2, 40, 3, 33, 9, 1, 31, 1, 1, 1, 0, 1, 1},    // K = 62 (31 taps), border rows
-    {2, 17, 5, 13, 5, 3, 11, 1, 1, 1, 5, 1, 1},    // K = 33 (33 taps), all borders
-    {1, 250, 7, 6, 13, 5, 5, 1, 1, 2, 2, 1, 1},    // K = 200
-    {1, 1600, 6, 5, 11, 2, 2, 1, 1, 1, 1, 2, 2},   // K = 200, dilation 2
-    {1, 130, 10, 10, 129, 3, 3, 1, 1, 1, 1, 1, 1}, // K = 45, 100 pixels, O = 129
-    {2, 64, 9, 9, 64, 3, 3, 2, 1, 0, 2, 1, 2},     // stride 2 x 1, dilation 1 x 2
-    {1, 32, 3, 3, 200, 1, 1, 1, 1, 0, 0, 1, 1},    // O = 200
-    {1, 64, 12, 12, 40, 3, 3, 2, 2, 1, 1, 1, 1},   // stride 2 with interior tiles (read in place)
-    {2, 96, 10, 10, 20, 1, 1, 2, 2, 0, 0, 1, 1},   // 1x1 stride 2, K = 3
-    {5, 33, 1, 1, 40, 1, 1, 1, 1, 0, 0, 1, 1},     // 1x1 images (a GEMM)
-    {1, 512, 7, 7, 64, 3, 3, 1, 1, 1, 1, 1, 1},    // K = 144, ResNet-18's 7x7 map
+    {2, 1, 5, 4, 1, 1, 1, 1, 1, 0, 0, 1, 1},        // K = 1, O = 1
+    {2, 33, 7, 5, 7, 1, 1, 2, 1, 1, 1, 1, 1},       // K = 2, zero-padded border pixels
+    {1, 65, 6, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1},       // K = 27 (3 words a tap)
+    {1, 100, 5, 6, 33, 3, 3, 2, 2, 1, 1, 1, 1},     // K = 36, stride 2
+    {3, 64, 4, 5, 65, 3, 3, 1, 1, 1, 1, 1, 1},      // K = 18, 20 pixels an image
+    {1, 960, 3, 4, 20, 1, 1, 1, 1, 0, 0, 1, 1},     // K = 30
+    {1, 992, 2, 5, 20, 1, 1, 1, 1, 0, 0, 1, 1},     // K = 31
+    {1, 1000, 3, 4, 24, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 32
+    {1, 1025, 3, 3, 17, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 33
+    {1, 2000, 2, 3, 16, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 63
+    {1, 2048, 2, 2, 48, 1, 1, 1, 1, 0, 0, 1, 1},    // K = 64
+    {2, 40, 3, 33, 9, 1, 31, 1, 1, 1, 0, 1, 1},     // K = 62 (31 taps), border rows
+    {2, 17, 5, 13, 5, 3, 11, 1, 1, 1, 5, 1, 1},     // K = 33 (33 taps), all borders
+    {1, 250, 7, 6, 13, 5, 5, 1, 1, 2, 2, 1, 1},     // K = 200
+    {1, 1600, 6, 5, 11, 2, 2, 1, 1, 1, 1, 2, 2},    // K = 200, dilation 2
+    {1, 130, 10, 10, 129, 3, 3, 1, 1, 1, 1, 1, 1},  // K = 45, 100 pixels, O = 129
+    {2, 64, 9, 9, 64, 3, 3, 2, 1, 0, 2, 1, 2},      // stride 2 x 1, dilation 1 x 2
+    {1, 32, 3, 3, 200, 1, 1, 1, 1, 0, 0, 1, 1},     // O = 200
+    {1, 64, 12, 12, 40, 3, 3, 2, 2, 1, 1, 1, 1},    // stride 2 with interior tiles (read in place)
+    {2, 96, 10, 10, 20, 1, 1, 2, 2, 0, 0, 1, 1},    // 1x1 stride 2, K = 3
+    {5, 33, 1, 1, 40, 1, 1, 1, 1, 0, 0, 1, 1},      // 1x1 images (a GEMM)
+    {1, 512, 7, 7, 64, 3, 3, 1, 1, 1, 1, 1, 1},     // K = 144, ResNet-18's 7x7 map
 };
 
 int check_path(Path path, int* runs) {
@@ -249,7 +255,7 @@ int check_path(Path path, int* runs) {
       }
       if (saturate) continue;
       // the automatic plan for 2 and 3 threads, and forced task splits
-      const Outputs& e = kOutputs[9];  // NHWC float + packed with threshold + NCHW residual
+      const Outputs& e = kOutputs[9];   // NHWC float + packed with threshold + NCHW residual
       const Outputs& f = kOutputs[10];  // NCHW float + packed + NHWC residual
       for (int64_t threads : {2, 3}) {
         *runs += 2;
@@ -289,8 +295,7 @@ int check_pack(Path path) {
           const float v = with_thr ? x[p * C + c] + thr[c] : x[p * C + c];
           if (v >= 0.f) expect[p * Cw + c / 32] |= 1u << (c % 32);
         }
-      pack_nhwc(x.data(), pixels, C, with_thr ? thr.data() : nullptr, out.data(), path,
-                reversed_chunks(2));
+      pack_nhwc(x.data(), pixels, C, with_thr ? thr.data() : nullptr, out.data(), path, reversed_chunks(2));
       bool same = std::memcmp(out.data(), expect.data(), expect.size() * 4) == 0;
       for (int g = 0; g < kGuard; ++g) same &= out[pixels * Cw + g] == 0xDEADBEEFu;
       if (!same) {
@@ -322,20 +327,38 @@ int check_errors() {
     ++failures;
   };
   ConvParams ok;
-  ok.x = bits; ok.N = 1; ok.H = 1; ok.W = 2; ok.out = out;
-  ConvParams p = ok; p.x = nullptr; expect("x must not be null", p, w);
-  p = ok; p.sh = 0; expect("stride", p, w);
-  p = ok; p.pw = -1; expect("padding", p, w);
-  p = ok; p.dw = 0; expect("dilation", p, w);
-  p = ok; p.N = 0; expect("N, H and W", p, w);
-  p = ok; p.out = nullptr; expect("nothing to write", p, w);
-  p = ok; p.dh = 3; p.H = 1; expect("does not fit", p, prepare_weight(bits, 1, 2, 1, 1));
+  ok.x = bits;
+  ok.N = 1;
+  ok.H = 1;
+  ok.W = 2;
+  ok.out = out;
+  ConvParams p = ok;
+  p.x = nullptr;
+  expect("x must not be null", p, w);
+  p = ok;
+  p.sh = 0;
+  expect("stride", p, w);
+  p = ok;
+  p.pw = -1;
+  expect("padding", p, w);
+  p = ok;
+  p.dw = 0;
+  expect("dilation", p, w);
+  p = ok;
+  p.N = 0;
+  expect("N, H and W", p, w);
+  p = ok;
+  p.out = nullptr;
+  expect("nothing to write", p, w);
+  p = ok;
+  p.dh = 3;
+  p.H = 1;
+  expect("does not fit", p, prepare_weight(bits, 1, 2, 1, 1));
   expect("not prepared", ok, PreparedWeight{});
   for (const char* bad_shape : {"O", "kernel", "C"}) {
     try {
       const std::string s = bad_shape;
-      prepare_weight(bits, s == "O" ? 0 : 1, s == "kernel" ? 9 : 1, s == "kernel" ? 8 : 1,
-                     s == "C" ? 0 : 1);
+      prepare_weight(bits, s == "O" ? 0 : 1, s == "kernel" ? 9 : 1, s == "kernel" ? 8 : 1, s == "C" ? 0 : 1);
       std::printf("NO ERROR for a bad weight %s\n", bad_shape);
       ++failures;
     } catch (const std::invalid_argument& e) {

@@ -107,13 +107,19 @@ struct ThreadState {
 };
 inline thread_local ThreadState self;
 
-inline Block::Warp& warp() { return *self.block->warps[self.thread_idx.x / 32]; }
-inline int lane() { return self.thread_idx.x % 32; }
+inline Block::Warp& warp() {
+  return *self.block->warps[self.thread_idx.x / 32];
+}
+inline int lane() {
+  return self.thread_idx.x % 32;
+}
 
 inline void land(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
-    if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
-    else std::memset(c.dst, 0, c.bytes);
+    if (c.valid)
+      std::memcpy(c.dst, c.src, c.bytes);
+    else
+      std::memset(c.dst, 0, c.bytes);
   }
 }
 
@@ -144,10 +150,18 @@ void launch(Kernel kernel, dim3 grid, int threads, const Params& p) {
 #define threadIdx (::emu::self.thread_idx)
 #define blockIdx (::emu::self.block_idx)
 
-inline void __syncthreads() { emu::self.block->sync.arrive_and_wait(); }
-inline int __popc(uint32_t v) { return __builtin_popcount(v); }
-inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
-inline float __fadd_rn(float a, float b) { return a + b; }
+inline void __syncthreads() {
+  emu::self.block->sync.arrive_and_wait();
+}
+inline int __popc(uint32_t v) {
+  return __builtin_popcount(v);
+}
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}  // built with -ffp-contract=off
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
 
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
@@ -171,8 +185,8 @@ namespace ctmq {
 // fragment layout (g = lane / 4, t = lane % 4): a0/a2 hold row g, a1/a3 row
 // g + 8, bits [32t, 32t + 32) and 128 + that; b0/b1 column g, the same bits;
 // c0/c1 row g, columns 2t and 2t + 1; c2/c3 row g + 8.
-inline void mma_b1_and_popc(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                            uint32_t b0, uint32_t b1) {
+inline void mma_b1_and_popc(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                            uint32_t b1) {
   auto& w = emu::warp();
   const int l = emu::lane(), g = l / 4, t = l % 4;
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};

@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   check(cudaMalloc(&d_out, out.size() * 4), "cudaMalloc");
   check(cudaMemcpy(d_in, in.data(), in.size() * 4, cudaMemcpyHostToDevice), "copy in");
   check(cudaMemset(d_out, 0xff, out.size() * 4), "poison out");
-  mma_probe_kernel<<<sets, 32>>>(Probe{d_in, d_out});
+  mma_probe_kernel<<<sets, 32> > >(Probe{d_in, d_out});
   check(cudaGetLastError(), "launch");
   check(cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost), "copy out");
 #endif

@@ -19,8 +19,8 @@ constexpr uint32_t kPoison = 0x7fc0dead;  // a NaN as float
 struct Buffer {
   std::vector<uint32_t> words;
   size_t offset = kGuard, n = 0;
-  Buffer(size_t count, size_t extra_offset) : words(count + 2 * kGuard + extra_offset, kPoison),
-                                              offset(kGuard + extra_offset), n(count) {}
+  Buffer(size_t count, size_t extra_offset)
+      : words(count + 2 * kGuard + extra_offset, kPoison), offset(kGuard + extra_offset), n(count) {}
   uint32_t* data() { return words.data() + offset; }
   bool guards_intact() const {
     for (size_t i = 0; i < words.size(); ++i)
@@ -51,8 +51,19 @@ int main(int argc, char** argv) {
   int v[15];
   for (int i = 0; i < 15; ++i) v[i] = std::atoi(argv[2 + i]);
   ctmq::BinaryConvParams p{};
-  p.N = v[0]; p.C = v[1]; p.H = v[2]; p.W = v[3]; p.O = v[4]; p.KH = v[5]; p.KW = v[6];
-  p.sh = v[7]; p.sw = v[8]; p.ph = v[9]; p.pw = v[10]; p.dh = v[11]; p.dw = v[12];
+  p.N = v[0];
+  p.C = v[1];
+  p.H = v[2];
+  p.W = v[3];
+  p.O = v[4];
+  p.KH = v[5];
+  p.KW = v[6];
+  p.sh = v[7];
+  p.sw = v[8];
+  p.ph = v[9];
+  p.pw = v[10];
+  p.dh = v[11];
+  p.dw = v[12];
   const int flags = v[13], x_offset = v[14];
   p.Cw = (p.C + 31) / 32;
   p.OH = ctmq::conv_output_size(p.H, p.KH, p.sh, p.ph, p.dh);
@@ -80,14 +91,22 @@ int main(int argc, char** argv) {
   const bool packed = flags & 8;
   const size_t out_words = packed ? M * ((p.O + 31) / 32) : M * p.O;
   Buffer out(out_words, 0);
-  if (packed) p.packed = out.data();
-  else p.out = reinterpret_cast<float*>(out.data());
+  if (packed)
+    p.packed = out.data();
+  else
+    p.out = reinterpret_cast<float*>(out.data());
 
   const ctmq::BinaryConvPlan plan = ctmq::plan_binary_conv(p);
   ctmq::emulate_binary_conv_bmma(p);
   for (const Buffer& b : keep)
-    if (!b.guards_intact()) { std::fprintf(stderr, "an input buffer's guard words changed\n"); return 1; }
-  if (!out.guards_intact()) { std::fprintf(stderr, "a write landed outside the output\n"); return 1; }
+    if (!b.guards_intact()) {
+      std::fprintf(stderr, "an input buffer's guard words changed\n");
+      return 1;
+    }
+  if (!out.guards_intact()) {
+    std::fprintf(stderr, "a write landed outside the output\n");
+    return 1;
+  }
   std::ofstream f(dir + "/out.bin", std::ios::binary);
   f.write(reinterpret_cast<const char*>(out.data()), out_words * 4);
   std::printf("vec_words=%d grid=%ux%u\n", plan.vec_words, plan.grid_x, plan.grid_y);

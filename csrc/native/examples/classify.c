@@ -13,8 +13,8 @@ static unsigned char* read_ppm(const char* path, int size, int channels) {
   FILE* f = fopen(path, "rb");
   int w = 0, h = 0, maxval = 0;
   unsigned char* pixels = NULL;
-  if (f && fscanf(f, "P6 %d %d %d", &w, &h, &maxval) == 3 && fgetc(f) != EOF && w == size &&
-      h == size && maxval == 255 && channels == 3) {
+  if (f && fscanf(f, "P6 %d %d %d", &w, &h, &maxval) == 3 && fgetc(f) != EOF && w == size && h == size &&
+      maxval == 255 && channels == 3) {
     pixels = malloc((size_t)size * size * 3);
     if (pixels && fread(pixels, 1, (size_t)size * size * 3, f) != (size_t)size * size * 3) {
       free(pixels);
