@@ -64,8 +64,8 @@ class PackedWeight:
 
     bits: Tensor
     in_channels: int
-    gemm: Tensor = None
-    tap_popc: Tensor = None
+    gemm: Tensor | None = None
+    tap_popc: Tensor | None = None
     layouts: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def layout_for(self, bits: Tensor, backend: str):

@@ -178,9 +178,10 @@ struct Epilogue {
                             int64_t c, const uint64_t* invalid, float* stage) {
     alignas(32) float tile[kMaxTileRows * kMaxTileCols];  // an NCHW residual, gathered
     const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, cv.O - c));
-    __m256 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
-    __m256i live[kMaxNV];
-    int live_bits[kMaxNV];
+    // zeroed: gcc cannot see that only the first nv entries are read
+    __m256 scale[kMaxNV]{}, bias[kMaxNV]{}, thr[kMaxNV]{};
+    __m256i live[kMaxNV]{};
+    int live_bits[kMaxNV]{};
     CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
       if (j >= nv) break;
       scale[j] = _mm256_loadu_ps(cv.scale + c + j * kLanes);

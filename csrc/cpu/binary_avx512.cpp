@@ -6,6 +6,13 @@
 
 #if defined(CTMQ_X86_SIMD)
 
+// GCC 12's avx512fintrin.h fills the unused merge operand of
+// _mm512_slli_epi32 and _mm512_cvtepi32_ps with _mm512_undefined_*(), which
+// -Wmaybe-uninitialized then reports inside the header.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace ctmq {
 namespace bconv {
 namespace detail {
@@ -94,8 +101,9 @@ struct Epilogue {
     float* const out = cv.out + (kOut == 2 ? pix0 * O + c : 0);
     uint8_t* const packed = kPacked ? packed_bytes(cv, pix0) + c / 8 : nullptr;
     const int nv = cols / kLanes, valid_cols = static_cast<int>(std::min<int64_t>(cols, O - c));
-    __m512 scale[kMaxNV], bias[kMaxNV], thr[kMaxNV];
-    __mmask16 live[kMaxNV];
+    // zeroed: gcc cannot see that only the first nv entries are read
+    __m512 scale[kMaxNV]{}, bias[kMaxNV]{}, thr[kMaxNV]{};
+    __mmask16 live[kMaxNV]{};
     CTMQ_UNROLL for (int j = 0; j < kMaxNV; ++j) {
       if (j >= nv) break;
       scale[j] = _mm512_loadu_ps(cv.scale + c + j * kLanes);
