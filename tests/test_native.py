@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -221,6 +222,39 @@ def test_ctmq_infer_and_bench_with_the_native_engine(zoo, tmp_path, capsys):
     assert "engine native" in capsys.readouterr().out
 
 
+def test_ctmq_infer_without_the_native_library_is_one_line(zoo, tmp_path, capsys, monkeypatch):
+    from ctmq.cli import main
+    from ctmq.deploy import native
+
+    path, x = zoo[0]
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(native, "_lib", None)
+    # as where ctmq/_native was not built
+    no_spec = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None))
+    monkeypatch.setattr(native, "importlib", no_spec)
+    monkeypatch.delenv(native.LIBRARY_ENV, raising=False)
+    code = main(["infer", str(path), str(tmp_path / "x.npy"), "--engine", "native"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "error: --engine native: ctmq's native runtime is not built" in err, err
+
+
+def test_native_refuses_bad_images_in_one_line(zoo):
+    path, x = zoo[0]
+    rt = deploy.load(path, engine="native")
+    c, s = rt.input_channels, rt.input_size
+    with pytest.raises(TypeError, match="images must be a float NumPy array"):
+        rt(torch.from_numpy(x))
+    with pytest.raises(TypeError, match="images must be a float NumPy array"):
+        rt(np.zeros((1, c, s, s), np.int32))
+    with pytest.raises(ValueError, match=rf"images must have shape \(N, {c}, {s}, {s}\)"):
+        rt(np.zeros((1, c + 1, s, s), np.float32))
+    bad = x.copy()
+    bad.flat[5] = np.nan
+    with pytest.raises(ValueError, match="images contain NaN or infinite values"):
+        rt(bad)
+
+
 def test_native_binding_errors():
     with pytest.raises(deploy.ArtifactError, match="cannot read"):
         deploy.load("/nonexistent.ctmq", engine="native")
@@ -341,6 +375,33 @@ def test_installed_library_and_the_c_example(cmake_build, zoo, tmp_path):
     idx, prob = rt.predict(rt.preprocess(gray), topk=5)
     assert [line.split()[0] for line in lines] == [rt.class_names[i] for i in idx[0]]
     assert float(lines[0].split()[1].rstrip("%")) == pytest.approx(100 * prob[0, 0], abs=0.051)
+
+
+@pytest.mark.slow
+def test_api_edges_top_k_allocation_failure_and_a_throwing_pool_range(cmake_build, zoo, tmp_path):
+    """tests/native_api_check.cpp against the static library: ctmq_topk's
+    order and ties, ctmq_run_pixels past memory returning an error (nothing
+    thrown across the C API), and the pool rethrowing a range's exception
+    after every range has finished."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "native_api_check"
+    _run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O1",
+            ROOT / "tests" / "native_api_check.cpp",
+            f"-I{ROOT / 'csrc' / 'native'}",
+            cmake_build / "libctmq_runtime.a",
+            "-pthread",
+            "-o",
+            exe,
+        ]
+    )
+    res = subprocess.run([str(exe), str(zoo[0][0])], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
 
 
 @pytest.mark.slow

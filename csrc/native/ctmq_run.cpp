@@ -28,7 +28,7 @@ using ctmq::native::InputError;
 
 const char* kUsage =
     "usage: ctmq-run MODEL.ctmq INPUT... [--topk K] [--threads N] "
-    "[--cpu-path auto|avx2|neon|scalar] [--logits OUT.npy] [--bench]\n";
+    "[--cpu-path auto|avx512-vpopcntdq|avx2|neon|scalar] [--logits OUT.npy] [--bench]\n";
 
 int usage_error(const std::string& why) {
   std::fprintf(stderr, "ctmq-run: error: %s\n", why.c_str());

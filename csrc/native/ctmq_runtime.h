@@ -20,8 +20,10 @@ extern "C" {
 typedef struct ctmq_model ctmq_model;
 
 typedef struct ctmq_options {
-  int threads;          /* worker threads, the caller included; 0: all hardware threads */
-  const char* cpu_path; /* NULL or "auto": the best the CPU has; or "avx2", "neon", "scalar" */
+  /* worker threads, the caller included; 0: all hardware threads */
+  int threads;
+  /* NULL or "auto": the best the CPU has; or "avx512-vpopcntdq", "avx2", "neon", "scalar" */
+  const char* cpu_path;
 } ctmq_options;
 
 /* The runtime's version, e.g. "0.1.0". */

@@ -208,7 +208,10 @@ std::vector<float> load_npy(const std::string& path, std::vector<int64_t>& shape
     if (i + 1 >= dims.size()) break;
     size_t used = 0;
     const long long v = std::stoll(dims.substr(i), &used);
-    if (v < 0 || v > (1ll << 32)) throw InputError(path + ": not a readable .npy file (shape)");
+    // every dimension and the element count bounded before the product (no overflow)
+    if (v < 0 || v > (1ll << 32) || (v > 0 && n > (int64_t(1) << 40) / v)) {
+      throw InputError(path + ": not a readable .npy file (shape)");
+    }
     shape.push_back(v);
     n *= v;
     i += used;

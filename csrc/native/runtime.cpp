@@ -182,7 +182,13 @@ int ctmq_run_pixels(ctmq_model* model, const uint8_t* pixels, int n, float* logi
   if (!check_run(model, pixels, n, logits, err, err_size)) return 1;
   const ctmq::rt::Artifact& a = model->artifact;
   const int64_t c = a.channels, hw = a.size * a.size;
-  std::vector<float> images(static_cast<size_t>(n * c * hw));
+  std::vector<float> images;
+  try {  // nothing throws across the C API (n images may not fit in memory)
+    images.resize(static_cast<size_t>(n * c * hw));
+  } catch (const std::exception& e) {
+    say(err, err_size, "cannot hold " + std::to_string(n) + " images as float32: " + e.what());
+    return 1;
+  }
   for (int64_t b = 0; b < n; ++b) {
     for (int64_t p = 0; p < hw; ++p) {
       for (int64_t j = 0; j < c; ++j) {  // as ctmq infer: (pixel / 255 - mean) / std, in float32
@@ -201,14 +207,23 @@ void ctmq_topk(const float* logits, int classes, int k, int* indices, float* pro
   for (int i = 1; i < classes; ++i) top = std::max(top, logits[i]);
   double sum = 0;
   for (int i = 0; i < classes; ++i) sum += std::exp(static_cast<double>(logits[i]) - top);
-  std::vector<int> order(classes);
-  for (int i = 0; i < classes; ++i) order[i] = i;
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int x, int y) { return logits[x] > logits[y] || (logits[x] == logits[y] && x < y); });
+  // The k largest, ties to the lower index: one scan per place, nothing
+  // allocated (nothing may throw across the C API).
+  const auto before = [&](int x, int y) {
+    return logits[x] > logits[y] || (logits[x] == logits[y] && x < y);
+  };
+  int prev = -1;
   for (int i = 0; i < k; ++i) {
-    if (indices) indices[i] = order[i];
+    int best = -1;
+    for (int j = 0; j < classes; ++j) {
+      if (prev >= 0 && !before(prev, j)) continue;  // placed already
+      if (best < 0 || before(j, best)) best = j;
+    }
+    prev = best;
+    if (indices) indices[i] = best;
     if (probabilities) {
-      probabilities[i] = static_cast<float>(std::exp(static_cast<double>(logits[order[i]]) - top) / sum);
+      probabilities[i] =
+          best < 0 ? 0.f : static_cast<float>(std::exp(static_cast<double>(logits[best]) - top) / sum);
     }
   }
 }

@@ -29,14 +29,34 @@ void range(int64_t n, int parts, int index, int64_t& begin, int64_t& end) {
 }  // namespace
 
 ThreadPool::ThreadPool(int threads) {
-  for (int i = 1; i < std::max(1, threads); ++i) workers_.emplace_back([this, i] { work(i); });
+  try {
+    for (int i = 1; i < std::max(1, threads); ++i) workers_.emplace_back([this, i] { work(i); });
+  } catch (...) {  // a thread that could not start: the ones that did are joined
+    stop_workers();
+    throw;
+  }
 }
 
 ThreadPool::~ThreadPool() {
+  stop_workers();
+}
+
+void ThreadPool::stop_workers() {
   stop_.store(true);
   { std::lock_guard<std::mutex> lock(mu_); }
   start_.notify_all();
   for (std::thread& t : workers_) t.join();
+  workers_.clear();
+}
+
+void ThreadPool::run_range(int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  try {
+    (*fn_)(begin, end);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (!error_) error_ = std::current_exception();
+  }
 }
 
 void ThreadPool::work(int index) {
@@ -60,7 +80,7 @@ void ThreadPool::work(int index) {
     seen = generation_.load();
     int64_t b, e;
     range(n_, threads(), index, b, e);
-    if (b < e) (*fn_)(b, e);
+    run_range(b, e);
     pending_.fetch_sub(1, std::memory_order_release);
   }
 }
@@ -86,7 +106,8 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   }
   int64_t b, e;
   range(n, threads(), 0, b, e);
-  if (b < e) fn(b, e);
+  run_range(b, e);
+  // every range finishes before fn_ goes out of scope, even after an exception
   for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
     if (spins < kSpin) {
       CTMQ_PAUSE();
@@ -94,6 +115,12 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
       std::this_thread::yield();
     }
   }
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    std::swap(error, error_);
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace native

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -26,11 +27,15 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
-  // fn(begin, end) over [0, n) in up to threads() ranges; returns when all are done.
+  // fn(begin, end) over [0, n) in up to threads() ranges; returns when all are
+  // done. An exception thrown by fn in any range is rethrown here (the first
+  // one), after every range has finished.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
   void work(int index);
+  void run_range(int64_t begin, int64_t end);
+  void stop_workers();
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
@@ -42,6 +47,8 @@ class ThreadPool {
   std::atomic<int> pending_{0};   // workers still in the current region
   std::atomic<int> sleepers_{0};  // workers waiting on start_
   std::atomic<bool> stop_{false};
+  std::mutex error_mu_;
+  std::exception_ptr error_;  // the region's first exception
 };
 
 }  // namespace native

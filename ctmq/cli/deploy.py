@@ -256,7 +256,7 @@ def load_runtime(path, device, engine="auto"):
         return load(path, device=device, engine=engine)
     except (ArtifactError, ValueError) as e:
         raise CliError(str(e)) from e
-    except OSError as e:  # the native library missing
+    except (OSError, RuntimeError) as e:  # the native library or the extension missing
         raise CliError(f"--engine {engine}: {e}") from e
 
 
@@ -286,7 +286,13 @@ def _infer(args):
             failed.append(str(e))
             print(f"ctmq infer: error: {e}", file=sys.stderr)
             continue
-        for row, (idx, prob) in enumerate(zip(*rt.predict(x, args.topk), strict=True)):
+        try:
+            predictions = rt.predict(x, args.topk)
+        except ValueError as e:  # what the runtime refuses of this input
+            failed.append(f"{item}: {e}")
+            print(f"ctmq infer: error: {item}: {e}", file=sys.stderr)
+            continue
+        for row, (idx, prob) in enumerate(zip(*predictions, strict=True)):
             label = item if x.shape[0] == 1 else f"{item}[{row}]"
             top = [
                 (rt.class_names[i], float(p))
