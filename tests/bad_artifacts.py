@@ -39,6 +39,13 @@ def rewrite_header(src, dst, edit, extra=None):
     save_file(tensors, str(dst), metadata={"ctmq": json.dumps(header)})
 
 
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _first(h, op):
     return next(n for n in h["nodes"] if n["op"] == op)
 
@@ -120,6 +127,8 @@ def make_cases(tmp_path):
         ("listop", lambda h: h["nodes"][0].update(op=["conv2d"]), "unknown layer type"),
         ("listin", edit_node("linear", "in", [["v1"]]), "needs 1..1 input names"),
         ("version", lambda h: h.update(version=True), "not a version number"),
+        # deeper than the loaders' JSON limit (MAX_HEADER_DEPTH), checksum valid
+        ("deep", lambda h: h.update(architecture=_nested(70)), "no readable ctmq header"),
         ("packed", _packed_into_float_op, "fails on a \\(1, 3, 8, 8\\) input"),
         ("inch", _wrong_in_channels, "expects 20 input channels, got 16"),
         ("taps", _nine_by_nine, "at most 64 taps"),

@@ -230,6 +230,9 @@ def test_runtime_max_pool_equals_torch():
         x.view(-1)[::89] = float("-inf")
         y = _max_pool2d(x, (k, k), (s, s), (p, p))
         assert y.is_contiguous() and torch.equal(y, F.max_pool2d(x, k, s, p))
+        # float64 (and any non-float32 or non-CPU tensor) takes torch's own pool
+        y = _max_pool2d(x.double(), (k, k), (s, s), (p, p))
+        assert y.dtype == torch.float64 and torch.equal(y, F.max_pool2d(x.double(), k, s, p))
 
 
 def test_export_refuses_run_without_w1a1(tmp_path, capsys):

@@ -244,3 +244,123 @@ def test_the_native_loaders_table_is_generated_from_this_one():
     assert inc == cpp_table(), (
         "regenerate: python -m ctmq.artifact.vocabulary > csrc/runtime/vocabulary.inc"
     )
+
+
+class OnePixel(nn.Module):
+    """Layers that run on a 1x1 image."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.q = QConv2d(8, 8, 3, padding=1, bias=False, w_bits=1, a_bits=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.q(self.stem(x)), 1))
+
+
+def test_input_size_default_and_bounds(tmp_path):
+    from ctmq.models import resnet18
+    from ctmq.nn import set_bits
+
+    for stem, side in (("cifar", 32), ("imagenet", 224)):
+        m = set_bits(resnet18(10, stem=stem, width=0.125), 1, 1).eval()
+        assert export_binary(m, tmp_path / f"{stem}.ctmq")["input"]["size"] == side
+    model = OnePixel().eval()
+    for bad in (0, -3, True, 1.5, "8"):
+        with pytest.raises(ExportError, match=f"input_size must be a positive int, got {bad!r}"):
+            export_binary(model, tmp_path / "bad.ctmq", input_size=bad)
+    export_binary(model, tmp_path / "one.ctmq", input_size=1)  # the smallest image
+    x = torch.randn(2, 3, 1, 1)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(deploy.load(tmp_path / "one.ctmq")(x), want, rtol=1e-5, atol=1e-5)
+
+
+class TwoFloatPaths(nn.Module):
+    """A float add of two float convs (not a binary conv's residual), and
+    torch.relu in its function form."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.q = QConv2d(8, 8, 3, padding=1, bias=False, w_bits=1, a_bits=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.q(self.stem(x))
+        x = torch.relu(self.a(x) + self.b(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("engine", ["executor", "python", "native"])
+def test_a_float_add_and_torch_relu_deploy_on_every_engine(tmp_path, engine):
+    torch.manual_seed(0)
+    model = TwoFloatPaths().eval()
+    header = export_binary(model, tmp_path / "m.ctmq", input_size=6)
+    assert [n["op"] for n in header["nodes"]].count("add") == 1
+    assert "relu" in [n["op"] for n in header["nodes"]]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    rt = deploy.load(tmp_path / "m.ctmq", engine=engine)
+    got = rt(x.numpy()) if engine == "native" else rt(x)
+    torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_must_have_nodes_and_fitting_residuals(tmp_path):
+    with pytest.raises(ArtifactError, match="the header has no node list"):
+        write_artifact(tmp_path / "x.ctmq", {"nodes": []}, {})
+    with pytest.raises(ArtifactError, match="the header has no node list"):
+        write_artifact(tmp_path / "x.ctmq", {}, {})
+    assert not list(tmp_path.iterdir())
+    header, tensors = _small_artifact(tmp_path)
+    (conv,) = [n for n in header["nodes"] if n["op"] == "binary_conv" and len(n["in"]) == 2]
+    conv["in"][1] = "input"  # a residual of the image's shape, not the output's
+    with pytest.raises(ArtifactError, match=r"residual of shape \(3, 16, 16\) does not match"):
+        deploy.Runtime(header, tensors)
+
+
+def test_a_one_element_list_is_a_pair(tmp_path):
+    """stride [2] reads as (2, 2), as the exporter's tuples do."""
+    from bad_artifacts import rewrite_header
+
+    export_binary(_quiet_bn(Functional()), tmp_path / "m.ctmq", input_size=16)
+
+    def edit(h):
+        for n in h["nodes"]:
+            if n["op"] == "binary_conv":
+                n["stride"], n["padding"] = [n["stride"][0]], [n["padding"][0]]
+
+    rewrite_header(tmp_path / "m.ctmq", tmp_path / "one.ctmq", edit)
+    x = torch.randn(2, 3, 16, 16)
+    want = deploy.load(tmp_path / "m.ctmq")(x)
+    assert torch.equal(deploy.load(tmp_path / "one.ctmq")(x), want)
+
+
+def test_load_refuses_an_unknown_engine(tmp_path):
+    export_binary(OnePixel().eval(), tmp_path / "m.ctmq", input_size=1)
+    with pytest.raises(ValueError, match=r"engine must be one of .*got 'fast'"):
+        deploy.load(tmp_path / "m.ctmq", engine="fast")
+
+
+def test_header_limits_are_the_native_loaders():
+    """No artifact is written that the native loader's JSON limits refuse."""
+    import re
+
+    from ctmq.artifact import format as fmt
+
+    text = (ROOT / "csrc" / "runtime" / "json.h").read_text()
+    assert f"size_t max_depth = {fmt.MAX_HEADER_DEPTH};" in text
+    assert re.search(r"size_t max_bytes = size_t\{64\} << 20;", text)
+    assert fmt.MAX_HEADER_BYTES == 64 << 20
+    header = {"nodes": [{"op": "output", "in": ["input"], "out": "output"}]}
+    deep = []
+    for _ in range(fmt.MAX_HEADER_DEPTH):
+        deep = [deep]
+    ok = dict(header, input={"channels": 1, "size": 2, "mean": [0.0], "std": [1.0]})
+    ok["class_names"] = ["a"]
+    with pytest.raises(ArtifactError, match="nests deeper than 64 levels"):
+        fmt.write_artifact("/nonexistent/never.ctmq", dict(ok, architecture=deep), {})

@@ -45,6 +45,25 @@ FORMAT = "ctmq-binary"
 VERSION = 3
 METADATA_KEY = "ctmq"
 MAX_CLASSES = 1_000_000
+# The native loader's JSON limits (csrc/runtime/json.h), kept here so that no
+# artifact is written that one loader reads and the other refuses: each JSON
+# text (the safetensors header, the ctmq header in it) at most this long, and
+# no value nested this deep (the outermost value is at depth 0).
+MAX_HEADER_BYTES = 64 << 20
+MAX_HEADER_DEPTH = 64
+
+
+def _too_deep(value):
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth >= MAX_HEADER_DEPTH:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return False
 
 
 def artifact_checksum(header, tensors):
@@ -68,12 +87,20 @@ def write_artifact(path, header, tensors):
 
     header = dict(header, format=FORMAT)
     header.pop("checksum", None)
+    if _too_deep(header):
+        raise ArtifactError(f"the header nests deeper than {MAX_HEADER_DEPTH} levels")
     check_graph(header)
     # never below 2: version 1 readers would ignore attributes that version 2 added
     header["version"] = max(2, required_version(header["nodes"]))
     check_artifact(header, tensors)
     header["checksum"] = artifact_checksum(header, tensors)
-    blob = save(tensors, metadata={METADATA_KEY: json.dumps(header)})
+    text = json.dumps(header)
+    blob = save(tensors, metadata={METADATA_KEY: text})
+    (n,) = struct.unpack("<Q", blob[:8])
+    if max(n, len(text.encode())) > MAX_HEADER_BYTES:
+        raise ArtifactError(
+            f"the header is {n} bytes, over the {MAX_HEADER_BYTES} that the loaders read"
+        )
     with atomic_open(path, "wb") as f:
         f.write(blob)
     return header
@@ -205,10 +232,15 @@ def read_artifact(path):
             f"{path}: truncated: its header claims {n} bytes, the file has {len(blob) - 8}"
         )
     try:
-        meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
-        header = json.loads(meta[METADATA_KEY])
-        if not isinstance(header, dict):
-            raise TypeError("not an object")
+        if n > MAX_HEADER_BYTES:
+            raise ValueError("longer than the loaders read")
+        outer = json.loads(blob[8 : 8 + n])
+        text = outer["__metadata__"][METADATA_KEY]
+        if len(text.encode()) > MAX_HEADER_BYTES:
+            raise ValueError("longer than the loaders read")
+        header = json.loads(text)
+        if not isinstance(header, dict) or _too_deep(outer) or _too_deep(header):
+            raise TypeError("not an object, or nested too deep")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         # (RecursionError: a header nested deeper than Python's parser goes)
         raise ArtifactError(
