@@ -3,6 +3,7 @@ bad configurations, divergence."""
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,15 @@ import pytest
 import torch
 
 from ctmq import cli, data
-from ctmq.engine import RunConfig, RunConfigError, Schedule, StageDiverged, load_checkpoint, run
+from ctmq.engine import (
+    RunConfig,
+    RunConfigError,
+    Schedule,
+    StageDiverged,
+    TrainConfig,
+    load_checkpoint,
+    run,
+)
 
 TINY = dict(
     dataset="digits",
@@ -44,6 +53,18 @@ def test_schedules():
     assert "W3A3" in str(s)
     no_fp = Schedule.ctmq(2, 1, 2, 1, fp_epochs=0)
     assert [st.label for st in no_fp.stages] == ["W2A2", "W1A1", "FP", "W2A2", "W1A1"]
+    d = Schedule.direct_matching(no_fp)  # no FP stage to share: all epochs at W1A1
+    assert [(st.label, st.epochs) for st in d.stages] == [("W1A1", no_fp.total_epochs)]
+
+
+def test_each_stage_gets_the_optimizer_its_config_names():
+    from ctmq.engine.trainer import _optimizer
+
+    model = torch.nn.Linear(4, 2)
+    sgd = _optimizer(model, TrainConfig(optimizer="sgd", lr=0.5, momentum=0.8))
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.8
+    adam = _optimizer(model, TrainConfig(optimizer="adam", lr=0.5))
+    assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -257,3 +278,37 @@ def test_nan_loss_names_stage_and_step(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load", poisoned)
     with pytest.raises(StageDiverged, match=r"stage ctmq 0/\d+ c1 FP: loss is nan at step 1"):
         run(_cfg(tmp_path), log=lambda *a: None)
+
+
+def test_the_distillation_teacher_is_the_full_precision_model(tmp_path):
+    from ctmq.engine.fit import _Teachers
+    from ctmq.nn import QConv2d, quantized_layers, set_bits
+
+    model = torch.nn.Sequential(QConv2d(3, 4, 3), QConv2d(4, 4, 3))
+    set_bits(model, 1, 1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    sched = Schedule.ctmq(2, 1, 1, 1, fp_epochs=0)  # W2A2, W1A1: no FP stage in cycle 1
+    teacher = _Teachers(model, str(tmp_path), start).get(sched, 1, distill=True)
+    assert teacher is not model and not teacher.training
+    assert {(q.w_bits, q.a_bits) for q in quantized_layers(teacher)} == {(32, 32)}
+    assert {(q.w_bits, q.a_bits) for q in quantized_layers(model)} == {(1, 1)}
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_an_fp_checkpoint_of_another_head_loads_the_rest_and_says_so(tmp_path):
+    """A torchvision-style state dict whose classifier has 1000 classes (and
+    whose shortcuts differ): the rest loads, and the log says what did not."""
+    from ctmq.engine.run import build_model
+
+    cfg = _cfg(tmp_path, cycles=1, schedule="ctmq")
+    state = build_model(cfg, data.load("digits")).state_dict()
+    state["fc.weight"] = torch.zeros(1000, state["fc.weight"].shape[1])
+    state["fc.bias"] = torch.zeros(1000)
+    torch.save(state, tmp_path / "fp.pth")
+    lines = []
+    run(
+        _cfg(tmp_path, cycles=1, schedule="ctmq", fp_checkpoint=str(tmp_path / "fp.pth")),
+        log=lines.append,
+    )
+    said = [x for x in lines if x.startswith("fp checkpoint: ")]
+    assert len(said) == 1 and re.match(r"fp checkpoint: \d+ tensors not loaded", said[0]), lines

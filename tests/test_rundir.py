@@ -111,6 +111,13 @@ def test_a_damaged_checkpoint_is_named_and_trained_again(tmp_path):
         for line in lines
     ), lines
     assert load_checkpoint(ckpt)[0].keys() == Net().state_dict().keys()
+    # a checkpoint without its metrics file (a run killed between the two
+    # writes) is not damage: the stage is trained again without a word
+    metrics = ckpt.with_suffix(".json")
+    metrics.unlink()
+    lines = []
+    _fit(Net(), out, log=lines.append)
+    assert metrics.exists() and not any("training the stage again" in x for x in lines), lines
     # a flipped byte in the tensor data fails the checksum
     data = bytearray(ckpt.read_bytes())
     data[-1] ^= 0xFF
@@ -204,4 +211,63 @@ def test_progress_lines_when_not_on_a_terminal(tmp_path, capsys):
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     # each stage's last epoch leaves nothing to wait for
     assert lines[0].endswith("ETA 0:00:00") and lines[2].endswith("ETA 0:00:00"), lines
+    assert [line.split(": loss")[0].split(" epoch ")[1] for line in lines] == ["1/1", "1/2", "2/2"]
     assert "\r" not in out.err
+
+
+def test_a_checkpoint_is_read_once_to_load_and_its_header_alone_for_metadata(tmp_path, monkeypatch):
+    """load_checkpoint checks and loads the same bytes (one read of the file);
+    checkpoint_meta reads the header only; a malformed header is a
+    CheckpointError naming the file."""
+    import builtins
+
+    from ctmq.engine import CheckpointError, checkpoint_meta, load_checkpoint, save_checkpoint
+
+    model = nn.Linear(64, 64)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model, {"stage": None, "note": "x"})
+    size = path.stat().st_size
+    reads = []
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+    def counting_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Counting(f) if os.fspath(file) == os.fspath(path) and "b" in mode else f
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    assert checkpoint_meta(path)["note"] == "x"
+    assert 0 < sum(reads) < size // 4, (reads, size)
+    reads.clear()
+    state, meta = load_checkpoint(path, nn.Linear(64, 64))
+    assert sum(reads) == size and meta["note"] == "x"
+    monkeypatch.undo()
+    empty = tmp_path / "empty.safetensors"  # a model without tensors: nothing to check
+    save_checkpoint(empty, nn.ReLU(), {"note": "none"})
+    assert load_checkpoint(empty, nn.ReLU()) == ({}, {"note": "none"})
+    blob = bytearray(path.read_bytes())
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = "nope"
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(blob[8 + n :]))
+    with pytest.raises(CheckpointError, match=f"{path}: unreadable header"):
+        checkpoint_meta(path)
