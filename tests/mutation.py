@@ -11,11 +11,12 @@ seeded draw (the same mutants every run for the same sources):
   * `number`: an integer constant off by one;
   * `call`: a call made as a statement dropped (a write, a check, a flush);
   * `return`: a function returning a value returns None.
-Each mutant replaces its file (written back whole afterwards) and runs the
-area's fast tests (`-m "not slow" -x`) with a time limit; a mutant is killed
-when they fail. Mutants that change nothing observable (equivalent ones)
-count as survivors; the report lists every survivor with its line so that
-each can be read.
+Each mutant replaces its file (written back whole afterwards, also on SIGTERM)
+and runs the area's fast tests (`-m "not slow" -x`) with a time limit; a
+mutant is killed when they fail or run past the limit (counted apart). The
+area's tests must pass on the unmutated sources first. Mutants that change
+nothing observable (equivalent ones) count as survivors; the report lists
+every survivor with its line so that each can be read.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import json
 import os
 import pathlib
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -177,10 +179,17 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=300, help="seconds per mutant's test run")
     p.add_argument("--json", help="write every mutant and its fate here")
     a = p.parse_args(argv)
+    # SIGTERM (a CI timeout, kill) unwinds through the `finally` that puts the
+    # original source back
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     for area, (files, tests) in AREAS.items():
         if a.area and area not in a.area:
             continue
+        # the unmutated sources must pass, or every mutant would count as killed
+        baseline = run_tests(tests, a.timeout)
+        if baseline != "survived":
+            sys.exit(f"{area}: the tests fail ({baseline}) before any mutation")
         for rel in files:
             if a.only and rel != a.only:
                 continue
@@ -213,7 +222,11 @@ def main(argv=None):
         mine = [r for r in rows if r["area"] == area]
         if mine:
             killed = sum(r["fate"] != "survived" for r in mine)
-            print(f"{area:9s} {killed}/{len(mine)} killed ({100 * killed / len(mine):.0f}%)")
+            timeouts = sum(r["fate"] == "timeout" for r in mine)
+            print(
+                f"{area:9s} {killed}/{len(mine)} killed ({100 * killed / len(mine):.0f}%; "
+                f"{timeouts} of them by the time limit)"
+            )
     killed = sum(r["fate"] != "survived" for r in rows)
     if rows:
         print(f"{'all':9s} {killed}/{len(rows)} killed ({100 * killed / len(rows):.0f}%)")
