@@ -7,22 +7,10 @@ import json
 import struct
 
 import torch
+from model_helpers import binarized_resnet18
 
 from ctmq import deploy
 from ctmq.export import export_binary
-from ctmq.models import resnet18
-from ctmq.nn import set_bits
-
-
-def _binarized(stem, block, size, seed=0):
-    torch.manual_seed(seed)
-    m = resnet18(10, stem=stem, block=block, width=0.25)
-    set_bits(m, 1, 1)
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):  # give BN statistics that are not the defaults
-            m(torch.randn(8, 3, size, size))
-    return m.eval()
 
 
 def rewrite_header(src, dst, edit, extra=None):
@@ -68,7 +56,7 @@ def _nine_by_nine(h):
 
 def make_cases(tmp_path):
     """{file name in tmp_path: regex its refusal matches}."""
-    m = _binarized("cifar", "bireal", 8)
+    m = binarized_resnet18("cifar", "bireal", 8)
     good = tmp_path / "m.ctmq"
     export_binary(m, good, input_size=8)
     blob = good.read_bytes()

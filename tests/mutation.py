@@ -186,13 +186,14 @@ def main(argv=None):
     for area, (files, tests) in AREAS.items():
         if a.area and area not in a.area:
             continue
+        files = [rel for rel in files if not a.only or rel == a.only]
+        if not files:
+            continue
         # the unmutated sources must pass, or every mutant would count as killed
         baseline = run_tests(tests, a.timeout)
         if baseline != "survived":
             sys.exit(f"{area}: the tests fail ({baseline}) before any mutation")
         for rel in files:
-            if a.only and rel != a.only:
-                continue
             path = ROOT / rel
             original = path.read_text()
             tree = ast.parse(original)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bad_artifacts import make_cases, rewrite_header
+from model_helpers import binarized_resnet18
 
 import ctmq
 from ctmq import binary, cli, deploy
@@ -20,22 +21,11 @@ from ctmq.nn import QConv2d, conv_bn, fold_binary_conv_bn, set_bits
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
 
-def _binarized(stem, block, size, seed=0):
-    torch.manual_seed(seed)
-    m = resnet18(10, stem=stem, block=block, width=0.25)
-    set_bits(m, 1, 1)
-    m.train()
-    with torch.no_grad():
-        for _ in range(3):  # give BN statistics that are not the defaults
-            m(torch.randn(8, 3, size, size))
-    return m.eval()
-
-
 @pytest.mark.parametrize("stem,size", [("cifar", 8), ("imagenet", 32)])
 @pytest.mark.parametrize("block", ["bireal", "basic"])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_runtime_matches_eval_logits(tmp_path, stem, size, block, batch):
-    m = _binarized(stem, block, size)
+    m = binarized_resnet18(stem, block, size)
     path = tmp_path / "m.ctmq"
     export_binary(m, path, input_size=size)
     rt = deploy.load(path)
@@ -50,7 +40,7 @@ def test_runtime_matches_eval_logits(tmp_path, stem, size, block, batch):
 
 def test_packed_activations_agree_layer_by_layer(tmp_path, monkeypatch):
     for block in ("bireal", "basic"):
-        m = _binarized("cifar", block, 8, seed=1)
+        m = binarized_resnet18("cifar", block, 8, seed=1)
         export_binary(m, tmp_path / "m.ctmq", input_size=8)
         rt = deploy.load(tmp_path / "m.ctmq")
         seen = []
@@ -154,7 +144,7 @@ def test_bad_artifacts_fail_clearly(tmp_path, capsys):
 def test_weight_bits_past_in_channels_are_ignored(tmp_path):
     """Bits past a binary conv's in_channels (zero as exported) do not change
     the logits: the runtime clears them at load."""
-    m = _binarized("cifar", "bireal", 8)
+    m = binarized_resnet18("cifar", "bireal", 8)
     good = tmp_path / "m.ctmq"
     export_binary(m, good, input_size=8)
     header, tensors = deploy.read_artifact(good)
@@ -167,7 +157,7 @@ def test_weight_bits_past_in_channels_are_ignored(tmp_path):
 
 
 def test_bad_inputs_and_non_binarized_export(tmp_path, capsys):
-    m = _binarized("cifar", "bireal", 8)
+    m = binarized_resnet18("cifar", "bireal", 8)
     export_binary(m, tmp_path / "m.ctmq", input_size=8)
     rt = deploy.load(tmp_path / "m.ctmq")
     with pytest.raises(ValueError, match=r"shape \(N, 3, 8, 8\)"):
@@ -217,7 +207,7 @@ def test_folded_binary_conv_bn_equals_unfolded_batchnorm(stride, pad):
     torch.testing.assert_close(evaluated, ref, **tol)
 
 
-def test_runtime_max_pool_equals_torch():
+def test_runtime_max_pool_equals_torch(monkeypatch):
     """The CPU runtime's max pool (oneDNN's) gives F.max_pool2d's values, -inf included."""
     from ctmq.deploy.ops import max_pool2d as _max_pool2d
 
@@ -233,6 +223,10 @@ def test_runtime_max_pool_equals_torch():
         # float64 (and any non-float32 or non-CPU tensor) takes torch's own pool
         y = _max_pool2d(x.double(), (k, k), (s, s), (p, p))
         assert y.dtype == torch.float64 and torch.equal(y, F.max_pool2d(x.double(), k, s, p))
+        with monkeypatch.context() as m:  # a torch without oneDNN: torch's channels_last pool
+            m.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+            y = _max_pool2d(x, (k, k), (s, s), (p, p))
+            assert y.is_contiguous() and torch.equal(y, F.max_pool2d(x, k, s, p))
 
 
 def test_export_refuses_run_without_w1a1(tmp_path, capsys):
@@ -241,7 +235,7 @@ def test_export_refuses_run_without_w1a1(tmp_path, capsys):
 
 
 def test_artifact_much_smaller_than_float_checkpoint(tmp_path):
-    m = _binarized("imagenet", "bireal", 32)
+    m = binarized_resnet18("imagenet", "bireal", 32)
     m2 = resnet18(1000, stem="imagenet")
     set_bits(m2, 1, 1)
     m2.eval()
@@ -275,7 +269,7 @@ def test_cuda_runtime_graph_replay_with_new_inputs(tmp_path, kernel):
 
 
 def _check_cuda_runtime_graph_replay(tmp_path):
-    m = _binarized("imagenet", "basic", 32)
+    m = binarized_resnet18("imagenet", "basic", 32)
     export_binary(m, tmp_path / "m.ctmq", input_size=32)
     rt = deploy.load(tmp_path / "m.ctmq", device="cuda")
     cpu = deploy.load(tmp_path / "m.ctmq")
@@ -294,7 +288,7 @@ def test_cuda_runtime_switching_kernels_keeps_graphs_valid(tmp_path):
     bmma graph again: each replay still reads its own weight layout."""
     if "bmma" not in binary.cuda_kernels():
         pytest.skip("ctmq._C was built without the CUDA kernels, or the GPU is older than sm_80")
-    m = _binarized("imagenet", "basic", 32)
+    m = binarized_resnet18("imagenet", "basic", 32)
     export_binary(m, tmp_path / "m.ctmq", input_size=32)
     rt, cpu = deploy.load(tmp_path / "m.ctmq", device="cuda"), deploy.load(tmp_path / "m.ctmq")
     for kernel, batch in (("bmma", 7), ("triton", 3), ("bmma", 7), ("triton", 7)):

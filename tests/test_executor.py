@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from model_helpers import randomized
 from torch import nn
 
 import ctmq
@@ -19,21 +20,6 @@ from ctmq.nn import QConv2d, RPReLU, RSign, set_bits
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
 PATHS = ["auto", "avx2", "scalar"] if ops.binary_cpu_path("") != "neon" else ["auto", "scalar"]
-
-
-def _randomized(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            elif isinstance(m, (RSign, RPReLU)):
-                for p in m.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 ZOO = [
@@ -51,7 +37,7 @@ def zoo_artifacts(tmp_path_factory):
     out = {}
     for i, (name, kwargs, size) in enumerate(ZOO):
         torch.manual_seed(i)
-        model = _randomized(set_bits(MODELS[name](10, **kwargs), 1, 1))
+        model = randomized(set_bits(MODELS[name](10, **kwargs), 1, 1))
         path = tmp_path_factory.mktemp("zoo") / f"{name}-{i}.ctmq"
         export_binary(model, path, input_size=size)
         out[i] = (model, path, size, kwargs.get("in_channels", 3))
@@ -122,7 +108,7 @@ class UserNet(nn.Module):
 
 def test_executor_on_a_users_model(tmp_path):
     torch.manual_seed(0)
-    model = _randomized(UserNet())
+    model = randomized(UserNet())
     export_binary(model, tmp_path / "m.ctmq", input_size=14)
     fast, slow = _engines(tmp_path / "m.ctmq")
     x = torch.randn(4, 3, 14, 14)

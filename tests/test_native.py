@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 from bad_artifacts import make_cases
+from model_helpers import randomized
 from torch import nn
 
 import ctmq
 from ctmq import deploy
 from ctmq.export import export_binary
 from ctmq.models import MODELS
-from ctmq.nn import QConv2d, RPReLU, RSign, set_bits
+from ctmq.nn import QConv2d, RPReLU, set_bits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CMAKE = shutil.which("cmake")
@@ -45,21 +46,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _randomized(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            elif isinstance(m, (RSign, RPReLU)):
-                for p in m.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 ZOO = [
     ("resnet18", dict(stem="imagenet", width=0.25), 64, 3),
     ("resnet34", dict(stem="cifar", block="basic", width=0.125), 16, 3),
@@ -73,7 +59,7 @@ def zoo(tmp_path_factory):
     out = []
     for i, (name, kwargs, size, ch) in enumerate(ZOO):
         torch.manual_seed(i)
-        model = _randomized(set_bits(MODELS[name](10, **kwargs), 1, 1))
+        model = randomized(set_bits(MODELS[name](10, **kwargs), 1, 1))
         path = tmp_path_factory.mktemp("zoo") / f"{name}.ctmq"
         export_binary(model, path, input_size=size)
         x = np.random.default_rng(i).standard_normal((3, ch, size, size)).astype(np.float32)
@@ -128,7 +114,7 @@ class FloatOps(nn.Module):
 
 def test_native_float_ops_follow_torch(tmp_path):
     torch.manual_seed(0)
-    model = _randomized(FloatOps())
+    model = randomized(FloatOps())
     with torch.no_grad():
         model.prelu.weight.copy_(torch.linspace(-0.5, 0.9, 5))
         model.stem.weight.mul_(8)  # values past relu6's 6 and hardtanh's bounds

@@ -364,3 +364,42 @@ def test_header_limits_are_the_native_loaders():
     ok["class_names"] = ["a"]
     with pytest.raises(ArtifactError, match="nests deeper than 64 levels"):
         fmt.write_artifact("/nonexistent/never.ctmq", dict(ok, architecture=deep), {})
+
+
+def test_headers_up_to_the_limits_are_read_by_both_loaders(tmp_path):
+    """Nesting one level short of MAX_HEADER_DEPTH, in lists and in objects,
+    is written and read by ctmq.deploy and by the native loader alike; a file
+    whose header length overruns it is named truncated by both."""
+    from ctmq.artifact import format as fmt
+
+    header, tensors = _small_artifact(tmp_path)
+    lists, objects = [], {}
+    for _ in range(fmt.MAX_HEADER_DEPTH - 2):  # "architecture" itself is at depth 1
+        lists, objects = [lists], {"a": objects}
+    for deep in (lists, objects):
+        path = tmp_path / "deep.ctmq"
+        write_artifact(path, dict(header, architecture=deep), tensors)
+        assert read_artifact(path)[0]["architecture"] == deep
+        deploy.load(path, engine="native")
+    blob = (tmp_path / "m.ctmq").read_bytes()
+    (tmp_path / "short.ctmq").write_bytes(blob[:108])
+    for engine in ("executor", "native"):
+        with pytest.raises(
+            ArtifactError, match=r"truncated: its header claims \d+ bytes, the file has 100"
+        ):
+            deploy.load(tmp_path / "short.ctmq", engine=engine)
+
+
+def test_a_long_bad_value_is_quoted_to_200_characters(tmp_path):
+    header, tensors = _small_artifact(tmp_path)
+    names = [1] * 66  # repr: 198 characters, quoted whole
+    exact = [100] + [1] * 65  # repr: exactly 200, quoted whole
+    long_ = [1] * 67  # repr: 201, cut at 200
+    for value, quoted in (
+        (names, repr(names)),
+        (exact, repr(exact)),
+        (long_, repr(long_)[:200] + "..."),
+    ):
+        with pytest.raises(ArtifactError) as info:
+            write_artifact(tmp_path / "x.ctmq", dict(header, class_names=value), tensors)
+        assert str(info.value) == f"class_names must be a list of strings, got {quoted}"

@@ -195,7 +195,7 @@ def check_header(header):
 
 def _short(value):
     text = repr(value)
-    return text if len(text) < 200 else text[:200] + "..."
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def check_artifact(header, tensors):
