@@ -403,3 +403,18 @@ def test_a_long_bad_value_is_quoted_to_200_characters(tmp_path):
         with pytest.raises(ArtifactError) as info:
             write_artifact(tmp_path / "x.ctmq", dict(header, class_names=value), tensors)
         assert str(info.value) == f"class_names must be a list of strings, got {quoted}"
+
+
+class BareParameter(OnePixel):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def test_a_tensor_used_outside_a_layer_is_named(tmp_path):
+    with pytest.raises(ExportError, match="get_attr gain.*a tensor used outside a layer"):
+        export_binary(BareParameter().eval(), tmp_path / "m.ctmq", input_size=1)
+    assert not list(tmp_path.iterdir())
