@@ -49,7 +49,7 @@ def test_convert_keeps_first_and_last_fp_and_copies_weights():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3),
         nn.ReLU(),
-        nn.Conv2d(8, 8, 3),
+        nn.Conv2d(8, 8, 3, bias=False),
         nn.Flatten(),
         nn.Linear(8, 8),
         nn.Linear(8, 2),
@@ -59,6 +59,7 @@ def test_convert_keeps_first_and_last_fp_and_copies_weights():
     convert(model, w_bits=32, a_bits=32)
     assert type(model[0]) is nn.Conv2d and type(model[5]) is nn.Linear
     assert isinstance(model[2], QConv2d) and isinstance(model[4], QLinear)
+    assert model[2].bias is None and model[4].bias is not None  # as the layers they replace
     assert torch.equal(model(x), before)
     assert len(quantized_layers(model)) == 2
     set_bits(model, 2, 2)
