@@ -3,6 +3,7 @@ logits, layer by layer; bad artifacts and inputs fail clearly."""
 
 import contextlib
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from ctmq.models import resnet as resnet_mod
 from ctmq.models import resnet18
 from ctmq.nn import QConv2d, conv_bn, fold_binary_conv_bn, set_bits
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not ctmq.has_extension(), reason="ctmq._C not built")
 
 
@@ -298,3 +300,19 @@ def test_cuda_runtime_switching_kernels_keeps_graphs_valid(tmp_path):
         want = cpu(x)
         _assert_logits_close(got, want, kernel)
     assert len(rt._graphs) == 3
+
+
+def test_an_artifact_of_format_version_2_still_loads_with_its_logits():
+    """tests/data/vgg_small_v2.ctmq was written by the format-version-2
+    exporter (before the op table), beside the model's eval logits on two
+    images: every engine reads it and gives those logits (to float rounding:
+    the logits were computed on another CPU's float kernels)."""
+    data_dir = ROOT / "tests" / "data"
+    path = data_dir / "vgg_small_v2.ctmq"
+    assert deploy.read_artifact(path)[0]["version"] == 2
+    with np.load(data_dir / "vgg_small_v2.npz") as arrays:
+        x, want = arrays["x"], arrays["logits"]
+    for engine in ("executor", "python", "native"):
+        rt = deploy.load(path, engine=engine)
+        got = np.asarray(rt(x) if engine == "native" else rt(torch.from_numpy(x)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=engine)
