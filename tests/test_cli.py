@@ -39,6 +39,23 @@ def test_console_script_help():
     assert res.returncode == 0 and "--numel" in res.stdout
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["train"], ["study"], ["export"], ["infer"], ["bench"], ["bench", "deploy"]],
+    ids=lambda a: " ".join(a) or "ctmq",
+)
+def test_every_help_renders(argv, capsys):
+    """--help of the command and of each subcommand: exit 0, a percent sign
+    printed as one."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: ctmq"), out
+    assert "%%" not in out and "%(" not in out
+    if not argv:
+        assert "95% confidence" in out
+
+
 def _benchmark_module(name):
     """A script of benchmarks/ (not a package) imported by path."""
     import importlib.util

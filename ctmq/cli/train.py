@@ -173,7 +173,7 @@ def add_commands(sub):
     s = sub.add_parser(
         "study",
         help="several schedules x seeds: mean ± sd and paired "
-        "differences against direct with 95% confidence intervals",
+        "differences against direct with 95%% confidence intervals",
         description="Train each arm (schedule) for each seed from a shared FP "
         "stage and report per arm mean ± sd and, against direct, the paired "
         "difference per seed with a 95% CI (paired t). Takes train's options "
