@@ -168,3 +168,15 @@ def test_train_without_the_training_extras_says_what_to_install(monkeypatch, cap
     )
     assert cli.main(["train", "--out", "unused"]) == 2
     assert "training needs tqdm: pip install 'ctmq[train]'" in capsys.readouterr().err
+
+
+def test_importing_every_module_runs_no_command():
+    """Tools that walk the package (the wheel check, docs generators) import
+    ctmq.cli.__main__ too: it must not run the command then."""
+    import importlib
+    import pkgutil
+
+    import ctmq
+
+    for mod in pkgutil.walk_packages(ctmq.__path__, "ctmq."):
+        importlib.import_module(mod.name)
