@@ -4,6 +4,7 @@ model's own predictions; and the exporter's lowering and its errors."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,10 @@ def test_a_converted_user_model_trains_with_ctmq_exports_and_deploys(tmp_path):
     got = rt(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(1), want.argmax(1))
+    # the torch-free runtime on the same artifact: the executor's logits to float rounding
+    native = deploy.load(art, engine="native", threads=2)(x.numpy())
+    np.testing.assert_allclose(native, got.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(native.argmax(1), got.argmax(1).numpy())
 
 
 def test_fit_refuses_what_it_cannot_train(tmp_path):
