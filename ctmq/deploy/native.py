@@ -17,6 +17,16 @@ LIBRARY_ENV = "CTMQ_NATIVE_LIBRARY"
 _lib = None
 
 
+def check_image_shape(shape, channels, size):
+    """The ValueError of every engine for images not (N, channels, size, size)."""
+    want = (channels, size, size)
+    if len(shape) != 4 or tuple(shape[1:]) != want:
+        raise ValueError(
+            f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
+            f"(channels, height, width of the exported model), got {tuple(shape)}"
+        )
+
+
 class _Options(ctypes.Structure):
     _fields_ = [("threads", ctypes.c_int), ("cpu_path", ctypes.c_char_p)]
 
@@ -102,13 +112,7 @@ class NativeRuntime:
                 f"images must be a float NumPy array (N, C, H, W), got "
                 f"{getattr(images, 'dtype', type(images).__name__)}"
             )
-        want = (self.input_channels, self.input_size, self.input_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
-                f"(channels, height, width of the exported model), got "
-                f"{tuple(images.shape)}"
-            )
+        check_image_shape(images.shape, self.input_channels, self.input_size)
 
     def __call__(self, images):
         self.check_images(images)

@@ -22,6 +22,7 @@ import torch
 from .. import backend
 from ..artifact import ArtifactError, check_artifact, read_artifact, read_attrs
 from ..artifact.vocabulary import OPS
+from .native import check_image_shape
 from .ops import LOWER
 
 
@@ -146,12 +147,7 @@ class Runtime:
                 f"images must be a float tensor (N, C, H, W), got "
                 f"{getattr(images, 'dtype', type(images).__name__)}"
             )
-        want = (self.input_channels, self.input_size, self.input_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(
-                f"images must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
-                f"(channels, height, width of the exported model), got {tuple(images.shape)}"
-            )
+        check_image_shape(images.shape, self.input_channels, self.input_size)
 
     def run(self, images, trace=False, timings=None):
         """Logits of normalized images; with trace=True also every node's value;
